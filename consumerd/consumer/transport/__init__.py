@@ -1,0 +1,1 @@
+"""kombu transports that ship with consumerd."""
