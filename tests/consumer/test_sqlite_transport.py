@@ -25,7 +25,7 @@ CONSUMER = """
 import signal, socket, sys, time
 import kombu
 
-url, queue, prefetch, out, delay = sys.argv[1:6]
+url, transport, queue, prefetch, out, delay = sys.argv[1:7]
 stopping = []
 signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 log = open(out, "a", buffering=1)
@@ -36,7 +36,7 @@ def handle(body, message):
     log.write(f"done {body['n']}\\n")
     message.ack()
 
-with kombu.Connection(url, transport=%r) as conn:
+with kombu.Connection(url, transport=transport) as conn:
     consumer = conn.Consumer(
         kombu.Queue(queue), callbacks=[handle], accept=["json"], prefetch_count=int(prefetch)
     )
@@ -48,7 +48,7 @@ with kombu.Connection(url, transport=%r) as conn:
             except socket.timeout:
                 pass
 log.write("exit\\n")
-""" % (TRANSPORT,)
+"""
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.02) -> None:
@@ -60,13 +60,13 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.02) -> No
 
 
 class ConsumerProcess:
-    def __init__(self, tmp_path: Path, name: str, url: str, queue: str, prefetch: int, delay=0.0):
+    def __init__(self, tmp_path: Path, name: str, url: str, queue: str, *, prefetch, delay=0.0):
         script = tmp_path / "consumer.py"
         script.write_text(CONSUMER)
         self.out = tmp_path / f"{name}.log"
         self.out.touch()
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        args = [url, queue, str(prefetch), str(self.out), str(delay)]
+        args = [url, TRANSPORT, queue, str(prefetch), str(self.out), str(delay)]
         self.proc = subprocess.Popen([sys.executable, str(script), *args], env=env)
         wait_for(lambda: "ready" in self.lines(), 30, f"{name} to start consuming")
 
@@ -317,7 +317,7 @@ def test_unusable_path_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with (
-        pytest.raises(DatabasePathError, match="cannot use .*file/broker.db"),
+        pytest.raises(DatabasePathError, match=r"cannot use .*file/broker\.db"),
         kombu.Connection(f"sqlite://{blocker}/broker.db", transport=TRANSPORT) as conn,
     ):
         conn.connect()
