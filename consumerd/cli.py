@@ -1,0 +1,264 @@
+"""The ``consumerd`` command: run an app's consumers, publish a message, check an app.
+
+``consumerd --app myapp.consumers --workers 4`` (or ``consumerd run ...``) runs the
+consumers in supervised worker processes; ``consumerd publish NAME BODY`` sends a message;
+``consumerd check --app ...`` prints the consumers, queues and partition → worker map
+without connecting. Any usage error is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import typing
+
+from consumerd.consumer import broker, loading, routing
+from consumerd.consumer.app import App
+
+LOG = logging.getLogger("consumerd")
+EXIT_USAGE = 2
+COMMANDS = ("run", "publish", "check")
+
+
+class UsageError(Exception):
+    """A mistake on the command line: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _member(text: str) -> tuple[int, int]:
+    try:
+        return routing.parse_member(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(parser: argparse.ArgumentParser, app_required: bool) -> None:
+    parser.add_argument("--app", required=app_required, metavar="MODULE[:ATTR]",
+                        help="the module holding the App (attribute defaults to 'app')")
+    parser.add_argument("--broker", metavar="URL",
+                        help="broker URL (default: $CONSUMERD_BROKER_URL, the app's broker, "
+                             "then the embedded SQLite broker in ./.consumerd/)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        type=str.upper)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="consumerd", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the app's consumers (the default command)")
+    _common(run, app_required=True)
+    run.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    run.add_argument("--graceful-timeout", type=_seconds, default=60.0, metavar="S",
+                     help="seconds a stopping worker may take to finish its handler")
+    run.add_argument("--prefetch", type=_positive_int, metavar="N",
+                     help="prefetch of consumers that do not set their own")
+    run.add_argument("--pidfile", metavar="PATH")
+    run.add_argument("--member", type=_member, default=(0, 1), metavar="I/M",
+                     help="this host is member I of M sharing the partitions")
+    run.add_argument("--broker-down-limit", type=_seconds, default=60.0, metavar="S",
+                     help="a worker without broker for this long exits with status 75")
+
+    publish = commands.add_parser("publish", help="publish JSON messages")
+    _common(publish, app_required=False)
+    publish.add_argument("name", help="consumer (or plain queue) name")
+    publish.add_argument("body", nargs="*",
+                         help="JSON bodies; none or '-' reads one JSON body per stdin line")
+    publish.add_argument("--key", help="partition key")
+    publish.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+
+    check = commands.add_parser("check", help="print consumers, queues and partition map")
+    _common(check, app_required=True)
+    check.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    check.add_argument("--member", type=_member, default=(0, 1), metavar="I/M")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+
+
+def _broker_url(args: argparse.Namespace, app: App | None) -> str:
+    url = broker.resolve_url(args.broker, app.broker if app else None)
+    try:
+        broker.validate(url)
+    except broker.BrokerURLError as exc:
+        raise UsageError(str(exc)) from None
+    return url
+
+
+def _load(ref: str) -> App:
+    try:
+        return loading.load_app(ref)
+    except loading.AppLoadError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _pidfile(path: str | None) -> typing.Iterator[None]:
+    if path is None:
+        yield
+        return
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
+        pid = int(f.read().strip() or 0)
+        if pid and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                pass
+            else:
+                raise UsageError(f"--pidfile {path}: consumerd already runs as pid {pid}")
+    try:
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"--pidfile {path}: {exc.strerror}") from None
+    master = os.getpid()
+    try:
+        yield
+    finally:
+        if os.getpid() == master:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from consumerd.consumer.service import ConsumerService  # noqa: PLC0415 - keeps check fast
+    from consumerd.consumer.settings import Settings  # noqa: PLC0415
+    from consumerd.supervisor import ServiceManager  # noqa: PLC0415
+
+    app = _load(args.app)
+    url = _broker_url(args, app)
+    if args.broker is None and broker.is_default(url):
+        LOG.info("no broker configured: using the embedded broker %s", url)
+    settings = Settings(
+        app_ref=args.app, broker_url=url, workers=args.workers, member=args.member,
+        prefetch=args.prefetch, graceful_timeout=args.graceful_timeout,
+        broker_down_limit=args.broker_down_limit,
+    )
+    LOG.info("app %s: %d worker(s), consumers %s, broker %s", app.name, args.workers,
+             ", ".join(app.consumers), broker.redact(url))
+    with _pidfile(args.pidfile):
+        manager = ServiceManager(graceful_shutdown_timeout=args.graceful_timeout)
+        manager.add(ConsumerService, workers=args.workers, kwargs={"settings": settings})
+        manager.run()
+
+
+# -- publish ------------------------------------------------------------------------------
+
+
+def _bodies(args: argparse.Namespace) -> typing.Iterator[typing.Any]:
+    texts: typing.Iterable[str] = args.body
+    if not args.body or args.body == ["-"]:
+        texts = (line for line in sys.stdin if line.strip())
+    for text in texts:
+        try:
+            yield json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"body is not JSON ({exc}): {text.strip()[:80]!r}") from None
+
+
+def _headers(pairs: list[str]) -> dict[str, str] | None:
+    headers = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--header expects NAME=VALUE, got {pair!r}")
+        headers[name] = value
+    return headers or None
+
+
+def _publish(args: argparse.Namespace) -> None:
+    app = _load(args.app) if args.app else App("consumerd-publish")
+    app.configure(broker_url=_broker_url(args, app))
+    headers = _headers(args.header)
+    count = 0
+    try:
+        for body in _bodies(args):
+            queue = app.publish(args.name, body, key=args.key, headers=headers)
+            count += 1
+    finally:
+        app.close()
+    if count:
+        LOG.info("published %d message(s) to %s", count, queue)
+
+
+# -- check --------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> None:
+    app = _load(args.app)
+    url = _broker_url(args, app)
+    index, members = args.member
+    total = members * args.workers
+    out = [f"app {app.name!r}, broker {broker.redact(url)}, "
+           f"{args.workers} worker(s), member {index}/{members}"]
+    for spec in app.consumers.values():
+        retry = spec.retry
+        out.append(f"consumer {spec.name}: handler {getattr(spec.handler, '__qualname__', '?')}, "
+                   f"prefetch {app.prefetch_of(spec)}, retries {retry.max_retries} "
+                   f"(delay {retry.delay:g}s, max {retry.max_delay:g}s)")
+        out.append(f"  queues: {', '.join(spec.queue_names)}")
+        out.append(f"  retry: {routing.retry_queue(spec.name)}  "
+                   f"dead letters: {routing.dead_letter_queue(spec.name)}")
+        if spec.partitions:
+            for worker in range(args.workers):
+                me = routing.global_worker(worker, args.workers, index)
+                mine = routing.owned_partitions(spec.partitions, me, total)
+                shown = ", ".join(f"p{p}" for p in mine) or "(none)"
+                out.append(f"  worker {worker} (global {me}/{total}): {shown}")
+    print("\n".join(out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "run")  # `consumerd --app x` means `consumerd run --app x`
+    try:
+        args = _build_parser().parse_args(argv)
+        _setup_logging(args.log_level)
+        {"run": _run, "publish": _publish, "check": _check}[args.command](args)
+    except UsageError as exc:
+        print(f"consumerd: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+if __name__ == "__main__":
+    main()

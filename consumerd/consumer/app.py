@@ -1,0 +1,247 @@
+"""The app contract: an :class:`App` holds consumer declarations and publishes messages.
+
+An app is plain data plus a producer: importing it neither connects nor imports kombu, so
+``consumerd check`` and the master process load it without a broker, and workers forked
+from the master inherit no kombu state. Only workers and producers import kombu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import typing
+
+from consumerd.consumer import broker, policy, routing
+
+Handler = typing.Callable[[typing.Any, "Delivery"], object]
+_HandlerT = typing.TypeVar("_HandlerT", bound=Handler)
+
+DEFAULT_PREFETCH = 100
+
+
+class Delivery:
+    """What a handler gets beside the body: headers, delivery info, redelivered flag.
+
+    The runtime acks (or retries, or dead-letters) after the handler returns; handlers do
+    not ack themselves. ``raw`` is the underlying :class:`kombu.message.Message`.
+    """
+
+    __slots__ = ("attempt", "delivery_info", "headers", "queue", "raw", "redelivered")
+
+    def __init__(self, raw: typing.Any, queue: str) -> None:
+        self.raw = raw
+        self.queue = queue
+        self.headers: dict[str, typing.Any] = raw.headers or {}
+        self.delivery_info: dict[str, typing.Any] = raw.delivery_info
+        self.redelivered = bool(
+            self.delivery_info.get("redelivered") or self.headers.get("redelivered")
+        )
+        self.attempt = policy.attempt_of(self.headers)
+
+    def __repr__(self) -> str:
+        return f"<Delivery queue={self.queue!r} attempt={self.attempt}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerSpec:
+    """One ``@app.consumer`` declaration."""
+
+    name: str
+    handler: Handler
+    prefetch: int | None
+    partitions: int
+    """0: one plain queue; P > 0: queues ``<name>.p0`` … ``<name>.p{P-1}``."""
+    retry: policy.RetryPolicy
+
+    @property
+    def queue_names(self) -> list[str]:
+        if not self.partitions:
+            return [self.name]
+        return [routing.partition_queue(self.name, p) for p in range(self.partitions)]
+
+    def queue_name(self, partition: int | None) -> str:
+        return self.name if partition is None else routing.partition_queue(self.name, partition)
+
+    def binding_key(self) -> tuple[str, int | None, int]:
+        """What a change of forces the worker to re-subscribe (the handler does not)."""
+        return (self.name, self.prefetch, self.partitions)
+
+
+def declare_queue(name: str, single_active: bool = False) -> typing.Any:
+    """A durable queue on the default exchange (routing key = queue name).
+
+    Partition queues ask RabbitMQ for single-active-consumer so the broker itself never
+    lets two workers consume one partition at once; virtual transports ignore the
+    argument. Producers and workers build queues here so their arguments always match.
+    """
+    import kombu  # noqa: PLC0415 - see the module docstring
+
+    arguments = {"x-single-active-consumer": True} if single_active else None
+    return kombu.Queue(name, routing_key=name, durable=True, queue_arguments=arguments)
+
+
+class _Producer:
+    """A lazily connected producer, re-created after a fork (connections do not survive one)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pid = os.getpid()
+        import kombu  # noqa: PLC0415 - see the module docstring
+
+        self.connection = broker.connect(url)
+        self.producer = kombu.Producer(self.connection.default_channel, serializer="json")
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+class App:
+    """A set of consumer declarations plus a producer using the same routing.
+
+    ``broker``: the app's default broker URL; ``--broker`` and ``$CONSUMERD_BROKER_URL``
+    win over it. ``prefetch``, ``max_retries``, ``retry_delay`` and ``max_retry_delay``
+    are defaults for every consumer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        broker: str | None = None,
+        *,
+        prefetch: int = DEFAULT_PREFETCH,
+        max_retries: int = 3,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 300.0,
+    ) -> None:
+        self.name = name
+        self.broker = broker
+        self.prefetch = _positive("prefetch", prefetch)
+        self.retry = policy.RetryPolicy(max_retries, retry_delay, max_retry_delay)
+        self.consumers: dict[str, ConsumerSpec] = {}
+        self._broker_override: str | None = None
+        self._producer: _Producer | None = None
+        self._lock = threading.Lock()
+        self._round_robin = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"<consumerd.App {self.name!r} consumers={list(self.consumers)}>"
+
+    # -- declarations -----------------------------------------------------------------
+
+    def consumer(
+        self,
+        name: str,
+        *,
+        prefetch: int | None = None,
+        partitions: int | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | None = None,
+        max_retry_delay: float | None = None,
+    ) -> typing.Callable[[_HandlerT], _HandlerT]:
+        """Declare ``handler(body, delivery)`` as the consumer of queue ``name``.
+
+        ``partitions=P`` splits the queue into P partition queues, each consumed by
+        exactly one worker; publish with ``key=`` to keep per-key order.
+        """
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"consumer name must be a non-empty word, not {name!r}")
+        if name in self.consumers:
+            raise ValueError(f"consumer {name!r} is declared twice in app {self.name!r}")
+        retry = policy.RetryPolicy(
+            self.retry.max_retries if max_retries is None else max_retries,
+            self.retry.delay if retry_delay is None else retry_delay,
+            self.retry.max_delay if max_retry_delay is None else max_retry_delay,
+        )
+        prefetch = None if prefetch is None else _positive("prefetch", prefetch)
+        parts = 0 if partitions is None else _positive("partitions", partitions)
+
+        def register(handler: _HandlerT) -> _HandlerT:
+            if not callable(handler):
+                raise TypeError(f"consumer {name!r}: {handler!r} is not callable")
+            self.consumers[name] = ConsumerSpec(name, handler, prefetch, parts, retry)
+            return handler
+
+        return register
+
+    def prefetch_of(self, spec: ConsumerSpec, override: int | None = None) -> int:
+        """``@consumer(prefetch=)`` wins, then ``--prefetch``, then ``App(prefetch=)``."""
+        if spec.prefetch is not None:
+            return spec.prefetch
+        return self.prefetch if override is None else override
+
+    # -- producing --------------------------------------------------------------------
+
+    @property
+    def broker_url(self) -> str:
+        return broker.resolve_url(self._broker_override, self.broker)
+
+    def configure(self, *, broker_url: str | None = None) -> None:
+        """Set the broker chosen on the command line (wins over everything else)."""
+        with self._lock:
+            self._broker_override = broker_url
+            self._drop_producer()
+
+    def route(self, name: str, key: str | bytes | int | None = None) -> tuple[str, bool]:
+        """The queue a message for ``name`` goes to, and whether it is a partition queue.
+
+        A key picks a partition with a stable hash; no key spreads round-robin. A name
+        this app does not declare is a plain queue.
+        """
+        spec = self.consumers.get(name)
+        if spec is None or not spec.partitions:
+            return name, False
+        if key is None:
+            partition = next(self._round_robin) % spec.partitions
+        else:
+            partition = routing.partition_of(key, spec.partitions)
+        return routing.partition_queue(name, partition), True
+
+    def publish(
+        self,
+        name: str,
+        body: typing.Any,
+        *,
+        key: str | bytes | int | None = None,
+        headers: dict[str, typing.Any] | None = None,
+    ) -> str:
+        """Send ``body`` (JSON-serialisable) to consumer ``name``; returns the queue used.
+
+        Persistent delivery; the queue is declared first (once per connection) so a
+        message sent before any worker started is kept.
+        """
+        queue, partitioned = self.route(name, key)
+        with self._lock:
+            producer = self._producer_for_this_process()
+            producer.producer.publish(
+                body,
+                exchange="",
+                routing_key=queue,
+                declare=[declare_queue(queue, partitioned)],
+                headers=headers,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+            )
+        return queue
+
+    def close(self) -> None:
+        """Release the producer's connection."""
+        with self._lock:
+            self._drop_producer()
+
+    def _producer_for_this_process(self) -> _Producer:
+        if self._producer is None or self._producer.pid != os.getpid():
+            self._producer = _Producer(self.broker_url)
+        return self._producer
+
+    def _drop_producer(self) -> None:
+        if self._producer is not None and self._producer.pid == os.getpid():
+            self._producer.close()
+        self._producer = None
+
+
+def _positive(what: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, not {value!r}")
+    return value

@@ -1,0 +1,126 @@
+"""Broker URL → :class:`kombu.Connection`: the one place that knows the schemes.
+
+Resolution order for the URL: an explicit ``--broker`` (or ``App(broker=...)`` override
+set by the runtime), then ``$CONSUMERD_BROKER_URL``, then the app's own ``broker=``, then
+the embedded default (a SQLite file under ``./.consumerd/`` in the working directory).
+The environment beats the code so one build can be pointed anywhere (12-factor).
+
+Query parameters become kombu ``transport_options`` (``redis://h/0?visibility_timeout=30``);
+numeric values are converted.
+
+kombu is imported only by :func:`connect`: the master process validates URLs and loads
+apps but never imports kombu, so nothing of it is inherited by forked workers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import typing
+import urllib.parse
+
+if typing.TYPE_CHECKING:
+    import kombu
+
+ENV_VAR = "CONSUMERD_BROKER_URL"
+DEFAULT_PATH = os.path.join(".consumerd", "broker.db")
+
+
+def _ours_or(module: str, fallback: str) -> str:
+    # TODO(transport): drop once consumerd.consumer.transport.redis is committed.
+    return f"{module}:Transport" if importlib.util.find_spec(module) else fallback
+
+_REDIS_TRANSPORT = _ours_or("consumerd.consumer.transport.redis", "redis")
+_SQLITE_TRANSPORT = "consumerd.consumer.transport.sqlite:Transport"
+_TRANSPORTS = {
+    "amqp": "pyamqp",
+    "amqps": "pyamqp",
+    "pyamqp": "pyamqp",
+    "redis": _REDIS_TRANSPORT,
+    "rediss": _REDIS_TRANSPORT,
+    "sqlite": _SQLITE_TRANSPORT,
+    # kombu's filesystem transport: cross-process but keeps unacked state in memory,
+    # so a crashed worker loses its prefetched messages. For experiments only.
+    "filesystem": "filesystem",
+}
+
+
+class BrokerURLError(ValueError):
+    """A broker URL that cannot be used, with a message fit for the command line."""
+
+
+def default_url() -> str:
+    return "sqlite://" + os.path.abspath(DEFAULT_PATH)
+
+
+def resolve_url(explicit: str | None = None, app_default: str | None = None) -> str:
+    return explicit or os.environ.get(ENV_VAR) or app_default or default_url()
+
+
+def is_default(url: str) -> bool:
+    return url == default_url()
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _option(value: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _scheme_of(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise BrokerURLError(f"malformed broker URL {redact(url)!r}: expected scheme://...")
+    return scheme.lower()
+
+
+def validate(url: str) -> str:
+    """Check ``url`` and return its scheme; raises :class:`BrokerURLError`."""
+    scheme = _scheme_of(url)
+    if scheme not in _TRANSPORTS:
+        known = ", ".join(sorted(_TRANSPORTS))
+        raise BrokerURLError(f"unknown broker scheme {scheme!r} in {redact(url)!r} (known: {known})")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise BrokerURLError(f"malformed broker URL {redact(url)!r}: {exc}") from None
+    if scheme == "sqlite" and (parts.netloc or not os.path.isabs(parts.path)):
+        raise BrokerURLError(
+            f"sqlite broker URL needs an absolute path, like sqlite:///var/lib/app/broker.db,"
+            f" not {redact(url)!r}"
+        )
+    return scheme
+
+
+def connect(url: str, **kwargs: object) -> kombu.Connection:
+    """A (not yet connected) :class:`kombu.Connection` for ``url``."""
+    import kombu  # noqa: PLC0415 - the master validates URLs but never imports kombu
+
+    scheme = validate(url)
+    parts = urllib.parse.urlsplit(url)
+    options = {k: _option(v) for k, v in urllib.parse.parse_qsl(parts.query)}
+    bare = urllib.parse.urlunsplit(parts._replace(query=""))
+    if scheme == "sqlite":
+        os.makedirs(os.path.dirname(parts.path), exist_ok=True)
+    return kombu.Connection(
+        bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs
+    )
+
+
+def is_amqp(connection: kombu.Connection) -> bool:
+    """True for RabbitMQ, where the broker itself pushes, requeues and enforces
+    single-active-consumer; False for kombu's virtual (polling) transports."""
+    return bool(connection.transport.driver_type == "amqp")

@@ -1,0 +1,517 @@
+"""The consume loop of one worker process.
+
+One kombu connection per worker, driven by one thread (the Service's ``run()`` thread);
+handlers run inline, one message at a time, and prefetch hides the broker's latency.
+Other threads (``terminate()``, ``reload()``) only set a flag and *poke* the loop: they
+publish an empty message to a private wake queue the loop consumes, so a loop blocked in
+``drain_events`` wakes at once on every transport, with no periodic tick and no
+cross-thread use of the connection.
+
+Channels: one per consumer (so each has its own prefetch and can be re-bound alone), one
+for the retry queues, one for the wake queue. Closing a channel is how prefetched but
+unstarted messages go back to their queue at once: RabbitMQ requeues a closed channel's
+unacked messages, and kombu's virtual transports (Redis, SQLite) restore them on a clean
+``Channel.close()``. Every stop, rebind and partition hand-over goes through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import typing
+
+import kombu
+import kombu.exceptions
+import tenacity
+
+from consumerd.consumer import broker, policy, routing
+from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
+from consumerd.consumer.ownership import Leases, Membership, lease_root
+from consumerd.consumer.settings import EX_TEMPFAIL, Settings
+
+LOG = logging.getLogger("consumerd.consumer")
+
+RETRY_PREFETCH = 1000
+"""Retry copies a worker may hold until due (they are not handled, only held)."""
+REBALANCE_EVERY = 1.0
+"""How often a worker with partitioned consumers looks at this host's worker count."""
+CLAIM_EVERY = 0.1
+"""How often it retries a partition whose previous owner has not let go yet."""
+
+Message = typing.Any  # kombu.message.Message: kombu ships no type information
+
+
+@dataclasses.dataclass
+class _Binding:
+    """One consumer on its own channel: the partitions it owns and what it consumes."""
+
+    spec: ConsumerSpec
+    prefetch: int
+    owned: set[int] = dataclasses.field(default_factory=set)
+    channel: typing.Any = None
+    consumer: kombu.Consumer | None = None
+
+    def queue_names(self) -> list[str]:
+        if not self.spec.partitions:
+            return [self.spec.name]
+        return [routing.partition_queue(self.spec.name, p) for p in sorted(self.owned)]
+
+    def open(self, connection: kombu.Connection, on_message: typing.Callable[..., None]) -> None:
+        names = self.queue_names()
+        if not names:
+            return
+        self.channel = connection.channel()
+        # RabbitMQ's per-consumer prefetch would multiply by the number of partition
+        # queues; a channel-wide limit keeps "prefetch" meaning messages per consumer.
+        self.channel.basic_qos(0, self.prefetch, len(names) > 1)
+        queues = [declare_queue(n, bool(self.spec.partitions)) for n in names]
+        self.consumer = kombu.Consumer(
+            self.channel,
+            queues=queues,
+            accept=["json"],
+            on_message=functools.partial(on_message, self),
+            auto_declare=False,
+        )
+        self.consumer.consume()
+
+    def close(self) -> None:
+        """Stop consuming and hand prefetched, unacked messages back to the broker."""
+        consumer, channel = self.consumer, self.channel
+        self.consumer = self.channel = None
+        if consumer is not None:
+            consumer.cancel()
+        if channel is not None:
+            channel.close()
+
+
+class Loop:
+    """Consume ``app``'s queues as worker ``worker_id`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        app: App,
+        worker_id: int,
+        settings: Settings,
+        reload_app: typing.Callable[[], App] | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.settings = settings
+        self._app = app
+        self._reload_app = reload_app
+        app.configure(broker_url=settings.broker_url)
+        self._url = settings.broker_url
+        self._probe = broker.connect(self._url)  # not connected: only for its error classes
+        self._recoverable: tuple[type[BaseException], ...] = (
+            *self._probe.connection_errors,
+            kombu.exceptions.OperationalError,
+            OSError,
+        )
+        self._amqp = broker.is_amqp(self._probe)
+        root = lease_root(self._url)
+        self._leases = Leases(root)
+        self._membership = Membership(
+            root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
+        )
+        self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
+        self._conn: kombu.Connection | None = None
+        self._producer: kombu.Producer | None = None
+        self._bindings: dict[str, _Binding] = {}
+        self._retry: _Binding | None = None
+        self._retry_channel: typing.Any = None
+        self._wake_channel: typing.Any = None
+        self._timers: list[tuple[float, int, Message]] = []
+        self._seq = itertools.count()
+        self._next_rebalance = 0.0
+        self._stopping = False
+        self._pending_app: App | None = None
+        self._interrupt = threading.Event()
+        self._done = threading.Event()
+
+    # -- the API for other threads ----------------------------------------------------
+
+    def stop(self, timeout: float | None) -> None:
+        """Stop fetching now, let the handler in flight finish and ack, then return.
+
+        If the handler is still running after ``timeout`` seconds its message is not
+        acked (it is redelivered later); the prefetched ones are handed back anyway.
+        """
+        self._stopping = True
+        self._poke()
+        if not self._done.wait(timeout):
+            LOG.warning("a handler is still running after %.1fs: leaving its message unacked",
+                        timeout or 0.0)
+            self._hand_back_from_outside()
+
+    def reload(self) -> None:
+        """Re-import the app and have the loop re-bind its queues at the next message
+        boundary; in-flight work is untouched. A broken app is logged and ignored."""
+        if self._reload_app is None:
+            return
+        try:
+            app = self._reload_app()
+        except Exception as exc:
+            LOG.error("reload failed, keeping the current consumers: %s", exc)
+            return
+        self._pending_app = app
+        self._poke()
+
+    def _poke(self) -> None:
+        self._interrupt.set()
+        if self._conn is None:
+            return
+        try:
+            with broker.connect(self._url, connect_timeout=2) as conn:
+                kombu.Producer(conn).publish(
+                    b"", exchange="", routing_key=self._wake_queue, delivery_mode=1,
+                    content_type="application/octet-stream", content_encoding="binary",
+                )
+        except Exception as exc:  # the loop still notices at its next event
+            LOG.debug("could not wake the consume loop: %s", exc)
+
+    def _hand_back_from_outside(self) -> None:
+        """Worker about to exit under a stuck handler: on virtual transports ask the
+        broker to restore this worker's unacked messages now instead of after the
+        visibility timeout. RabbitMQ requeues them itself when the socket closes."""
+        if self._amqp:
+            return
+        for channel in [b.channel for b in self._bindings.values()] + [self._retry_channel]:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    channel.qos.restore_unacked_once()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._membership.join()
+        try:
+            while not self._stopping:
+                if self._conn is None:
+                    self._connect()
+                    continue
+                try:
+                    self._serve()
+                except self._recoverable as exc:
+                    LOG.warning("lost the broker (%s: %s); reconnecting",
+                                type(exc).__name__, exc)
+                    self._abandon_connection()
+        finally:
+            self._shutdown()
+            self._done.set()
+
+    def _serve(self) -> None:
+        assert self._conn is not None
+        drain = self._conn.drain_events
+        while not self._stopping:
+            if self._pending_app is not None:
+                self._apply_reload()
+            if self._bindings_partitioned and time.monotonic() >= self._next_rebalance:
+                self._rebalance()
+            if self._timers:
+                self._release_due_retries()
+            try:
+                drain(timeout=self._timeout())
+            except socket.timeout:
+                pass
+
+    @property
+    def _bindings_partitioned(self) -> bool:
+        return any(b.spec.partitions for b in self._bindings.values())
+
+    def _timeout(self) -> float | None:
+        waits = []
+        if self._timers:
+            waits.append(self._timers[0][0] - time.time())
+        if self._bindings_partitioned:
+            waits.append(self._next_rebalance - time.monotonic())
+        return max(0.001, min(waits)) if waits else None
+
+    # -- connecting -------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Connect and bind, retrying with jittered exponential back-off; past the limit
+        exit with EX_TEMPFAIL so the master's respawn back-off takes over."""
+        self._interrupt.clear()
+        started = time.monotonic()
+
+        def log_retry(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            LOG.warning("broker %s unreachable (%s: %s); retry %d in %.1fs",
+                        broker.redact(self._url), type(exc).__name__, exc,
+                        state.attempt_number, state.upcoming_sleep)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(self._recoverable),
+            stop=tenacity.stop_after_delay(self.settings.broker_down_limit)
+            | (lambda _state: self._stopping),
+            wait=tenacity.wait_random_exponential(multiplier=0.2, max=5.0),
+            sleep=self._interrupt.wait,
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        try:
+            retrying(self._connect_once)
+        except self._recoverable:
+            if self._stopping:
+                return
+            LOG.error("broker %s unreachable for %.0fs: exiting with status %d",
+                      broker.redact(self._url), time.monotonic() - started, EX_TEMPFAIL)
+            raise SystemExit(EX_TEMPFAIL) from None
+
+    def _connect_once(self) -> None:
+        conn = broker.connect(self._url, connect_timeout=5)
+        try:
+            conn.connect()
+            self._conn = conn
+            self._producer = kombu.Producer(conn.default_channel, serializer="json")
+            for spec in self._app.consumers.values():
+                self._bind(spec, self._bindings.get(spec.name))
+            self._bind_retry()
+            self._bind_wake()
+        except BaseException:
+            self._abandon_connection()
+            raise
+        self._next_rebalance = 0.0
+        LOG.info("consuming %s from %s", ", ".join(self._app.consumers),
+                 broker.redact(self._url))
+
+    def _abandon_connection(self) -> None:
+        """Drop a broken connection without waiting on it; unacked messages come back
+        from the broker (RabbitMQ at once, Redis after its visibility timeout)."""
+        conn, self._conn = self._conn, None
+        self._producer = None
+        self._timers.clear()
+        self._retry_channel = self._wake_channel = None
+        for binding in self._bindings.values():
+            binding.consumer = binding.channel = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.collect()
+
+    def _declare(self, channel: typing.Any, spec: ConsumerSpec) -> None:
+        for name in spec.queue_names:
+            declare_queue(name, bool(spec.partitions))(channel).declare()
+        for name in (routing.retry_queue(spec.name), routing.dead_letter_queue(spec.name)):
+            declare_queue(name)(channel).declare()
+
+    def _bind(self, spec: ConsumerSpec, previous: _Binding | None) -> None:
+        """Declare a consumer's queues and consume them; partitions keep the leases
+        held before a reconnect and gain more at the next rebalance."""
+        assert self._conn is not None
+        self._declare(self._conn.default_channel, spec)
+        binding = _Binding(spec, self._app.prefetch_of(spec, self.settings.prefetch))
+        if previous is not None and spec.partitions:
+            binding.owned = {p for p in previous.owned if p < spec.partitions}
+        binding.open(self._conn, self._on_message)
+        self._bindings[spec.name] = binding
+
+    def _bind_retry(self) -> None:
+        assert self._conn is not None
+        names = [routing.retry_queue(name) for name in self._app.consumers]
+        self._retry_channel = self._conn.channel()
+        self._retry_channel.basic_qos(0, RETRY_PREFETCH, len(names) > 1)
+        kombu.Consumer(
+            self._retry_channel, queues=[declare_queue(n) for n in names],
+            on_message=self._on_retry_copy, auto_declare=False,
+        ).consume()
+
+    def _bind_wake(self) -> None:
+        assert self._conn is not None
+        self._wake_channel = self._conn.channel()
+        queue = kombu.Queue(self._wake_queue, routing_key=self._wake_queue,
+                            durable=False, exclusive=self._amqp, auto_delete=True)
+        kombu.Consumer(self._wake_channel, queues=[queue], no_ack=True,
+                       on_message=self._on_wake).consume()
+
+    def _on_wake(self, message: Message) -> None:
+        """Nothing to do: returning from ``drain_events`` is the point."""
+
+    # -- handling messages (the hot path) ---------------------------------------------
+
+    def _on_message(self, binding: _Binding, message: Message) -> None:
+        if self._stopping:
+            return  # left unacked: handed back when the channel closes
+        spec = binding.spec
+        queue = message.delivery_info.get("routing_key") or spec.name
+        try:
+            body = message.decode()
+        except Exception as exc:
+            self._dead_letter(spec, message, queue, f"undecodable: {policy.describe_error(exc)}")
+            return
+        delivery = Delivery(message, queue)
+        try:
+            spec.handler(body, delivery)
+        except Exception as exc:
+            self._failed(spec, message, delivery, exc)
+            return
+        message.ack()
+
+    def _failed(self, spec: ConsumerSpec, message: Message, delivery: Delivery,
+                exc: Exception) -> None:
+        error = policy.describe_error(exc)
+        delay = spec.retry.delay_after(delivery.attempt)
+        if delay is None:
+            LOG.error("%s: attempt %d failed (%s): dead-lettering", delivery.queue,
+                      delivery.attempt, error)
+            self._dead_letter(spec, message, delivery.queue, error)
+            return
+        LOG.warning("%s: attempt %d failed (%s): retry in %.1fs", delivery.queue,
+                    delivery.attempt, error, delay)
+        headers = policy.retry_headers(message.headers, delivery.attempt + 1,
+                                       time.time() + delay, delivery.queue)
+        self._republish(message, routing.retry_queue(spec.name), headers)
+        message.ack()  # only now: the copy is safely published
+
+    def _dead_letter(self, spec: ConsumerSpec, message: Message, queue: str, error: str) -> None:
+        headers = policy.dead_letter_headers(message.headers, error, queue)
+        self._republish(message, routing.dead_letter_queue(spec.name), headers)
+        message.ack()
+
+    def _republish(self, message: Message, queue: str, headers: policy.Headers) -> None:
+        """Publish the message's raw bytes (never re-serialised) to ``queue``."""
+        assert self._producer is not None
+        self._producer.publish(
+            message.body,
+            exchange="",
+            routing_key=queue,
+            headers=headers,
+            content_type=message.content_type or "application/octet-stream",
+            content_encoding=message.content_encoding or "binary",
+            delivery_mode=2,
+        )
+
+    # -- retries ----------------------------------------------------------------------
+
+    def _on_retry_copy(self, message: Message) -> None:
+        if self._stopping:
+            return
+        headers = message.headers or {}
+        if not isinstance(headers.get(policy.TARGET), str):
+            name = str(message.delivery_info.get("routing_key", ""))
+            name = name.removesuffix(routing.RETRY_SUFFIX)
+            self._republish(message, routing.dead_letter_queue(name),
+                            policy.dead_letter_headers(headers, "retry copy without target", name))
+            message.ack()
+            return
+        try:
+            due = float(headers.get(policy.RETRY_AT, 0.0))
+        except (TypeError, ValueError):
+            due = 0.0
+        if due <= time.time():
+            self._release_retry(message)
+        else:
+            heapq.heappush(self._timers, (due, next(self._seq), message))
+
+    def _release_due_retries(self) -> None:
+        now = time.time()
+        while self._timers and self._timers[0][0] <= now:
+            self._release_retry(heapq.heappop(self._timers)[2])
+
+    def _release_retry(self, message: Message) -> None:
+        headers = dict(message.headers or {})
+        target = headers.pop(policy.TARGET)
+        headers.pop(policy.RETRY_AT, None)
+        self._republish(message, target, headers)
+        message.ack()
+
+    # -- partitions -------------------------------------------------------------------
+
+    def _rebalance(self) -> None:
+        """Move to the partition map of the current worker count.
+
+        Lost partitions are closed (prefetched messages handed back) *before* their
+        leases are released; gained ones are consumed only once their lease is ours.
+        """
+        assert self._conn is not None
+        self._next_rebalance = time.monotonic() + REBALANCE_EVERY
+        index, members = self.settings.member
+        workers = self._membership.workers()
+        total = members * workers
+        me = routing.global_worker(self.worker_id, workers, index)
+        for binding in self._bindings.values():
+            spec = binding.spec
+            if not spec.partitions:
+                continue
+            wanted = set(routing.owned_partitions(spec.partitions, me, total))
+            lost = binding.owned - wanted
+            missing = wanted - binding.owned
+            gained = {p for p in missing
+                      if self._leases.try_acquire(routing.partition_queue(spec.name, p))}
+            if missing - gained:
+                self._next_rebalance = time.monotonic() + CLAIM_EVERY
+            if not lost and not gained:
+                continue
+            binding.close()
+            for p in lost:
+                self._leases.release(routing.partition_queue(spec.name, p))
+            binding.owned = (binding.owned - lost) | gained
+            binding.open(self._conn, self._on_message)
+            LOG.info("%s: worker %d of %d consumes partitions %s", spec.name,
+                     self.worker_id, workers, sorted(binding.owned))
+
+    def _release_leases(self, binding: _Binding) -> None:
+        for p in binding.owned:
+            self._leases.release(routing.partition_queue(binding.spec.name, p))
+        binding.owned = set()
+
+    # -- reload -----------------------------------------------------------------------
+
+    def _apply_reload(self) -> None:
+        assert self._conn is not None
+        app, self._pending_app = self._pending_app, None
+        assert app is not None
+        app.configure(broker_url=self._url)
+        old, self._app = self._app, app
+        for name, binding in list(self._bindings.items()):
+            spec = app.consumers.get(name)
+            if spec is not None and spec.binding_key() == binding.spec.binding_key() and (
+                app.prefetch_of(spec, self.settings.prefetch) == binding.prefetch
+            ):
+                binding.spec = spec  # same queues: only the handler may have changed
+                continue
+            binding.close()
+            self._release_leases(binding)
+            del self._bindings[name]
+        for name, spec in app.consumers.items():
+            if name not in self._bindings:
+                self._bind(spec, None)
+        if list(app.consumers) != list(old.consumers):
+            self._close_quietly(self._retry_channel)
+            self._timers.clear()
+            self._bind_retry()
+        self._next_rebalance = 0.0
+        LOG.info("reloaded: consuming %s", ", ".join(
+            f"{b.spec.name}(prefetch={b.prefetch})" for b in self._bindings.values()))
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            for binding in self._bindings.values():
+                self._close_quietly(binding)
+            self._close_quietly(self._retry_channel)
+            self._timers.clear()
+            if self._wake_channel is not None and not self._amqp:
+                with contextlib.suppress(Exception):
+                    self._wake_channel.queue_delete(self._wake_queue)
+            self._close_quietly(self._wake_channel)
+            with contextlib.suppress(Exception):
+                conn.release()
+            self._conn = None
+        self._leases.release_all()  # after the channels: their messages are back
+
+    @staticmethod
+    def _close_quietly(thing: typing.Any) -> None:
+        if thing is not None:
+            try:
+                thing.close()
+            except Exception as exc:
+                LOG.debug("closing %r: %s", thing, exc)

@@ -1,0 +1,122 @@
+"""Who consumes which partition on this host: leases and worker membership.
+
+Design (and its limits):
+
+* **Partition leases** are ``flock`` locks on one file per partition queue in a directory
+  shared by every consumerd process on the host that uses the same broker. A worker
+  consumes a partition only while it holds its lease, and releases it only after it has
+  stopped consuming it and returned its prefetched messages; the kernel drops the lease
+  when the process dies, even on SIGKILL. So two workers on one host never consume one
+  partition at the same moment, whatever the broker, and a new owner takes over as soon
+  as the old one has let go.
+* **Membership** (how many workers this host runs now, W) is read from one small file
+  per worker slot holding the pid of its current incarnation. W is one more than the
+  highest slot whose pid is alive. The supervision core starts and stops workers on
+  SIGTTIN/SIGTTOU/reconfigure without telling the others, so workers look: a new higher
+  slot raises W at once; a vanished one lowers W only after ``grace`` seconds, so a
+  crashed worker respawned within that time does not reshuffle every partition. Until
+  the first look a worker assumes the ``--workers`` count it was started with.
+* Across hosts (``--member I/M``) there is no shared lock: every host must run the same
+  W. RabbitMQ still guarantees one active consumer per partition (single-active-consumer
+  queues); on Redis and SQLite a change of W on one host is not coordinated with the
+  others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
+import time
+
+
+def lease_root(broker_url: str) -> str:
+    """The per-host, per-broker directory holding leases and membership files."""
+    digest = hashlib.sha1(broker_url.encode("utf-8")).hexdigest()[:16]  # noqa: S324 - a name
+    return os.path.join(tempfile.gettempdir(), f"consumerd-{os.getuid()}", digest)
+
+
+class Leases:
+    """Exclusive, crash-released leases on named resources (``flock`` on files)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.join(root, "leases")
+        os.makedirs(self.root, exist_ok=True)
+        self._held: dict[str, int] = {}
+
+    def try_acquire(self, name: str) -> bool:
+        if name in self._held:
+            return True
+        fd = os.open(os.path.join(self.root, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._held[name] = fd
+        return True
+
+    def release(self, name: str) -> None:
+        fd = self._held.pop(name, None)
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock
+
+    def release_all(self) -> None:
+        for name in list(self._held):
+            self.release(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Membership:
+    """This host's worker count W as seen by worker ``worker_id`` (see the module docstring)."""
+
+    def __init__(
+        self, root: str, group: str, worker_id: int, hint: int, grace: float = 3.0
+    ) -> None:
+        self.dir = os.path.join(root, "members", group)
+        os.makedirs(self.dir, exist_ok=True)
+        self.worker_id = worker_id
+        self.grace = grace
+        self._workers = max(hint, worker_id + 1)
+        self._lower_since: float | None = None
+
+    def join(self) -> None:
+        path = os.path.join(self.dir, str(self.worker_id))
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(tmp, path)
+
+    def _highest_alive(self) -> int:
+        highest = self.worker_id
+        for entry in os.listdir(self.dir):
+            if not entry.isdigit() or int(entry) <= highest:
+                continue
+            with contextlib.suppress(OSError, ValueError), open(
+                os.path.join(self.dir, entry)
+            ) as f:
+                if _alive(int(f.read())):
+                    highest = int(entry)
+        return highest
+
+    def workers(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        seen = self._highest_alive() + 1
+        if seen >= self._workers:
+            self._workers, self._lower_since = seen, None
+        elif self._lower_since is None:
+            self._lower_since = now
+        elif now - self._lower_since >= self.grace:
+            self._workers, self._lower_since = seen, None
+        return self._workers
