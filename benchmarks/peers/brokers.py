@@ -1,0 +1,80 @@
+"""What is left in a benchmark queue, and how to remove every trace of it.
+
+Runners store messages differently: kombu, Celery and consumerd use kombu's layout (on
+Redis a list named after the queue plus entries in kombu's shared ``unacked`` hash);
+Dramatiq has its own (on RabbitMQ extra ``.DQ``/``.XQ`` queues; on Redis a list and a
+``.msgs`` hash under a namespace, which dramatiq_app names after the queue).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.parse
+
+import kombu
+import redis
+
+KOMBU_UNACKED = ("unacked", "unacked_index")
+
+
+def rabbit_counts(url: str, queue: str) -> tuple[int, int] | None:
+    """``(ready, unacked)`` of ``queue`` as RabbitMQ sees it, or None if it does not exist.
+
+    rabbitmqctl is exact (AMQP's passive declare does not count unacked messages, and
+    the management API's numbers are seconds old); it costs ~0.4 s, so it is only used
+    after the timed part of a run.
+    """
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:]) or "/"
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "messages_ready",
+         "messages_unacknowledged"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == queue:
+            return int(fields[1]), int(fields[2])
+    return None
+
+
+def rabbit_delete(url: str, queue: str) -> None:
+    """Delete the queue, Dramatiq's delay/dead-letter queues and a same-named exchange."""
+    with kombu.Connection(url) as conn:
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            conn.default_channel.queue_delete(name)
+        conn.default_channel.exchange_delete(queue)
+
+
+def _redis_kombu_unacked(client: redis.Redis, queue: str) -> list[bytes]:
+    tags = []
+    for tag, raw in client.hscan_iter(KOMBU_UNACKED[0]):
+        _payload, exchange, routing_key = json.loads(raw)
+        if queue in (exchange, routing_key):
+            tags.append(tag)
+    return tags
+
+
+def redis_counts(url: str, queue: str, layout: str) -> tuple[int, int]:
+    """``(ready, unacked)`` for ``queue`` in the given layout ("kombu" or "dramatiq")."""
+    with redis.Redis.from_url(url) as client:
+        if layout == "dramatiq":
+            ready = client.llen(f"{queue}:{queue}")
+            stored = client.hlen(f"{queue}:{queue}.msgs")  # deleted on ack
+            return ready, stored - ready
+        ready = sum(
+            client.llen(key) for key in client.scan_iter(match=f"{queue}*", _type="list")
+        )
+        return ready, len(_redis_kombu_unacked(client, queue))
+
+
+def redis_delete(url: str, queue: str) -> None:
+    """Delete every key naming the queue and its entries in kombu's unacked hash."""
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match=f"*{queue}*"))
+        if keys:
+            client.delete(*keys)
+        tags = _redis_kombu_unacked(client, queue)
+        if tags:
+            client.hdel(KOMBU_UNACKED[0], *tags)
+            client.zrem(KOMBU_UNACKED[1], *tags)

@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Throughput of consumerd beside its peers, on RabbitMQ and on Redis.
+
+Workload: N small JSON messages (default 20,000, ~100 B), a no-op handler, 2 consumer
+processes, prefetch 100, the queue filled *before* any consumer starts. Runners:
+
+- consumerd: ``consumerd --app benchmarks.peers.consumerd_app:app --workers 2 --prefetch 100``
+- plain kombu: 2 forked processes, one connection each, ``prefetch_count=100`` in the
+  ``Consumer`` constructor, ``message.ack()`` after the handler.
+- Celery: prefork pool, ``-c 2``, ``acks_late``, ``--prefetch-multiplier 100`` (Celery
+  prefetches for the whole worker, multiplier x concurrency = 200 = 2 x 100, the same
+  in-flight total as the others), gossip/mingle/heartbeat and remote control off.
+- Dramatiq: ``--processes 2 --threads 2`` (``--dramatiq-threads``), prefetch 100 per
+  process via ``$dramatiq_queue_prefetch``, default middleware.
+
+Each runner fills its queue in its own native message format. Timing runs from the first
+message handled to the last message handled (both taken inside the handler processes,
+see peers/counter.py); start-up time is excluded for every runner alike and shown apart.
+After the last message the script waits until the broker reports the queue empty with
+nothing unacked (outside the timing) and checks the handled count is exactly N.
+Then it stops the runner (SIGTERM, SIGKILL to its process group after 10 s) and deletes
+the queue. Repeats are interleaved (rep 1 of every runner, then rep 2, ...) with the
+runner order rotated, so background load on a shared machine hits all of them alike;
+the table shows medians.
+
+    python benchmarks/throughput.py                      # full run: 20,000 x 3 reps
+    python benchmarks/throughput.py --count 2000 --repeats 1 --brokers redis
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers import brokers, counter  # noqa: E402 - needs ROOT on sys.path
+
+PY = sys.executable
+STALL_SECONDS = 60.0
+ACK_WAIT_SECONDS = 30.0
+STOP_GRACE_SECONDS = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Broker:
+    name: str
+    kind: str  # "rabbitmq" | "redis"
+    url: str  # as kombu spells it
+
+    def counts(self, queue: str, layout: str) -> tuple[int, int] | None:
+        if self.kind == "rabbitmq":
+            return brokers.rabbit_counts(self.url, queue)
+        return brokers.redis_counts(self.url, queue, layout)
+
+    def delete(self, queue: str) -> None:
+        if self.kind == "rabbitmq":
+            brokers.rabbit_delete(self.url, queue)
+        else:
+            brokers.redis_delete(self.url, queue)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    count: int
+    workers: int
+    prefetch: int
+    dramatiq_threads: int
+    timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    key: str  # module name under benchmarks/peers
+    label: str
+    layout: str  # how it stores messages: "kombu" | "dramatiq"
+    command: Callable[[Settings, Broker, str, str], list[str]]  # (settings, broker, url, queue)
+    url: Callable[[Broker], str] = lambda broker: broker.url
+    env: Callable[[Settings], dict[str, str]] = lambda settings: {}
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+def _kombu_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
+    return [PY, "-m", "benchmarks.peers.kombu_consumer", str(s.workers)]
+
+
+def _celery_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
+    return [
+        PY, "-m", "celery", "-A", "benchmarks.peers.celery_app", "worker",
+        "-P", "prefork", "-c", str(s.workers), "-Q", queue,
+        # Celery's prefetch is per worker: multiplier x concurrency = workers x prefetch.
+        "--prefetch-multiplier", str(s.prefetch),
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING",
+    ]  # fmt: skip
+
+
+def _dramatiq_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
+    return [
+        PY, "-m", "dramatiq", "benchmarks.peers.dramatiq_app",
+        "--processes", str(s.workers), "--threads", str(s.dramatiq_threads), "--queues", queue,
+    ]  # fmt: skip
+
+
+def _dramatiq_url(broker: Broker) -> str:
+    # pika reads "amqp://host:5672//" as the empty vhost; "/" must be spelled %2F.
+    if broker.kind == "rabbitmq" and broker.url.endswith("//"):
+        return broker.url[:-1] + "%2F"
+    return broker.url
+
+
+def _consumerd_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
+    return [
+        *_consumerd_cli(), "--app", "benchmarks.peers.consumerd_app:app",
+        "--workers", str(s.workers), "--prefetch", str(s.prefetch), "--broker", url,
+    ]  # fmt: skip
+
+
+def _consumerd_cli() -> list[str]:
+    exe = shutil.which("consumerd")
+    return [exe] if exe else [PY, "-m", "consumerd"]
+
+
+def _consumerd_unavailable() -> str | None:
+    """Why consumerd cannot be benchmarked now (its runtime is developed in parallel)."""
+    probes = [
+        [PY, "-c", "import consumerd; consumerd.App"],
+        [*_consumerd_cli(), "--help"],
+    ]
+    for probe in probes:
+        try:
+            done = subprocess.run(probe, capture_output=True, text=True, timeout=30, cwd=ROOT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(probe[-2:])}: {exc}"
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["exit status"])[-1]
+            return f"`{' '.join(probe[-2:])}` failed: {last}"
+    return None
+
+
+RUNNERS = [
+    Runner(
+        "consumerd_app", "consumerd", "kombu", _consumerd_command,
+        unavailable=_consumerd_unavailable,
+    ),
+    Runner("kombu_consumer", "plain kombu", "kombu", _kombu_command),
+    Runner(
+        "dramatiq_app", "Dramatiq", "dramatiq", _dramatiq_command, url=_dramatiq_url,
+        env=lambda s: {"dramatiq_queue_prefetch": str(s.prefetch)},
+    ),
+    Runner("celery_app", "Celery", "kombu", _celery_command),
+]  # fmt: skip
+RUNNER_KEYS = {"consumerd": "consumerd_app", "kombu": "kombu_consumer",
+               "dramatiq": "dramatiq_app", "celery": "celery_app"}  # fmt: skip
+
+
+class RunFailed(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    rate: float  # messages per second, first handled -> last handled
+    seconds: float
+    startup: float  # runner start -> first message handled
+
+
+@contextlib.contextmanager
+def _running(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` in its own process group; always leave nothing of it behind."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        # SIGTERM to the leader is each framework's documented graceful stop; whatever
+        # of its group is still alive afterwards is killed.
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_GRACE_SECONDS)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    text = log.read_text(errors="replace").strip().splitlines()
+    return "\n      ".join(text[-lines:])
+
+
+def _wait_handled(
+    proc: subprocess.Popen[bytes], count_dir: str, n: int, deadline: float
+) -> list[tuple[int, float, float]]:
+    handled, progress_at = 0, time.monotonic()
+    while True:
+        time.sleep(0.1)
+        reports = counter.read_all(count_dir)
+        total = sum(r[0] for r in reports)
+        now = time.monotonic()
+        if total >= n:
+            return reports
+        if total > handled:
+            handled, progress_at = total, now
+        if proc.poll() is not None:
+            raise RunFailed(f"runner exited ({proc.returncode}) after {total}/{n} messages")
+        if now > deadline or now - progress_at > STALL_SECONDS:
+            raise RunFailed(f"timed out with {total}/{n} messages handled")
+
+
+def _wait_drained(broker: Broker, queue: str, layout: str) -> None:
+    deadline = time.monotonic() + ACK_WAIT_SECONDS
+    while True:
+        counts = broker.counts(queue, layout)
+        if counts == (0, 0):
+            return
+        if time.monotonic() > deadline:
+            raise RunFailed(f"queue not drained: (ready, unacked) = {counts}")
+        time.sleep(0.2)
+
+
+def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path) -> Result:
+    url = runner.url(broker)
+    count_dir = tempfile.mkdtemp(prefix="counts-", dir=work)
+    env = {
+        **os.environ,
+        **runner.env(s),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "BENCH_BROKER_URL": url,
+        "BENCH_QUEUE": queue,
+        "BENCH_PREFETCH": str(s.prefetch),
+        "BENCH_COUNT_DIR": count_dir,
+    }
+    log = work / f"{queue}.log"
+    broker.delete(queue)
+    try:
+        fill = subprocess.run(
+            [PY, "-m", "benchmarks.peers.fill", runner.key, str(s.count)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=s.timeout,
+        )  # fmt: skip
+        if fill.returncode:
+            raise RunFailed(f"fill failed: {fill.stderr.strip().splitlines()[-1:]}")
+        filled = broker.counts(queue, runner.layout)
+        if filled != (s.count, 0):
+            raise RunFailed(f"after fill (ready, unacked) = {filled}, expected ({s.count}, 0)")
+        started = time.monotonic()
+        with _running(runner.command(s, broker, url, queue), env, log) as proc:
+            try:
+                reports = _wait_handled(proc, count_dir, s.count, started + s.timeout)
+                _wait_drained(broker, queue, runner.layout)
+            except RunFailed as exc:
+                raise RunFailed(f"{exc}\n      log tail: {_tail(log)}") from None
+            handled = sum(r[0] for r in counter.read_all(count_dir))
+        if handled != s.count:
+            raise RunFailed(f"handled {handled} messages for {s.count} sent (duplicates)")
+        first = min(r[1] for r in reports if r[0])
+        last = max(r[2] for r in reports)
+        return Result(s.count / (last - first), last - first, first - started)
+    finally:
+        broker.delete(queue)
+        shutil.rmtree(count_dir, ignore_errors=True)
+
+
+def _fmt_rate(rates: list[float], reps: int) -> str:
+    if not rates:
+        return "failed"
+    text = f"{statistics.median(rates):,.0f}"
+    return text if len(rates) == reps else f"{text} ({len(rates)}/{reps} ok)"
+
+
+def print_table(
+    runners: list[Runner],
+    brokers_: list[Broker],
+    rates: dict[tuple[str, str], list[float]],
+    skipped: dict[str, str],
+    s: Settings,
+    reps: int,
+) -> None:
+    col = 16
+    print()
+    print(
+        f"msg/s, median of {reps} (first message handled -> last handled); {s.count:,} JSON "
+        f"msgs, no-op handler, {s.workers} processes, prefetch {s.prefetch}, queue pre-filled"
+    )
+    header = f"{'runner':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_)
+    print(header)
+    print("-" * len(header))
+    for r in runners:
+        label = _long_label(r, s)
+        cells = [
+            "n/a" if r.key in skipped else _fmt_rate(rates[r.key, b.name], reps) for b in brokers_
+        ]
+        print(f"{label:<34}" + "".join(f"{c:>{col}}" for c in cells))
+    if "consumerd_app" in skipped:
+        print(f"\nconsumerd: n/a - {skipped['consumerd_app']}")
+        return
+    if all(r.key != "consumerd_app" for r in runners):
+        return
+    print()
+    print(f"{'consumerd / peer (medians)':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_))
+    for r in runners:
+        if r.key == "consumerd_app":
+            continue
+        cells = []
+        for b in brokers_:
+            ours, theirs = rates["consumerd_app", b.name], rates[r.key, b.name]
+            ok = ours and theirs
+            cells.append(
+                f"{statistics.median(ours) / statistics.median(theirs):.2f}x" if ok else "n/a"
+            )
+        print(f"{'vs ' + r.label:<34}" + "".join(f"{c:>{col}}" for c in cells))
+
+
+def _long_label(r: Runner, s: Settings) -> str:
+    return {
+        "consumerd_app": f"consumerd --workers {s.workers}",
+        "kombu_consumer": f"plain kombu ({s.workers} procs)",
+        "dramatiq_app": f"Dramatiq ({s.workers} procs x {s.dramatiq_threads} thr)",
+        "celery_app": f"Celery prefork c{s.workers} acks_late",
+    }[r.key]
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--count", type=int, default=20_000, help="messages per run (20000)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per runner and broker (3)")
+    p.add_argument("--workers", type=int, default=2, help="consumer processes (2)")
+    p.add_argument("--prefetch", type=int, default=100, help="prefetch per process (100)")
+    p.add_argument("--dramatiq-threads", type=int, default=2, help="threads per process (2)")
+    p.add_argument("--brokers", default="rabbitmq,redis", help="rabbitmq,redis")
+    p.add_argument("--runners", default="consumerd,kombu,dramatiq,celery")
+    p.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672//")
+    p.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/9",
+        help="redis://127.0.0.1:6379/9 (a database of its own: no other user's keys)",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=600, help="seconds per run (600)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    s = Settings(args.count, args.workers, args.prefetch, args.dramatiq_threads, args.timeout)
+    all_brokers = {
+        "rabbitmq": Broker("RabbitMQ", "rabbitmq", args.rabbitmq_url),
+        "redis": Broker("Redis", "redis", args.redis_url),
+    }
+    chosen_brokers = [all_brokers[b] for b in args.brokers.split(",")]
+    wanted = {RUNNER_KEYS[k] for k in args.runners.split(",")}
+    runners = [r for r in RUNNERS if r.key in wanted]
+
+    skipped = {r.key: why for r in runners if (why := r.unavailable())}
+    for key, why in skipped.items():
+        print(f"skipping {key}: {why}", file=sys.stderr)
+    active = [r for r in runners if r.key not in skipped]
+
+    # A SIGTERM to this script unwinds through the finally blocks that stop runners.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rates: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="cdbench-") as tmp:
+        for rep in range(args.repeats):
+            order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
+            for b in chosen_brokers:
+                for r in order:
+                    queue = f"cdbench-{os.getpid()}-{r.key}-{rep}"
+                    tag = f"[{rep + 1}/{args.repeats}] {b.name:<8} {r.label:<12}"
+                    try:
+                        res = run_once(r, b, s, queue, Path(tmp))
+                    except (RunFailed, subprocess.SubprocessError, OSError) as exc:
+                        print(f"{tag} FAILED: {exc}", file=sys.stderr, flush=True)
+                        continue
+                    rates[r.key, b.name].append(res.rate)
+                    print(
+                        f"{tag} {res.rate:>8,.0f} msg/s ({s.count} in {res.seconds:.2f}s, "
+                        f"start->first {res.startup:.2f}s; queue drained, all acked)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    print_table(runners, chosen_brokers, rates, skipped, s, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
