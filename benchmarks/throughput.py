@@ -141,7 +141,9 @@ def _consumerd_unavailable() -> str | None:
     ]
     for probe in probes:
         try:
-            done = subprocess.run(probe, capture_output=True, text=True, timeout=30, cwd=ROOT)
+            done = subprocess.run(
+                probe, capture_output=True, text=True, timeout=30, cwd=ROOT, check=False
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"{' '.join(probe[-2:])}: {exc}"
         if done.returncode:
@@ -250,7 +252,7 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
     try:
         fill = subprocess.run(
             [PY, "-m", "benchmarks.peers.fill", runner.key, str(s.count)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=s.timeout,
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=s.timeout, check=False,
         )  # fmt: skip
         if fill.returncode:
             raise RunFailed(f"fill failed: {fill.stderr.strip().splitlines()[-1:]}")
@@ -285,6 +287,7 @@ def _fmt_rate(rates: list[float], reps: int) -> str:
 def print_table(
     runners: list[Runner],
     brokers_: list[Broker],
+    *,
     rates: dict[tuple[str, str], list[float]],
     skipped: dict[str, str],
     s: Settings,
@@ -390,7 +393,7 @@ def main() -> None:
                         file=sys.stderr,
                         flush=True,
                     )
-    print_table(runners, chosen_brokers, rates, skipped, s, args.repeats)
+    print_table(runners, chosen_brokers, rates=rates, skipped=skipped, s=s, reps=args.repeats)
 
 
 if __name__ == "__main__":

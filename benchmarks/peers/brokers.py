@@ -27,9 +27,20 @@ def rabbit_counts(url: str, queue: str) -> tuple[int, int] | None:
     """
     vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:]) or "/"
     out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "messages_ready",
-         "messages_unacknowledged"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "rabbitmqctl",
+            "list_queues",
+            "-q",
+            "-p",
+            vhost,
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     for line in out.splitlines():
         fields = line.split()
@@ -62,9 +73,7 @@ def redis_counts(url: str, queue: str, layout: str) -> tuple[int, int]:
             ready = client.llen(f"{queue}:{queue}")
             stored = client.hlen(f"{queue}:{queue}.msgs")  # deleted on ack
             return ready, stored - ready
-        ready = sum(
-            client.llen(key) for key in client.scan_iter(match=f"{queue}*", _type="list")
-        )
+        ready = sum(client.llen(key) for key in client.scan_iter(match=f"{queue}*", _type="list"))
         return ready, len(_redis_kombu_unacked(client, queue))
 
 

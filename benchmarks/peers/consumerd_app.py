@@ -8,7 +8,6 @@ The runtime acks after the handler returns (handlers do not ack themselves).
 from __future__ import annotations
 
 import consumerd
-
 from benchmarks.peers import config, counter
 
 app = consumerd.App("bench", broker=config.BROKER_URL or None)

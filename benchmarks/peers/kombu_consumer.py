@@ -7,9 +7,9 @@ constructor (a later ``qos()`` is too late on RabbitMQ: the backlog goes to one 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
-import socket
 import sys
 import types
 
@@ -29,9 +29,7 @@ def fill(n: int) -> None:
         q = queue()
         q(conn.default_channel).declare()
         for i in range(n):
-            producer.publish(
-                config.body(i), exchange="", routing_key=config.QUEUE, delivery_mode=2
-            )
+            producer.publish(config.body(i), exchange="", routing_key=config.QUEUE, delivery_mode=2)
 
 
 def handle(body: object, message: kombu.Message) -> None:
@@ -49,15 +47,11 @@ def consume() -> None:
     signal.signal(signal.SIGTERM, stop)
     with (
         kombu.Connection(config.BROKER_URL) as conn,
-        conn.Consumer(
-            queue(), callbacks=[handle], accept=["json"], prefetch_count=config.PREFETCH
-        ),
+        conn.Consumer(queue(), callbacks=[handle], accept=["json"], prefetch_count=config.PREFETCH),
     ):
         while not stopping:
-            try:
+            with contextlib.suppress(TimeoutError):  # wake up to check `stopping`
                 conn.drain_events(timeout=1)
-            except socket.timeout:
-                pass
 
 
 def main() -> None:
