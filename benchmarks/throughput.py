@@ -177,6 +177,7 @@ class Result:
     rate: float  # messages per second, first handled -> last handled
     seconds: float
     startup: float  # runner start -> first message handled
+    split: list[int]  # messages handled per consumer process
 
 
 @contextlib.contextmanager
@@ -271,7 +272,8 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
             raise RunFailed(f"handled {handled} messages for {s.count} sent (duplicates)")
         first = min(r[1] for r in reports if r[0])
         last = max(r[2] for r in reports)
-        return Result(s.count / (last - first), last - first, first - started)
+        split = sorted((r[0] for r in reports), reverse=True)
+        return Result(s.count / (last - first), last - first, first - started, split)
     finally:
         broker.delete(queue)
         shutil.rmtree(count_dir, ignore_errors=True)
@@ -387,9 +389,11 @@ def main() -> None:
                         print(f"{tag} FAILED: {exc}", file=sys.stderr, flush=True)
                         continue
                     rates[r.key, b.name].append(res.rate)
+                    split = "/".join(map(str, res.split))
                     print(
                         f"{tag} {res.rate:>8,.0f} msg/s ({s.count} in {res.seconds:.2f}s, "
-                        f"start->first {res.startup:.2f}s; queue drained, all acked)",
+                        f"start->first {res.startup:.2f}s; per process {split}; "
+                        "queue drained, all acked)",
                         file=sys.stderr,
                         flush=True,
                     )
