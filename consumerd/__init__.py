@@ -1,0 +1,26 @@
+"""consumerd: long-lived queue consumers under a real process supervisor.
+
+The supervision core (:class:`Service`, :class:`ServiceManager`) is a drop-in for
+cotyledon 2.2: ``import consumerd as cotyledon`` runs code written for it unchanged.
+The consumer runtime (:class:`App`) builds on it and is imported lazily, so code that
+only supervises processes never pays for importing kombu.
+"""
+
+from __future__ import annotations
+
+import typing
+
+from consumerd.supervisor import Service, ServiceManager
+
+if typing.TYPE_CHECKING:
+    from consumerd.consumer.app import App
+
+__all__ = ["App", "Service", "ServiceManager"]
+
+
+def __getattr__(name: str) -> typing.Any:
+    if name == "App":
+        from consumerd.consumer.app import App  # noqa: PLC0415 - keeps kombu out of the core
+
+        return App
+    raise AttributeError(f"module 'consumerd' has no attribute {name!r}")

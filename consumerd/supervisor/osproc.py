@@ -1,0 +1,122 @@
+"""Small Linux/POSIX process primitives the master and the workers share."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import signal
+import sys
+import typing
+
+import setproctitle
+
+_PR_SET_PDEATHSIG = 1
+
+#: Signals the master handles through its loop.
+MASTER_SIGNALS = frozenset(
+    {
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGUSR2,
+        signal.SIGCHLD,
+    }
+)
+#: Signals a worker handles through its loop; the master's others go back to their defaults.
+WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent thread exits.
+
+    Returns False where the call does not exist (non-Linux); callers keep a portable
+    fallback (a pipe whose EOF means the master is gone) for that case.
+    """
+    libc = _libc()
+    return libc is not None and libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def set_title(title: str) -> None:
+    setproctitle.setproctitle(title)
+
+
+def program_name() -> str:
+    return os.path.basename(sys.argv[0]) or "python"
+
+
+@contextlib.contextmanager
+def signals_blocked(signals: typing.Iterable[int]) -> typing.Iterator[None]:
+    """Block ``signals`` for the duration, so a fork made inside cannot run the
+    parent's handlers in the child: the child installs its own before unblocking."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def unblock(signals: typing.Iterable[int]) -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A Python-level handler is needed for the C handler to write to the wakeup fd;
+    the signal itself is read back from the pipe by the owner's loop."""
+
+
+class WakeupPipe:
+    """A self-pipe fed by :func:`signal.set_wakeup_fd` and by :meth:`wake` from threads.
+
+    Each received signal arrives as one byte holding its number; :meth:`wake` writes a
+    zero byte, which :meth:`drain` does not report as a signal.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def install(self, signals: typing.Iterable[int]) -> None:
+        for sig in signals:
+            signal.signal(sig, _ignore_signal)
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.write_fd, b"\0")
+
+    def drain(self) -> list[int]:
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.read_fd, 4096):
+                data += chunk
+        return [sig for sig in data if sig]
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def exit_status(status: int) -> int:
+    """A waitpid status as multiprocessing reports it: the exit code, or -signal."""
+    return os.waitstatus_to_exitcode(status)
+
+
+def flush_and_exit(code: int) -> typing.NoReturn:
+    """Leave a worker process at once (no atexit, no inherited cleanup) after flushing logs."""
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
