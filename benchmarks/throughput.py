@@ -10,8 +10,9 @@ processes, prefetch 100, the queue filled *before* any consumer starts. Runners:
 - Celery: prefork pool, ``-c 2``, ``acks_late``, ``--prefetch-multiplier 100`` (Celery
   prefetches for the whole worker, multiplier x concurrency = 200 = 2 x 100, the same
   in-flight total as the others), gossip/mingle/heartbeat and remote control off.
-- Dramatiq: ``--processes 2 --threads 2`` (``--dramatiq-threads``), prefetch 100 per
-  process via ``$dramatiq_queue_prefetch``, default middleware.
+- Dramatiq: ``--processes 2``, once with ``--threads 2`` and once with its default 8 (one
+  table row each, ``--dramatiq-threads``), prefetch 100 per process via
+  ``$dramatiq_queue_prefetch``, default middleware.
 
 Each runner fills its queue in its own native message format. Timing runs from the first
 message handled to the last message handled (both taken inside the handler processes,
@@ -78,40 +79,19 @@ class Settings:
     count: int
     workers: int
     prefetch: int
-    dramatiq_threads: int
     timeout: float
 
 
 @dataclasses.dataclass(frozen=True)
 class Runner:
-    key: str  # module name under benchmarks/peers
+    name: str  # short id, e.g. "dramatiq-8"; the family before "-" is what --runners selects
+    module: str  # under benchmarks/peers: its handler and its fill()
     label: str
     layout: str  # how it stores messages: "kombu" | "dramatiq"
-    command: Callable[[Settings, Broker, str, str], list[str]]  # (settings, broker, url, queue)
+    command: Callable[[str, str], list[str]]  # (broker url, queue) -> argv
     url: Callable[[Broker], str] = lambda broker: broker.url
-    env: Callable[[Settings], dict[str, str]] = lambda settings: {}
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
     unavailable: Callable[[], str | None] = lambda: None
-
-
-def _kombu_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
-    return [PY, "-m", "benchmarks.peers.kombu_consumer", str(s.workers)]
-
-
-def _celery_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
-    return [
-        PY, "-m", "celery", "-A", "benchmarks.peers.celery_app", "worker",
-        "-P", "prefork", "-c", str(s.workers), "-Q", queue,
-        # Celery's prefetch is per worker: multiplier x concurrency = workers x prefetch.
-        "--prefetch-multiplier", str(s.prefetch),
-        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING",
-    ]  # fmt: skip
-
-
-def _dramatiq_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
-    return [
-        PY, "-m", "dramatiq", "benchmarks.peers.dramatiq_app",
-        "--processes", str(s.workers), "--threads", str(s.dramatiq_threads), "--queues", queue,
-    ]  # fmt: skip
 
 
 def _dramatiq_url(broker: Broker) -> str:
@@ -119,13 +99,6 @@ def _dramatiq_url(broker: Broker) -> str:
     if broker.kind == "rabbitmq" and broker.url.endswith("//"):
         return broker.url[:-1] + "%2F"
     return broker.url
-
-
-def _consumerd_command(s: Settings, broker: Broker, url: str, queue: str) -> list[str]:
-    return [
-        *_consumerd_cli(), "--app", "benchmarks.peers.consumerd_app:app",
-        "--workers", str(s.workers), "--prefetch", str(s.prefetch), "--broker", url,
-    ]  # fmt: skip
 
 
 def _consumerd_cli() -> list[str]:
@@ -152,20 +125,63 @@ def _consumerd_unavailable() -> str | None:
     return None
 
 
-RUNNERS = [
-    Runner(
-        "consumerd_app", "consumerd", "kombu", _consumerd_command,
-        unavailable=_consumerd_unavailable,
-    ),
-    Runner("kombu_consumer", "plain kombu", "kombu", _kombu_command),
-    Runner(
-        "dramatiq_app", "Dramatiq", "dramatiq", _dramatiq_command, url=_dramatiq_url,
-        env=lambda s: {"dramatiq_queue_prefetch": str(s.prefetch)},
-    ),
-    Runner("celery_app", "Celery", "kombu", _celery_command),
-]  # fmt: skip
-RUNNER_KEYS = {"consumerd": "consumerd_app", "kombu": "kombu_consumer",
-               "dramatiq": "dramatiq_app", "celery": "celery_app"}  # fmt: skip
+def make_runners(s: Settings, dramatiq_threads: list[int]) -> list[Runner]:
+    """consumerd first (the ratios are against it), then its peers."""
+    w, pf = s.workers, s.prefetch
+    runners = [
+        Runner(
+            "consumerd",
+            "consumerd_app",
+            f"consumerd --workers {w}",
+            "kombu",
+            lambda url, queue: [
+                *_consumerd_cli(),
+                *f"--app benchmarks.peers.consumerd_app:app --workers {w} --prefetch {pf}".split(),
+                *["--broker", url],
+            ],
+            unavailable=_consumerd_unavailable,
+        ),
+        Runner(
+            "kombu",
+            "kombu_consumer",
+            f"plain kombu ({w} procs)",
+            "kombu",
+            lambda url, queue: [PY, "-m", "benchmarks.peers.kombu_consumer", str(w)],
+        ),
+    ]
+    runners += [
+        Runner(
+            f"dramatiq-{t}",
+            "dramatiq_app",
+            f"Dramatiq ({w} procs x {t} thr)",
+            "dramatiq",
+            lambda url, queue, t=t: [
+                PY,
+                *f"-m dramatiq benchmarks.peers.dramatiq_app --processes {w} --threads {t}".split(),
+                *["--queues", queue],
+            ],
+            url=_dramatiq_url,
+            env={"dramatiq_queue_prefetch": str(pf)},
+        )
+        for t in dramatiq_threads
+    ]
+    runners.append(
+        Runner(
+            "celery",
+            "celery_app",
+            f"Celery prefork c{w} acks_late",
+            "kombu",
+            lambda url, queue: [
+                PY,
+                *f"-m celery -A benchmarks.peers.celery_app worker -P prefork -c {w}".split(),
+                *["-Q", queue],
+                # Celery prefetches per worker: multiplier x concurrency = workers x prefetch.
+                *f"--prefetch-multiplier {pf} -l WARNING".split(),
+                *["--without-gossip", "--without-mingle", "--without-heartbeat"],
+            ],
+        )
+    )
+    return runners
 
 
 class RunFailed(Exception):
@@ -241,7 +257,7 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
     count_dir = tempfile.mkdtemp(prefix="counts-", dir=work)
     env = {
         **os.environ,
-        **runner.env(s),
+        **runner.env,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "BENCH_BROKER_URL": url,
         "BENCH_QUEUE": queue,
@@ -252,7 +268,7 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
     broker.delete(queue)
     try:
         fill = subprocess.run(
-            [PY, "-m", "benchmarks.peers.fill", runner.key, str(s.count)],
+            [PY, "-m", "benchmarks.peers.fill", runner.module, str(s.count)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=s.timeout, check=False,
         )  # fmt: skip
         if fill.returncode:
@@ -261,7 +277,7 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
         if filled != (s.count, 0):
             raise RunFailed(f"after fill (ready, unacked) = {filled}, expected ({s.count}, 0)")
         started = time.monotonic()
-        with _running(runner.command(s, broker, url, queue), env, log) as proc:
+        with _running(runner.command(url, queue), env, log) as proc:
             try:
                 reports = _wait_handled(proc, count_dir, s.count, started + s.timeout)
                 _wait_drained(broker, queue, runner.layout)
@@ -305,38 +321,28 @@ def print_table(
     print(header)
     print("-" * len(header))
     for r in runners:
-        label = _long_label(r, s)
         cells = [
-            "n/a" if r.key in skipped else _fmt_rate(rates[r.key, b.name], reps) for b in brokers_
+            "n/a" if r.name in skipped else _fmt_rate(rates[r.name, b.name], reps) for b in brokers_
         ]
-        print(f"{label:<34}" + "".join(f"{c:>{col}}" for c in cells))
-    if "consumerd_app" in skipped:
-        print(f"\nconsumerd: n/a - {skipped['consumerd_app']}")
+        print(f"{r.label:<34}" + "".join(f"{c:>{col}}" for c in cells))
+    if "consumerd" in skipped:
+        print(f"\nconsumerd: n/a - {skipped['consumerd']}")
         return
-    if all(r.key != "consumerd_app" for r in runners):
+    if all(r.name != "consumerd" for r in runners):
         return
     print()
     print(f"{'consumerd / peer (medians)':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_))
     for r in runners:
-        if r.key == "consumerd_app":
+        if r.name == "consumerd":
             continue
         cells = []
         for b in brokers_:
-            ours, theirs = rates["consumerd_app", b.name], rates[r.key, b.name]
+            ours, theirs = rates["consumerd", b.name], rates[r.name, b.name]
             ok = ours and theirs
             cells.append(
                 f"{statistics.median(ours) / statistics.median(theirs):.2f}x" if ok else "n/a"
             )
         print(f"{'vs ' + r.label:<34}" + "".join(f"{c:>{col}}" for c in cells))
-
-
-def _long_label(r: Runner, s: Settings) -> str:
-    return {
-        "consumerd_app": f"consumerd --workers {s.workers}",
-        "kombu_consumer": f"plain kombu ({s.workers} procs)",
-        "dramatiq_app": f"Dramatiq ({s.workers} procs x {s.dramatiq_threads} thr)",
-        "celery_app": f"Celery prefork c{s.workers} acks_late",
-    }[r.key]
 
 
 def _parse() -> argparse.Namespace:
@@ -345,7 +351,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per runner and broker (3)")
     p.add_argument("--workers", type=int, default=2, help="consumer processes (2)")
     p.add_argument("--prefetch", type=int, default=100, help="prefetch per process (100)")
-    p.add_argument("--dramatiq-threads", type=int, default=2, help="threads per process (2)")
+    p.add_argument(
+        "--dramatiq-threads", default="2,8", help="threads per process; one row each (2,8)"
+    )
     p.add_argument("--brokers", default="rabbitmq,redis", help="rabbitmq,redis")
     p.add_argument("--runners", default="consumerd,kombu,dramatiq,celery")
     p.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672//")
@@ -359,19 +367,20 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse()
-    s = Settings(args.count, args.workers, args.prefetch, args.dramatiq_threads, args.timeout)
+    s = Settings(args.count, args.workers, args.prefetch, args.timeout)
     all_brokers = {
         "rabbitmq": Broker("RabbitMQ", "rabbitmq", args.rabbitmq_url),
         "redis": Broker("Redis", "redis", args.redis_url),
     }
     chosen_brokers = [all_brokers[b] for b in args.brokers.split(",")]
-    wanted = {RUNNER_KEYS[k] for k in args.runners.split(",")}
-    runners = [r for r in RUNNERS if r.key in wanted]
+    wanted = set(args.runners.split(","))
+    threads = [int(t) for t in args.dramatiq_threads.split(",")]
+    runners = [r for r in make_runners(s, threads) if r.name.split("-")[0] in wanted]
 
-    skipped = {r.key: why for r in runners if (why := r.unavailable())}
-    for key, why in skipped.items():
-        print(f"skipping {key}: {why}", file=sys.stderr)
-    active = [r for r in runners if r.key not in skipped]
+    skipped = {r.name: why for r in runners if (why := r.unavailable())}
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    active = [r for r in runners if r.name not in skipped]
 
     # A SIGTERM to this script unwinds through the finally blocks that stop runners.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -381,14 +390,14 @@ def main() -> None:
             order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
             for b in chosen_brokers:
                 for r in order:
-                    queue = f"cdbench-{os.getpid()}-{r.key}-{rep}"
-                    tag = f"[{rep + 1}/{args.repeats}] {b.name:<8} {r.label:<12}"
+                    queue = f"cdbench-{os.getpid()}-{r.name}-{rep}"
+                    tag = f"[{rep + 1}/{args.repeats}] {b.name:<8} {r.name:<10}"
                     try:
                         res = run_once(r, b, s, queue, Path(tmp))
                     except (RunFailed, subprocess.SubprocessError, OSError) as exc:
                         print(f"{tag} FAILED: {exc}", file=sys.stderr, flush=True)
                         continue
-                    rates[r.key, b.name].append(res.rate)
+                    rates[r.name, b.name].append(res.rate)
                     split = "/".join(map(str, res.split))
                     print(
                         f"{tag} {res.rate:>8,.0f} msg/s ({s.count} in {res.seconds:.2f}s, "
