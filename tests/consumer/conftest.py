@@ -1,0 +1,285 @@
+"""Shared helpers for the consumer runtime's tests: real brokers, real processes.
+
+Integration tests fail (never skip) when a broker is down. Every test uses its own queue
+names and deletes them afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+import redis as redis_lib
+from kombu import Connection
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+# A test app whose behaviour is driven by environment variables, so one module covers
+# every scenario. Each handled message appends one line to $T_OUT:
+#   pid queue id attempt redelivered start end
+APP_SOURCE = '''
+import json, os, time
+import consumerd
+
+CONFIG = json.load(open(os.environ["T_CONFIG"]))
+app = consumerd.App("t", max_retries=CONFIG.get("retries", 2),
+                    retry_delay=CONFIG.get("delay", 0.2))
+OUT = os.environ["T_OUT"]
+
+def make(sleep):
+    def handle(body, message):
+        start = time.time()
+        if sleep:
+            time.sleep(sleep)
+        if body.get("fail_until", 0) >= message.attempt:
+            raise RuntimeError(f"boom at attempt {message.attempt}")
+        line = (f"{os.getpid()} {message.queue} {body['i']} {message.attempt} "
+                f"{int(message.redelivered)} {start:.6f} {time.time():.6f}\\n")
+        fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, line.encode())
+        os.close(fd)
+    return handle
+
+for c in CONFIG["consumers"]:
+    app.consumer(c["name"], prefetch=c.get("prefetch"), partitions=c.get("partitions"))(
+        make(c.get("sleep", 0)))
+'''
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclasses.dataclass
+class Record:
+    pid: int
+    queue: str
+    id: int
+    attempt: int
+    redelivered: bool
+    start: float
+    end: float
+
+
+def read_records(path: str) -> list[Record]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 7:
+                out.append(Record(int(parts[0]), parts[1], int(parts[2]), int(parts[3]),
+                                  parts[4] == "1", float(parts[5]), float(parts[6])))
+    return out
+
+
+def check_broker(url: str) -> None:
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.connect()
+    except Exception as exc:
+        pytest.fail(f"broker {url} is down: {exc}")
+
+
+class Broker:
+    """One real broker: queue inspection and clean-up by name."""
+
+    def __init__(self, kind: str, url: str) -> None:
+        self.kind = kind
+        self.url = url
+        self.created: set[str] = set()
+
+    def client(self) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(self.url.split("?")[0])
+
+    def depth(self, queue: str) -> int:
+        """Ready messages in ``queue`` (not counting unacked ones)."""
+        if self.kind == "redis":
+            return int(self.client().llen(queue))
+        with Connection(self.url) as conn:
+            try:
+                return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+            except Exception:
+                return 0
+
+    def unacked(self) -> int:
+        """Redis only: messages delivered to some consumer and not acked yet."""
+        return int(self.client().hlen("unacked")) if self.kind == "redis" else 0
+
+    def publish_raw(self, queue: str, body: bytes, content_type: str, headers=None) -> None:
+        from consumerd.consumer.app import declare_queue
+
+        self.created.add(queue)
+        with Connection(self.url) as conn:
+            conn.Producer().publish(body, exchange="", routing_key=queue,
+                                    content_type=content_type, content_encoding="binary",
+                                    headers=headers, declare=[declare_queue(queue)])
+
+    def get(self, queue: str):
+        """Take one message off ``queue`` (acked), or None."""
+        with Connection(self.url) as conn:
+            message = conn.SimpleQueue(queue, no_ack=True).queue.get(no_ack=True)
+            return message
+
+    def cleanup(self, names: list[str]) -> None:
+        if self.kind == "redis":
+            client = self.client()
+            keys = [k for n in names for k in client.keys(n + "*")]
+            if keys:
+                client.delete(*keys)
+            client.delete("unacked", "unacked_index")
+            return
+        with Connection(self.url) as conn:
+            for name in names:
+                for suffix in ("", ".retry", ".dlq", *(f".p{p}" for p in range(16))):
+                    with contextlib.suppress(Exception):
+                        conn.default_channel.queue_delete(name + suffix)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request):
+    url = REDIS_URL if request.param == "redis" else AMQP_URL
+    check_broker(url)
+    b = Broker(request.param, url)
+    yield b
+
+
+@pytest.fixture
+def name():
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+class Consumerd:
+    """A ``consumerd`` master process running the test app, with its output captured."""
+
+    def __init__(self, tmp_path, name: str, url: str) -> None:
+        self.tmp = tmp_path
+        self.name = name
+        self.url = url
+        self.out = str(tmp_path / "out.txt")
+        self.log = str(tmp_path / "consumerd.log")
+        self.config = str(tmp_path / "config.json")
+        (tmp_path / "tapp.py").write_text(textwrap.dedent(APP_SOURCE))
+        self.proc: subprocess.Popen | None = None
+
+    def configure(self, consumers, **extra) -> None:
+        import json
+
+        tmp = self.config + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"consumers": consumers, **extra}, f)
+        os.replace(tmp, self.config)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(PYTHONPATH=f"{ROOT}:{self.tmp}", T_OUT=self.out, T_CONFIG=self.config)
+        env.pop("CONSUMERD_BROKER_URL", None)
+        return env
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "consumerd.cli", *args], cwd=self.tmp,
+                              env=self.env(), capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *args: str, workers: int = 2, url: str | None = None) -> None:
+        self.logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "consumerd.cli", "--app", "tapp", "--broker",
+             url or self.url, "--workers", str(workers), "--log-level", "INFO", *args],
+            cwd=self.tmp, env=self.env(), stdout=self.logf, stderr=subprocess.STDOUT,
+        )
+
+    def workers(self) -> list[int]:
+        assert self.proc is not None
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def wait_workers(self, count: int, timeout: float = 15) -> list[int]:
+        return wait_for(lambda: len(self.workers()) == count and self.workers(), timeout,
+                        f"{count} workers")
+
+    def logged(self, text: str) -> int:
+        with open(self.log, errors="replace") as f:
+            return f.read().count(text)
+
+    def wait_logged(self, text: str, count: int = 1, timeout: float = 15) -> None:
+        wait_for(lambda: self.logged(text) >= count, timeout, f"{count}x {text!r} in the log")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for pid in self.workers():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def records(self) -> list[Record]:
+        return read_records(self.out)
+
+    def ids(self) -> collections.Counter[int]:
+        return collections.Counter(r.id for r in self.records())
+
+
+@pytest.fixture
+def consumerd(tmp_path, name, broker):
+    c = Consumerd(tmp_path, name, broker.url)
+    yield c
+    c.kill()
+    broker.cleanup([name])
+
+
+def publish_many(url: str, name: str, count: int, partitions: int | None = None,
+                 start: int = 0, **fields) -> None:
+    """Publish ``count`` messages ``{"i": n}`` through the App's own routing."""
+    import consumerd
+
+    app = consumerd.App("publisher")
+    if partitions:
+        app.consumer(name, partitions=partitions)(lambda body, message: None)
+    app.configure(broker_url=url)
+    try:
+        for i in range(start, start + count):
+            app.publish(name, {"i": i, **fields}, key=f"k{i % 97}" if partitions else None)
+    finally:
+        app.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
