@@ -429,8 +429,9 @@ class Channel(stock.Channel):
 
     def _basic_cancel(self, consumer_tag: str) -> typing.Any:
         ret = super()._basic_cancel(consumer_tag)
-        active = set(self._active_queues)
-        self.requeue_prefetched(lambda entry: entry.queue not in active)
+        if not self._closing:  # close() hands back everything itself (if do_restore)
+            active = set(self._active_queues)
+            self.requeue_prefetched(lambda entry: entry.queue not in active)
         return ret
 
     # -- handing back -----------------------------------------------------------------

@@ -1,0 +1,506 @@
+"""consumerd's batched Redis transport, against the real Redis at 127.0.0.1:6379 (db 13).
+
+Every test uses its own queue and its own unacked hash/index/mutex keys (stock transport
+options, so stock consumers in the interop tests share them), and deletes them after.
+Integration tests fail, never skip, when Redis is down. The script tests at the end run
+on fakeredis.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import fakeredis
+import kombu
+import pytest
+import redis
+
+from consumerd.consumer.transport import redis as fast
+
+URL = "redis://127.0.0.1:6379/13"
+OURS = "consumerd.consumer.transport.redis:Transport"
+STOCK = "redis"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Broker:
+    """One test's queue and unacked keys on the real Redis."""
+
+    def __init__(self) -> None:
+        self.r = redis.Redis.from_url(URL)
+        self.r.ping()  # a down Redis fails the test here
+        self.name = f"t.fast.{uuid.uuid4().hex[:10]}"
+        self.options = {
+            "unacked_key": f"{self.name}.unacked",
+            "unacked_index_key": f"{self.name}.unacked_index",
+            "unacked_mutex_key": f"{self.name}.unacked_mutex",
+        }
+        self.queue = kombu.Queue(self.name, routing_key=self.name)
+
+    def connect(self, transport: str = OURS, **options) -> kombu.Connection:
+        return kombu.Connection(URL, transport=transport,
+                                transport_options={**self.options, **options})
+
+    def publish(self, count: int, start: int = 0, transport: str = STOCK) -> None:
+        with self.connect(transport) as conn:
+            producer = conn.Producer(serializer="json")
+            for n in range(start, start + count):
+                producer.publish({"n": n, "pad": "x" * 80}, routing_key=self.name,
+                                 declare=[self.queue])
+
+    def queued(self) -> int:
+        return int(self.r.llen(self.name))
+
+    def unacked(self) -> int:
+        return int(self.r.hlen(self.options["unacked_key"]))
+
+    def indexed(self) -> int:
+        return int(self.r.zcard(self.options["unacked_index_key"]))
+
+    def queued_bodies(self) -> list[dict]:
+        """Queue contents in consume order (RPOP end first), without consuming."""
+        return [json.loads(raw) for raw in reversed(self.r.lrange(self.name, 0, -1))]
+
+    def cleanup(self) -> None:
+        self.r.delete(self.name, f"_kombu.binding.{self.name}", *self.options.values())
+
+
+@pytest.fixture
+def broker():
+    b = Broker()
+    yield b
+    b.cleanup()
+
+
+def body_n(payload: dict) -> int:
+    body = payload["body"]
+    if payload["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    return json.loads(body)["n"]
+
+
+def consume(conn, queue, count, prefetch=100, ack=True, *, timeout=20.0, no_ack=False):
+    """Drain until ``count`` messages arrived; returns (numbers, messages)."""
+    got, messages = [], []
+
+    def on_message(body, message):
+        got.append(body["n"])
+        messages.append(message)
+        if ack and not no_ack:
+            message.ack()
+
+    consumer = conn.Consumer([queue], callbacks=[on_message], prefetch_count=prefetch,
+                             accept=["json"], no_ack=no_ack)
+    consumer.consume()
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"got {len(got)} of {count}"
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.5)
+    return got, messages, consumer
+
+
+# -- batched consume and ack ----------------------------------------------------------
+
+
+def test_batched_consume_and_ack_counts_in_and_out(broker):
+    broker.publish(2000)
+    fetches = []
+
+    with broker.connect() as conn:
+        channel = conn.default_channel
+        original = channel._brpop_start
+
+        def counting_start(timeout=None):
+            if channel._prefetched or not channel.active_queues:
+                return original(timeout)
+            fetches.append(1)
+            return original(timeout)
+
+        channel._brpop_start = counting_start
+        got, _, _ = consume(conn, broker.queue, 2000)
+        assert got == list(range(2000))  # one consumer: FIFO order kept
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.3)  # idle: pending acks are flushed
+    assert broker.queued() == 0
+    assert broker.unacked() == 0 and broker.indexed() == 0
+    assert len(fetches) <= 2000 / 100 + 5, f"{len(fetches)} fetches for 2000 messages"
+
+
+def test_a_fetch_records_the_whole_batch_as_stock_kombu_does(broker):
+    broker.publish(30)
+    with broker.connect() as conn:
+        got, messages, _ = consume(conn, broker.queue, 1, prefetch=10, ack=False)
+        assert got == [0]
+        assert broker.queued() == 20  # ten popped in one step
+        assert broker.unacked() == 10 and broker.indexed() == 10
+        stored = json.loads(broker.r.hget(broker.options["unacked_key"],
+                                          messages[0].delivery_tag))
+        # Stock kombu's layout: [payload, exchange, routing_key]
+        assert stored == [messages[0]._raw, "", broker.name]
+        score = broker.r.zscore(broker.options["unacked_index_key"], messages[0].delivery_tag)
+        assert abs(score - time.time()) < 60
+        messages[0].ack()
+    # close: the acked one is gone, the other nine went back
+    assert broker.queued() == 29 and broker.unacked() == 0 and broker.indexed() == 0
+
+
+def test_prefetch_window_is_respected(broker):
+    broker.publish(50)
+    with broker.connect() as conn:
+        _, messages, _ = consume(conn, broker.queue, 5, prefetch=5, ack=False)
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.3)  # window full: nothing more arrives
+        assert len(messages) == 5 and broker.queued() == 45 and broker.unacked() == 5
+        for m in messages:
+            m.ack()
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=1)
+        assert broker.queued() == 40  # the window refilled with five more
+
+
+def test_no_ack_consumer_leaves_no_unacked_entries(broker):
+    broker.publish(300)
+    with broker.connect() as conn:
+        got, _, _ = consume(conn, broker.queue, 300, no_ack=True)
+        assert sorted(got) == list(range(300))
+    assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
+
+
+def test_acks_are_sent_soon_even_while_the_batch_is_still_being_handled(broker):
+    broker.publish(20)
+    with broker.connect(ack_flush_interval=0.05) as conn:
+        _, messages, _ = consume(conn, broker.queue, 1, prefetch=20)
+        assert broker.unacked() == 20  # the first ack is only marked
+        time.sleep(0.1)
+        conn.drain_events(timeout=1)  # the next delivery sends the overdue ack first
+        assert broker.unacked() == 19
+        assert broker.r.hget(broker.options["unacked_key"], messages[0].delivery_tag) is None
+
+
+def test_survives_a_script_cache_flush(broker):
+    broker.publish(400)
+    with broker.connect() as conn:
+        got, _, _ = consume(conn, broker.queue, 100)
+        broker.r.script_flush()
+        more, _, _ = consume(conn, broker.queue, 300)
+        assert sorted(got + more) == list(range(400))
+
+
+# -- interop with stock kombu ---------------------------------------------------------
+
+
+def test_stock_consumer_reads_what_this_transport_publishes(broker):
+    broker.publish(200, transport=OURS)
+    with broker.connect(STOCK) as conn:
+        got, _, _ = consume(conn, broker.queue, 200)
+    assert got == list(range(200))
+    assert broker.unacked() == 0
+
+
+def test_stock_restores_what_this_transport_left_unacked(broker):
+    """Our consumer dies holding a batch; a stock consumer restores it after the
+    visibility timeout and gets everything."""
+    broker.publish(100)
+    with broker.connect() as conn:
+        consume(conn, broker.queue, 1, prefetch=10, ack=False)
+        assert broker.unacked() == 10
+        conn.default_channel.do_restore = False  # leave them behind, as a crash would
+    assert broker.unacked() == 10 and broker.queued() == 90
+    with broker.connect(STOCK, visibility_timeout=1, unacked_restore_throttle=1) as conn:
+        got, messages, _ = consume(conn, broker.queue, 100, timeout=30)
+    assert sorted(got) == list(range(100))
+    assert sum(bool(m.delivery_info.get("redelivered")) for m in messages) == 10
+    assert broker.unacked() == 0 and broker.queued() == 0
+
+
+def test_this_transport_restores_what_stock_left_unacked(broker):
+    broker.publish(60)
+    with broker.connect(STOCK) as conn:
+        consume(conn, broker.queue, 5, prefetch=5, ack=False)
+        conn.default_channel.do_restore = False  # leave them behind, as a crash would
+    assert broker.unacked() == 5
+    with broker.connect(visibility_timeout=1, unacked_restore_throttle=1) as conn:
+        got, _, _ = consume(conn, broker.queue, 60, timeout=30)
+    assert sorted(got) == list(range(60))
+    assert broker.unacked() == 0 and broker.queued() == 0
+
+
+# -- handing messages back ------------------------------------------------------------
+
+
+def test_clean_close_restores_prefetched_at_once_in_order(broker):
+    broker.publish(50)
+    with broker.connect() as conn:
+        _, messages, _ = consume(conn, broker.queue, 3, prefetch=20, ack=False)
+        messages[0].ack()
+        assert broker.queued() == 30
+    # no waiting: close() put them back
+    bodies = broker.queued_bodies()
+    assert [body_n(b) for b in bodies] == list(range(1, 50))
+    redelivered = [b["properties"]["delivery_info"].get("redelivered", False) for b in bodies]
+    assert redelivered[:2] == [True, True]  # delivered, unacked
+    assert not any(redelivered[2:])  # prefetched only: put back untouched
+    assert broker.unacked() == 0 and broker.indexed() == 0
+
+
+def test_requeue_prefetched_keeps_delivered_ones(broker):
+    broker.publish(30)
+    with broker.connect() as conn:
+        _, messages, _ = consume(conn, broker.queue, 2, prefetch=10, ack=False)
+        assert conn.default_channel.requeue_prefetched() == 8
+        assert [body_n(b) for b in broker.queued_bodies()] == list(range(2, 30))
+        assert broker.unacked() == 2
+        for m in messages:
+            m.ack()
+        conn.default_channel.flush_acks()
+        assert broker.unacked() == 0
+
+
+def test_basic_recover_returns_everything_in_order(broker):
+    broker.publish(30)
+    with broker.connect() as conn:
+        consume(conn, broker.queue, 3, prefetch=10, ack=False)
+        conn.default_channel.basic_recover(requeue=True)
+        assert [body_n(b) for b in broker.queued_bodies()] == list(range(30))
+        assert broker.unacked() == 0
+
+
+def test_requeue_goes_to_the_tail_like_stock(broker):
+    broker.publish(10)
+    with broker.connect() as conn:
+        _, messages, _ = consume(conn, broker.queue, 1, prefetch=1, ack=False)
+        messages[0].requeue()
+        assert [body_n(b) for b in broker.queued_bodies()][-1] == 0
+        assert broker.unacked() == 0
+        got, _, _ = consume(conn, broker.queue, 10)
+    assert got == [*range(1, 10), 0]
+
+
+def test_close_of_an_idle_consumer_is_immediate(broker):
+    with broker.connect() as conn:
+        consumer = conn.Consumer([broker.queue], callbacks=[], accept=["json"])
+        consumer.consume()
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.2)  # now blocked in BRPOP, 1 s server timeout
+        assert conn.default_channel._outstanding[0] == "BRPOP"
+        started = time.monotonic()
+        conn.default_channel.close()
+        assert time.monotonic() - started < 0.5  # CLIENT UNBLOCK, not the BRPOP timeout
+
+
+def test_message_arriving_while_closing_is_not_lost(broker):
+    """A BRPOP that popped right before close() unblocked it: the message goes back."""
+    with broker.connect() as conn:
+        consumer = conn.Consumer([broker.queue], callbacks=[], accept=["json"])
+        consumer.consume()
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.2)
+        broker.publish(1)
+        wait_for(lambda: broker.queued() == 0, 5, "BRPOP to pop the message")
+    assert broker.queued() == 1 and broker.unacked() == 0
+
+
+# -- idle behaviour and fairness ------------------------------------------------------
+
+
+def test_idle_consumer_does_not_spin_and_wakes_at_once(broker):
+    with broker.connect() as conn:
+        got = []
+        conn.Consumer([broker.queue], callbacks=[lambda b, m: (got.append(b), m.ack())],
+                      prefetch_count=100, accept=["json"]).consume()
+        cpu, started = time.process_time(), time.monotonic()
+        while time.monotonic() - started < 2.0:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=max(0.01, 2.0 - (time.monotonic() - started)))
+        assert time.process_time() - cpu < 0.15  # blocked in BRPOP, not polling
+
+        sender = threading.Timer(0.3, broker.publish, args=(1,))
+        sender.start()
+        woke = time.monotonic()
+        conn.drain_events(timeout=5)
+        sender.join()
+        assert got and time.monotonic() - woke < 1.5
+
+
+def test_other_channels_are_served_while_a_batch_is_held(broker):
+    """A wake-up queue on a second channel is not starved by a 100-message batch."""
+    wake = kombu.Queue(f"{broker.name}.wake", routing_key=f"{broker.name}.wake")
+    broker.publish(200)
+    try:
+        with broker.connect() as conn:
+            held_at_wake = []
+            work = conn.channel()
+
+            def on_work(body, message):
+                time.sleep(0.005)
+                message.ack()
+
+            conn.Consumer([broker.queue], channel=work, prefetch_count=100, accept=["json"],
+                          callbacks=[on_work]).consume()
+            conn.Consumer([wake], channel=conn.channel(), no_ack=True, accept=["json"],
+                          callbacks=[lambda b, m: held_at_wake.append(len(work._prefetched))]
+                          ).consume()
+            conn.drain_events(timeout=5)
+            assert len(work._prefetched) >= 90
+            conn.Producer().publish({"n": -1}, routing_key=wake.name, declare=[wake])
+            deadline = time.monotonic() + 10
+            while not held_at_wake and time.monotonic() < deadline:
+                conn.drain_events(timeout=5)
+            assert held_at_wake and held_at_wake[0] > 0  # served before the batch ran out
+    finally:
+        broker.r.delete(wake.name, f"_kombu.binding.{wake.name}")
+
+
+# -- a consumer killed mid-stream -----------------------------------------------------
+
+CONSUMER = textwrap.dedent("""
+    import json, os, signal, sys, time, kombu
+    name, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    conn = kombu.Connection({url!r}, transport={ours!r}, transport_options=options)
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    def on_message(body, message):
+        os.write(fd, b"%d\\n" % body["n"])  # recorded before the ack: a kill in between
+        time.sleep(0.0005)                  # makes a duplicate, never a loss
+        message.ack()
+    q = kombu.Queue(name, routing_key=name)
+    with conn.Consumer([q], callbacks=[on_message], prefetch_count=50, accept=["json"]):
+        while not stop:
+            try:
+                conn.drain_events(timeout=0.2)
+            except TimeoutError:
+                pass
+    conn.close()
+""").format(url=URL, ours=OURS)
+
+
+def read_numbers(path) -> list[int]:
+    with open(path) as f:
+        return [int(line) for line in f.read().split()]
+
+
+def test_sigkilled_consumer_loses_nothing(broker, tmp_path):
+    total = 3000
+    broker.publish(total)
+    options = {**broker.options, "visibility_timeout": 2, "unacked_restore_throttle": 1}
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    outs = [tmp_path / "a.out", tmp_path / "b.out"]
+    procs = [subprocess.Popen([sys.executable, "-c", CONSUMER, broker.name, str(out),
+                               json.dumps(options)], env=env) for out in outs]
+    try:
+        wait_for(lambda: outs[0].exists() and len(read_numbers(outs[0])) >= 300, 60,
+                 "the first consumer to be mid-stream")
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        assert broker.queued() > 0, "the kill was not mid-stream"
+        held = broker.unacked()  # includes what the killed one held
+        assert held > 0
+
+        def everything_seen():
+            seen = set(read_numbers(outs[0])) | set(read_numbers(outs[1]))
+            return len(seen) == total
+
+        wait_for(everything_seen, 90, "every message to be handled", interval=0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(10) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    numbers = read_numbers(outs[0]) + read_numbers(outs[1])
+    counts = collections.Counter(numbers)
+    assert set(counts) == set(range(total))  # count in == count out: nothing lost
+    duplicates = sum(c - 1 for c in counts.values())
+    # Only what the killed consumer held (prefetch 50 + acks not yet sent) comes twice.
+    assert duplicates <= 50 + fast.Channel.ack_batch_max, duplicates
+    assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
+
+
+# -- the scripts, on fakeredis --------------------------------------------------------
+
+
+def kombu_message(n: int, tag: str, queue: str = "q") -> bytes:
+    return json.dumps({
+        "body": json.dumps({"n": n}), "content-encoding": "utf-8",
+        "content-type": "application/json", "headers": {},
+        "properties": {"delivery_tag": tag, "body_encoding": "base64",
+                       "delivery_info": {"exchange": "ex", "routing_key": queue},
+                       "priority": 0},
+    }).encode()
+
+
+@pytest.fixture
+def fake():
+    r = fakeredis.FakeRedis()
+    return r, r.register_script(fast.FETCH_LUA), r.register_script(fast.RESTORE_LUA)
+
+
+def test_fetch_script_pops_in_priority_order_and_records(fake):
+    r, fetch, _ = fake
+    r.lpush("q", kombu_message(0, "t0"), kombu_message(1, "t1"))
+    r.lpush("q\x06\x163", kombu_message(2, "t2"))
+    out = fetch(keys=["h", "z", "q", "q\x06\x163"], args=[10, "100.5", 0])
+    assert [out[i] for i in range(0, len(out), 3)] == [1, 1, 2]
+    assert [json.loads(out[i])["properties"]["delivery_tag"]
+            for i in range(2, len(out), 3)] == ["t0", "t1", "t2"]
+    assert json.loads(r.hget("h", "t1")) == [json.loads(kombu_message(1, "t1")), "ex", "q"]
+    assert r.zscore("z", "t2") == 100.5
+
+
+def test_fetch_script_limit_acks_and_prepopped(fake):
+    r, fetch, _ = fake
+    r.hset("h", "old", "x")
+    r.zadd("z", {"old": 1})
+    r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(5)))
+    out = fetch(keys=["h", "z", "q"], args=[3, "1", 1, "old", 1, kombu_message(9, "t9")])
+    assert len(out) == 9  # the pre-popped one and two more
+    assert r.hget("h", "old") is None and r.zscore("z", "old") is None
+    assert sorted(r.hkeys("h")) == [b"t0", b"t1", b"t9"]
+    assert r.llen("q") == 3
+
+
+def test_fetch_script_does_not_record_garbage(fake):
+    r, fetch, _ = fake
+    r.lpush("q", b"not json")
+    out = fetch(keys=["h", "z", "q"], args=[10, "1", 0])
+    assert out == [1, 0, b"not json"] and r.hlen("h") == 0
+
+
+def test_restore_script_pushes_only_what_it_removed(fake):
+    r, fetch, restore = fake
+    r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(3)))
+    fetch(keys=["h", "z", "q"], args=[10, "1", 0])
+    r.hdel("h", "t1")  # someone else (a visibility-timeout sweep) restored t1 already
+    r.zrem("z", "t1")
+    args = ["RPUSH", 0]
+    for n in (2, 1, 0):  # newest first: RPUSH leaves the oldest at the head
+        args += [f"t{n}", 1, kombu_message(n, f"t{n}")]
+    assert restore(keys=["h", "z", "q"], args=args) == 2
+    assert [json.loads(m)["properties"]["delivery_tag"] for m in reversed(r.lrange("q", 0, -1))
+            ] == ["t0", "t2"]
+    assert r.hlen("h") == 0 and r.zcard("z") == 0
