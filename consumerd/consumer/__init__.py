@@ -2,15 +2,15 @@
 
 Layers, each in its own module (dramatiq-like, one job each):
 
-* :mod:`~consumerd.consumer.app` – :class:`App`, the consumer declarations and ``publish``;
-* :mod:`~consumerd.consumer.routing` – queue names, partition hashing and the
+* :mod:`~consumerd.consumer.app` - :class:`App`, the consumer declarations and ``publish``;
+* :mod:`~consumerd.consumer.routing` - queue names, partition hashing and the
   partition → worker map;
-* :mod:`~consumerd.consumer.broker` – broker URL → :class:`kombu.Connection`;
-* :mod:`~consumerd.consumer.policy` – retry / dead-letter decisions and their headers;
-* :mod:`~consumerd.consumer.ownership` – host-wide partition leases and worker membership;
-* :mod:`~consumerd.consumer.loop` – the consume loop run in each worker process;
-* :mod:`~consumerd.consumer.service` – the :class:`consumerd.Service` glue;
-* :mod:`~consumerd.consumer.loading` – importing an app from ``module[:attribute]``.
+* :mod:`~consumerd.consumer.broker` - broker URL → :class:`kombu.Connection`;
+* :mod:`~consumerd.consumer.policy` - retry / dead-letter decisions and their headers;
+* :mod:`~consumerd.consumer.ownership` - host-wide partition leases and worker membership;
+* :mod:`~consumerd.consumer.loop` - the consume loop run in each worker process;
+* :mod:`~consumerd.consumer.service` - the :class:`consumerd.Service` glue;
+* :mod:`~consumerd.consumer.loading` - importing an app from ``module[:attribute]``.
 """
 
 from consumerd.consumer.app import App, Delivery

@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-calls=False
+# (kombu's annotations are partial)
 """Broker URL → :class:`kombu.Connection`: the one place that knows the schemes.
 
 Resolution order for the URL: an explicit ``--broker`` (or ``App(broker=...)`` override
@@ -20,7 +22,7 @@ import typing
 import urllib.parse
 
 if typing.TYPE_CHECKING:
-    import kombu
+    from kombu.connection import Connection
 
 ENV_VAR = "CONSUMERD_BROKER_URL"
 DEFAULT_PATH = os.path.join(".consumerd", "broker.db")
@@ -91,7 +93,9 @@ def validate(url: str) -> str:
     scheme = _scheme_of(url)
     if scheme not in _TRANSPORTS:
         known = ", ".join(sorted(_TRANSPORTS))
-        raise BrokerURLError(f"unknown broker scheme {scheme!r} in {redact(url)!r} (known: {known})")
+        raise BrokerURLError(
+            f"unknown broker scheme {scheme!r} in {redact(url)!r} (known: {known})"
+        )
     parts = urllib.parse.urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises on a non-numeric or out-of-range port
@@ -105,22 +109,26 @@ def validate(url: str) -> str:
     return scheme
 
 
-def connect(url: str, **kwargs: object) -> kombu.Connection:
+def connect(url: str, **kwargs: object) -> Connection:
     """A (not yet connected) :class:`kombu.Connection` for ``url``."""
-    import kombu  # noqa: PLC0415 - the master validates URLs but never imports kombu
+    from kombu.connection import Connection  # noqa: PLC0415 - the master never imports kombu
 
     scheme = validate(url)
     parts = urllib.parse.urlsplit(url)
     options = {k: _option(v) for k, v in urllib.parse.parse_qsl(parts.query)}
+    if _TRANSPORTS[scheme] == "pyamqp":
+        # Publisher confirms: a retry copy or dead letter is on the broker before the
+        # original is acked, and App.publish returns only once the broker has the message.
+        options.setdefault("confirm_publish", True)
     bare = urllib.parse.urlunsplit(parts._replace(query=""))
     if scheme == "sqlite":
         os.makedirs(os.path.dirname(parts.path), exist_ok=True)
-    return kombu.Connection(
+    return Connection(
         bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs
     )
 
 
-def is_amqp(connection: kombu.Connection) -> bool:
+def is_amqp(connection: Connection) -> bool:
     """True for RabbitMQ, where the broker itself pushes, requeues and enforces
     single-active-consumer; False for kombu's virtual (polling) transports."""
     return bool(connection.transport.driver_type == "amqp")

@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-calls=False
+# (kombu's annotations are partial; its calls are checked at the boundary types instead)
 """The consume loop of one worker process.
 
 One kombu connection per worker, driven by one thread (the Service's ``run()`` thread);
@@ -28,9 +30,11 @@ import threading
 import time
 import typing
 
-import kombu
 import kombu.exceptions
 import tenacity
+from kombu.connection import Connection
+from kombu.entity import Queue
+from kombu.messaging import Consumer, Producer
 
 from consumerd.consumer import broker, policy, routing
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
@@ -45,6 +49,8 @@ REBALANCE_EVERY = 1.0
 """How often a worker with partitioned consumers looks at this host's worker count."""
 CLAIM_EVERY = 0.1
 """How often it retries a partition whose previous owner has not let go yet."""
+RESTORE_RANGE = (0.5, 60.0)
+"""Bounds of the period of the sweep that restores a dead worker's unacked messages."""
 
 Message = typing.Any  # kombu.message.Message: kombu ships no type information
 
@@ -57,14 +63,14 @@ class _Binding:
     prefetch: int
     owned: set[int] = dataclasses.field(default_factory=set)
     channel: typing.Any = None
-    consumer: kombu.Consumer | None = None
+    consumer: Consumer | None = None
 
     def queue_names(self) -> list[str]:
         if not self.spec.partitions:
             return [self.spec.name]
         return [routing.partition_queue(self.spec.name, p) for p in sorted(self.owned)]
 
-    def open(self, connection: kombu.Connection, on_message: typing.Callable[..., None]) -> None:
+    def open(self, connection: Connection, on_message: typing.Callable[..., None]) -> None:
         names = self.queue_names()
         if not names:
             return
@@ -73,7 +79,7 @@ class _Binding:
         # queues; a channel-wide limit keeps "prefetch" meaning messages per consumer.
         self.channel.basic_qos(0, self.prefetch, len(names) > 1)
         queues = [declare_queue(n, bool(self.spec.partitions)) for n in names]
-        self.consumer = kombu.Consumer(
+        self.consumer = Consumer(
             self.channel,
             queues=queues,
             accept=["json"],
@@ -121,18 +127,20 @@ class Loop:
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
         )
         self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
-        self._conn: kombu.Connection | None = None
-        self._producer: kombu.Producer | None = None
+        self._conn: Connection | None = None
+        self._producer: Producer | None = None
         self._bindings: dict[str, _Binding] = {}
-        self._retry: _Binding | None = None
         self._retry_channel: typing.Any = None
         self._wake_channel: typing.Any = None
         self._timers: list[tuple[float, int, Message]] = []
         self._seq = itertools.count()
         self._next_rebalance = 0.0
+        self._restore_every = 0.0
+        self._next_restore = 0.0
         self._stopping = False
         self._pending_app: App | None = None
         self._interrupt = threading.Event()
+        self._stop_requested = threading.Event()
         self._done = threading.Event()
 
     # -- the API for other threads ----------------------------------------------------
@@ -144,6 +152,7 @@ class Loop:
         acked (it is redelivered later); the prefetched ones are handed back anyway.
         """
         self._stopping = True
+        self._stop_requested.set()
         self._poke()
         if not self._done.wait(timeout):
             LOG.warning("a handler is still running after %.1fs: leaving its message unacked",
@@ -169,7 +178,7 @@ class Loop:
             return
         try:
             with broker.connect(self._url, connect_timeout=2) as conn:
-                kombu.Producer(conn).publish(
+                Producer(conn).publish(
                     b"", exchange="", routing_key=self._wake_queue, delivery_mode=1,
                     content_type="application/octet-stream", content_encoding="binary",
                 )
@@ -216,10 +225,10 @@ class Loop:
                 self._rebalance()
             if self._timers:
                 self._release_due_retries()
-            try:
+            if self._restore_every and time.monotonic() >= self._next_restore:
+                self._restore_visible()
+            with contextlib.suppress(socket.timeout):
                 drain(timeout=self._timeout())
-            except socket.timeout:
-                pass
 
     @property
     def _bindings_partitioned(self) -> bool:
@@ -231,6 +240,8 @@ class Loop:
             waits.append(self._timers[0][0] - time.time())
         if self._bindings_partitioned:
             waits.append(self._next_rebalance - time.monotonic())
+        if self._restore_every:
+            waits.append(self._next_restore - time.monotonic())
         return max(0.001, min(waits)) if waits else None
 
     # -- connecting -------------------------------------------------------------------
@@ -250,9 +261,9 @@ class Loop:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(self._recoverable),
             stop=tenacity.stop_after_delay(self.settings.broker_down_limit)
-            | (lambda _state: self._stopping),
+            | tenacity.stop_when_event_set(self._stop_requested),
             wait=tenacity.wait_random_exponential(multiplier=0.2, max=5.0),
-            sleep=self._interrupt.wait,
+            sleep=self._sleep,
             before_sleep=log_retry,
             reraise=True,
         )
@@ -265,22 +276,27 @@ class Loop:
                       broker.redact(self._url), time.monotonic() - started, EX_TEMPFAIL)
             raise SystemExit(EX_TEMPFAIL) from None
 
+    def _sleep(self, seconds: float) -> None:
+        self._interrupt.wait(seconds)  # a stop or reload cuts the back-off short
+
     def _connect_once(self) -> None:
         conn = broker.connect(self._url, connect_timeout=5)
         try:
             conn.connect()
             self._conn = conn
-            self._producer = kombu.Producer(conn.default_channel, serializer="json")
+            self._producer = Producer(conn.default_channel, serializer="json")
+            self._bind_wake()
+            self._schedule_restore()
+            self._bind_retry()
+            LOG.info("consuming %s from %s", ", ".join(self._app.consumers),
+                     broker.redact(self._url))
+            # Last: py-amqp may run handlers while it waits for a later consume-ok.
             for spec in self._app.consumers.values():
                 self._bind(spec, self._bindings.get(spec.name))
-            self._bind_retry()
-            self._bind_wake()
         except BaseException:
             self._abandon_connection()
             raise
         self._next_rebalance = 0.0
-        LOG.info("consuming %s from %s", ", ".join(self._app.consumers),
-                 broker.redact(self._url))
 
     def _abandon_connection(self) -> None:
         """Drop a broken connection without waiting on it; unacked messages come back
@@ -302,10 +318,9 @@ class Loop:
             declare_queue(name)(channel).declare()
 
     def _bind(self, spec: ConsumerSpec, previous: _Binding | None) -> None:
-        """Declare a consumer's queues and consume them; partitions keep the leases
+        """Consume a (declared) consumer's queues; partitions keep the leases
         held before a reconnect and gain more at the next rebalance."""
         assert self._conn is not None
-        self._declare(self._conn.default_channel, spec)
         binding = _Binding(spec, self._app.prefetch_of(spec, self.settings.prefetch))
         if previous is not None and spec.partitions:
             binding.owned = {p for p in previous.owned if p < spec.partitions}
@@ -313,11 +328,14 @@ class Loop:
         self._bindings[spec.name] = binding
 
     def _bind_retry(self) -> None:
+        """Declare every consumer's queues, then consume the retry queues."""
         assert self._conn is not None
+        for spec in self._app.consumers.values():
+            self._declare(self._conn.default_channel, spec)
         names = [routing.retry_queue(name) for name in self._app.consumers]
         self._retry_channel = self._conn.channel()
         self._retry_channel.basic_qos(0, RETRY_PREFETCH, len(names) > 1)
-        kombu.Consumer(
+        Consumer(
             self._retry_channel, queues=[declare_queue(n) for n in names],
             on_message=self._on_retry_copy, auto_declare=False,
         ).consume()
@@ -325,10 +343,28 @@ class Loop:
     def _bind_wake(self) -> None:
         assert self._conn is not None
         self._wake_channel = self._conn.channel()
-        queue = kombu.Queue(self._wake_queue, routing_key=self._wake_queue,
+        queue = Queue(self._wake_queue, routing_key=self._wake_queue,
                             durable=False, exclusive=self._amqp, auto_delete=True)
-        kombu.Consumer(self._wake_channel, queues=[queue], no_ack=True,
+        Consumer(self._wake_channel, queues=[queue], no_ack=True,
                        on_message=self._on_wake).consume()
+
+    def _restore_visible(self) -> None:
+        """Give back messages a dead worker took: on Redis they sit in the ``unacked``
+        hash until someone sweeps it, and kombu only sweeps from a blocking
+        ``drain_events`` when a poll comes back empty, which a loop that never times out
+        never sees. Every worker sweeps every visibility_timeout / 4; only messages
+        older than the visibility timeout are restored."""
+        self._next_restore = time.monotonic() + self._restore_every
+        self._wake_channel.qos.restore_visible(start=0, num=1000, interval=1)
+
+    def _schedule_restore(self) -> None:
+        channel = self._wake_channel
+        timeout = getattr(channel, "visibility_timeout", None)
+        if self._amqp or timeout is None or not hasattr(channel.qos, "restore_visible"):
+            return
+        low, high = RESTORE_RANGE
+        self._restore_every = min(high, max(low, float(timeout) / 4))
+        self._next_restore = time.monotonic() + self._restore_every
 
     def _on_wake(self, message: Message) -> None:
         """Nothing to do: returning from ``drain_events`` is the point."""
@@ -479,13 +515,13 @@ class Loop:
             binding.close()
             self._release_leases(binding)
             del self._bindings[name]
-        for name, spec in app.consumers.items():
-            if name not in self._bindings:
-                self._bind(spec, None)
         if list(app.consumers) != list(old.consumers):
             self._close_quietly(self._retry_channel)
             self._timers.clear()
             self._bind_retry()
+        for name, spec in app.consumers.items():
+            if name not in self._bindings:
+                self._bind(spec, None)
         self._next_rebalance = 0.0
         LOG.info("reloaded: consuming %s", ", ".join(
             f"{b.spec.name}(prefetch={b.prefetch})" for b in self._bindings.values()))

@@ -34,7 +34,7 @@ import time
 
 def lease_root(broker_url: str) -> str:
     """The per-host, per-broker directory holding leases and membership files."""
-    digest = hashlib.sha1(broker_url.encode("utf-8")).hexdigest()[:16]  # noqa: S324 - a name
+    digest = hashlib.sha1(broker_url.encode("utf-8")).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"consumerd-{os.getuid()}", digest)
 
 
