@@ -14,13 +14,20 @@ processes, prefetch 100, the queue filled *before* any consumer starts. Runners:
   table row each, ``--dramatiq-threads``), prefetch 100 per process via
   ``$dramatiq_queue_prefetch``, default middleware.
 
-Each runner fills its queue in its own native message format. Timing runs from the first
-message handled to the last message handled (both taken inside the handler processes,
-see peers/counter.py); start-up time is excluded for every runner alike and shown apart.
-After the last message the script waits until the broker reports the queue empty with
-nothing unacked (outside the timing) and checks the handled count is exactly N.
-Then it stops the runner (SIGTERM, SIGKILL to its process group after 10 s) and deletes
-the queue. Repeats are interleaved (rep 1 of every runner, then rep 2, ...) with the
+Each runner fills its queue in its own native message format, then its consumers start.
+Timing runs from the first message handled to the last message acked, the same for all:
+- start: the earliest handler call, timed inside the consumer processes (see
+  peers/counter.py); start-up time is excluded for every runner and shown apart.
+- end on Redis: when the broker is seen with the queue empty and nothing unacked
+  (polled every 10 ms on one open connection; matters because consumerd's Redis
+  transport and Dramatiq's Redis broker send acks in batches). The "ack tail" printed
+  per run is how long after the last handler call that was.
+- end on RabbitMQ: the last handler call. Every runner here acks each message right
+  after its handler, and only rabbitmqctl (~0.4 s a call) counts unacked messages, too
+  slow to time with; it is used to check the queue is empty with nothing unacked.
+Every run also checks the handled count is exactly N (no loss, no duplicates). Then the
+runner is stopped (SIGTERM; SIGKILL to its process group after 10 s) and its queue
+deleted. Repeats are interleaved (rep 1 of every runner, then rep 2, ...) with the
 runner order rotated, so background load on a shared machine hits all of them alike;
 the table shows medians.
 
@@ -48,10 +55,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import redis  # noqa: E402
+
 from benchmarks.peers import brokers, counter  # noqa: E402 - needs ROOT on sys.path
 
 PY = sys.executable
 STALL_SECONDS = 60.0
+POLL_SECONDS = 0.01
 ACK_WAIT_SECONDS = 30.0
 STOP_GRACE_SECONDS = 10.0
 
@@ -66,6 +76,16 @@ class Broker:
         if self.kind == "rabbitmq":
             return brokers.rabbit_counts(self.url, queue)
         return brokers.redis_counts(self.url, queue, layout)
+
+    @contextlib.contextmanager
+    def drained_probe(self, queue: str, layout: str) -> Iterator[Callable[[], bool] | None]:
+        """A fast "all acked?" check, or None where there is none (RabbitMQ: only
+        rabbitmqctl counts unacked messages, and it takes ~0.4 s)."""
+        if self.kind == "rabbitmq":
+            yield None
+            return
+        with redis.Redis.from_url(self.url) as client:
+            yield brokers.RedisProbe(client, queue, layout).drained
 
     def delete(self, queue: str) -> None:
         if self.kind == "rabbitmq":
@@ -193,6 +213,7 @@ class Result:
     rate: float  # messages per second, first handled -> last handled
     seconds: float
     startup: float  # runner start -> first message handled
+    ack_tail: float  # last message handled -> broker seen with everything acked
     split: list[int]  # messages handled per consumer process
 
 
@@ -223,16 +244,25 @@ def _tail(log: Path, lines: int = 8) -> str:
 
 
 def _wait_handled(
-    proc: subprocess.Popen[bytes], count_dir: str, n: int, deadline: float
-) -> list[tuple[int, float, float]]:
+    proc: subprocess.Popen[bytes],
+    count_dir: str,
+    n: int,
+    deadline: float,
+    drained: Callable[[], bool] | None,
+) -> tuple[list[tuple[int, float, float]], float | None]:
+    """Wait until n messages are handled (and, with a probe, the broker has them all
+    acked). Returns the processes' reports and when the final all-acked streak began."""
     handled, progress_at = 0, time.monotonic()
+    drained_since: float | None = None
     while True:
-        time.sleep(0.1)
+        time.sleep(POLL_SECONDS)
+        now = time.monotonic()
+        if drained is not None:
+            drained_since = (drained_since or now) if drained() else None
         reports = counter.read_all(count_dir)
         total = sum(r[0] for r in reports)
-        now = time.monotonic()
-        if total >= n:
-            return reports
+        if total >= n and (drained is None or drained_since is not None):
+            return reports, drained_since
         if total > handled:
             handled, progress_at = total, now
         if proc.poll() is not None:
@@ -277,9 +307,12 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
         if filled != (s.count, 0):
             raise RunFailed(f"after fill (ready, unacked) = {filled}, expected ({s.count}, 0)")
         started = time.monotonic()
-        with _running(runner.command(url, queue), env, log) as proc:
+        with (
+            broker.drained_probe(queue, runner.layout) as probe,
+            _running(runner.command(url, queue), env, log) as proc,
+        ):
             try:
-                reports = _wait_handled(proc, count_dir, s.count, started + s.timeout)
+                reports, acked = _wait_handled(proc, count_dir, s.count, started + s.timeout, probe)
                 _wait_drained(broker, queue, runner.layout)
             except RunFailed as exc:
                 raise RunFailed(f"{exc}\n      log tail: {_tail(log)}") from None
@@ -288,8 +321,9 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
             raise RunFailed(f"handled {handled} messages for {s.count} sent (duplicates)")
         first = min(r[1] for r in reports if r[0])
         last = max(r[2] for r in reports)
+        end = max(last, acked or last)
         split = sorted((r[0] for r in reports), reverse=True)
-        return Result(s.count / (last - first), last - first, first - started, split)
+        return Result(s.count / (end - first), end - first, first - started, end - last, split)
     finally:
         broker.delete(queue)
         shutil.rmtree(count_dir, ignore_errors=True)
@@ -314,7 +348,7 @@ def print_table(
     col = 16
     print()
     print(
-        f"msg/s, median of {reps} (first message handled -> last handled); {s.count:,} JSON "
+        f"msg/s, median of {reps} (first message handled -> last acked); {s.count:,} JSON "
         f"msgs, no-op handler, {s.workers} processes, prefetch {s.prefetch}, queue pre-filled"
     )
     header = f"{'runner':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_)
@@ -401,7 +435,8 @@ def main() -> None:
                     split = "/".join(map(str, res.split))
                     print(
                         f"{tag} {res.rate:>8,.0f} msg/s ({s.count} in {res.seconds:.2f}s, "
-                        f"start->first {res.startup:.2f}s; per process {split}; "
+                        f"start->first {res.startup:.2f}s; ack tail {res.ack_tail * 1000:.0f} ms; "
+                        f"per process {split}; "
                         "queue drained, all acked)",
                         file=sys.stderr,
                         flush=True,

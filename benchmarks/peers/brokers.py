@@ -69,12 +69,34 @@ def _redis_kombu_unacked(client: redis.Redis, queue: str) -> list[bytes]:
 def redis_counts(url: str, queue: str, layout: str) -> tuple[int, int]:
     """``(ready, unacked)`` for ``queue`` in the given layout ("kombu" or "dramatiq")."""
     with redis.Redis.from_url(url) as client:
-        if layout == "dramatiq":
-            ready = client.llen(f"{queue}:{queue}")
-            stored = client.hlen(f"{queue}:{queue}.msgs")  # deleted on ack
-            return ready, stored - ready
-        ready = sum(client.llen(key) for key in client.scan_iter(match=f"{queue}*", _type="list"))
-        return ready, len(_redis_kombu_unacked(client, queue))
+        return RedisProbe(client, queue, layout).counts()
+
+
+class RedisProbe:
+    """Cheap enough to poll every few ms on one open connection: is everything acked?"""
+
+    def __init__(self, client: redis.Redis, queue: str, layout: str) -> None:
+        self.client, self.queue, self.layout = client, queue, layout
+
+    def _ready(self) -> int:
+        if self.layout == "dramatiq":
+            return int(self.client.llen(f"{self.queue}:{self.queue}"))
+        # Priority 0 only: other priorities live in other lists, and the check after the
+        # fill (ready == N) would catch a runner publishing there.
+        return int(self.client.llen(self.queue))
+
+    def _unacked(self, ready: int) -> int:
+        if self.layout == "dramatiq":
+            return int(self.client.hlen(f"{self.queue}:{self.queue}.msgs")) - ready
+        return len(_redis_kombu_unacked(self.client, self.queue))
+
+    def counts(self) -> tuple[int, int]:
+        ready = self._ready()
+        return ready, self._unacked(ready)
+
+    def drained(self) -> bool:
+        # The unacked side is only looked at once the (cheap) ready count is zero.
+        return self._ready() == 0 and self._unacked(0) == 0
 
 
 def redis_delete(url: str, queue: str) -> None:
