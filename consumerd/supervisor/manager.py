@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing.context
+import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import selectors
@@ -381,6 +382,10 @@ class ServiceManager:
             inherited_fds=self._master_fds() if method == "fork" else (),
         )
         process = None
+        if method == "forkserver":
+            # Started under the mask below, the server would never see SIGCHLD and so
+            # never report its children's exits.
+            multiprocessing.forkserver.ensure_running()
         with osproc.signals_blocked(osproc.MASTER_SIGNALS):
             if self.mp_context is None:
                 pid = os.fork()

@@ -88,6 +88,11 @@ def _version():
     return appcode.VERSION
 
 
+def on_new_worker(service_id, worker_id, service):
+    # Module level: spawn and forkserver pickle the hooks that run in workers.
+    record("hook_new_worker", wid=worker_id, name=service.name)
+
+
 def make_class(conf):
     base = Reloadable if conf.get("reload") else Worker
     cls = type(conf["name"], (base,), {})
@@ -122,7 +127,7 @@ def main():
     manager.register_hooks(
         on_terminate=lambda: record("hook_terminate", n=1),
         on_reload=on_reload,
-        on_new_worker=lambda sid, wid, svc: record("hook_new_worker", wid=wid, name=svc.name),
+        on_new_worker=on_new_worker,
         on_dead_worker=lambda sid, wid, code: record("hook_dead_worker", wid=wid, code=code),
     )
     manager.register_hooks(on_terminate=lambda: record("hook_terminate", n=2))
