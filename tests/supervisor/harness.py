@@ -18,8 +18,15 @@ TARGET = Path(__file__).with_name("target.py")
 class Master:
     """A running target master; ``events`` are the JSON lines its processes wrote."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any], *, argv: list[str] | None = None,
-                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: dict[str, Any],
+        *,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.events_path = tmp_path / f"events-{os.urandom(4).hex()}.jsonl"
         self.log_path = tmp_path / "master.log"
         full_env = {**os.environ, "EVENTS": str(self.events_path), **(env or {})}
@@ -29,8 +36,11 @@ class Master:
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         command = argv or [sys.executable, str(TARGET)]
         self.proc = subprocess.Popen(
-            [*command, json.dumps(config)], env=full_env, stdout=self.log,
-            stderr=subprocess.STDOUT, cwd=cwd,
+            [*command, json.dumps(config)],
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
         )
         self.pid = self.proc.pid
 
@@ -38,13 +48,20 @@ class Master:
         if not self.events_path.exists():
             return []
         rows = [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
-        return [r for r in rows if (kind is None or r["e"] == kind)
-                and all(r.get(k) == v for k, v in match.items())]
+        return [
+            r
+            for r in rows
+            if (kind is None or r["e"] == kind) and all(r.get(k) == v for k, v in match.items())
+        ]
 
-    def wait_events(self, kind: str, count: int, timeout: float = 10.0,
-                    **match: Any) -> list[dict[str, Any]]:
-        return wait_for(lambda: len(self.events(kind, **match)) >= count and
-                        self.events(kind, **match), timeout, f"{count} {kind} {match}")
+    def wait_events(
+        self, kind: str, count: int, timeout: float = 10.0, **match: Any
+    ) -> list[dict[str, Any]]:
+        return wait_for(
+            lambda: len(self.events(kind, **match)) >= count and self.events(kind, **match),
+            timeout,
+            f"{count} {kind} {match}",
+        )
 
     def live_workers(self, svc: str | None = None) -> dict[int, int]:
         """worker_id -> pid of the live workers whose service recorded an init."""
@@ -54,14 +71,16 @@ class Master:
                 latest[row["wid"]] = row["pid"]
         return latest
 
-    def wait_workers(self, ids: set[int], svc: str | None = None,
-                     timeout: float = 10.0) -> dict[int, int]:
+    def wait_workers(
+        self, ids: set[int], svc: str | None = None, timeout: float = 10.0
+    ) -> dict[int, int]:
         def ready() -> dict[int, int] | None:
             live = self.live_workers(svc)
             running = {r["pid"] for r in self.events("run")}
             if set(live) == ids and all(pid in running for pid in live.values()):
                 return live
             return None
+
         return wait_for(ready, timeout, f"workers {sorted(ids)} of {svc or 'any'} running")
 
     def signal(self, sig: int) -> None:
@@ -71,7 +90,8 @@ class Master:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"master did not exit within {timeout}s:\n{self.output()}") from None
+            log = self.output()
+            raise AssertionError(f"master did not exit within {timeout}s:\n{log}") from None
 
     def output(self) -> str:
         self.log.flush()

@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import consumerd as cotyledon  # the drop-in promise: code written for cotyledon runs as is
 
@@ -30,7 +31,7 @@ def record(event, **fields):
 
 def bump(path):
     """A counter kept in a file, so it survives worker restarts."""
-    count = int(open(path).read()) + 1 if os.path.exists(path) else 1
+    count = int(Path(path).read_text()) + 1 if os.path.exists(path) else 1
     with open(path, "w") as f:
         f.write(str(count))
     return count
@@ -42,11 +43,18 @@ class Worker(cotyledon.Service):
         self.conf = conf
         self.stop = threading.Event()
         time.sleep(conf.get("init_sleep", 0))
-        record("init", svc=conf["name"], wid=worker_id, ppid=os.getppid(),
-               version=_version(), threads=threading.active_count())
-        if conf.get("crash_first") and bump(conf["crash_first"]["counter"]) <= conf[
-            "crash_first"
-        ]["times"]:
+        record(
+            "init",
+            svc=conf["name"],
+            wid=worker_id,
+            ppid=os.getppid(),
+            version=_version(),
+            threads=threading.active_count(),
+        )
+        if (
+            conf.get("crash_first")
+            and bump(conf["crash_first"]["counter"]) <= conf["crash_first"]["times"]
+        ):
             raise RuntimeError("crash on start")
         if conf.get("crash_init"):
             raise RuntimeError("crash on start")
@@ -55,13 +63,12 @@ class Worker(cotyledon.Service):
         record("run", svc=self.conf["name"], wid=self.worker_id)
         if self.conf.get("run_raises"):
             raise RuntimeError("run failed")
-        if self.conf.get("grandchild"):
-            # Double fork: the grandchild is orphaned and reparented to PID 1 (or a subreaper).
+        # Double fork: the grandchild is orphaned and reparented to PID 1 (or a subreaper).
+        if self.conf.get("grandchild") and os.fork() == 0:
             if os.fork() == 0:
-                if os.fork() == 0:
-                    time.sleep(0.3)
-                    os._exit(0)
+                time.sleep(0.3)
                 os._exit(0)
+            os._exit(0)
         self.stop.wait()
 
     def terminate(self):

@@ -9,7 +9,6 @@ import time
 
 from tests.helpers import pid_alive, wait_for
 
-
 CHECKS = textwrap.dedent(
     """
     import uuid
@@ -43,8 +42,9 @@ CHECKS = textwrap.dedent(
 
 
 def test_bad_arguments_raise_at_once() -> None:
-    out = subprocess.run([sys.executable, "-c", CHECKS], capture_output=True, text=True,
-                         timeout=30, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", CHECKS], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
     assert out == ["True"] * len(out) and len(out) == 16, out
 
 
@@ -71,11 +71,15 @@ def test_worker_ids_are_stable_across_respawns_and_scaling(master) -> None:
 
 
 def test_exit_codes_of_service_methods(master) -> None:
-    m = master({"services": [
-        {"name": "Code3", "workers": 1, "exit_code": 3},
-        {"name": "TermRaises", "workers": 1, "terminate_raises": True},
-        {"name": "Clean", "workers": 1},
-    ]})
+    m = master(
+        {
+            "services": [
+                {"name": "Code3", "workers": 1, "exit_code": 3},
+                {"name": "TermRaises", "workers": 1, "terminate_raises": True},
+                {"name": "Clean", "workers": 1},
+            ]
+        }
+    )
     m.wait_workers({0}, "Code3")
     m.wait_workers({0}, "TermRaises")
     m.wait_workers({0}, "Clean")

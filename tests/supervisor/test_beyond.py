@@ -26,8 +26,17 @@ def test_idle_master_uses_no_cpu(master) -> None:
 
 def test_failed_start_backoff_resets_after_a_healthy_run(master, tmp_path) -> None:
     counter = tmp_path / "starts"
-    m = master({"services": [{"name": "Flaky", "workers": 1,
-                              "crash_first": {"counter": str(counter), "times": 3}}]})
+    m = master(
+        {
+            "services": [
+                {
+                    "name": "Flaky",
+                    "workers": 1,
+                    "crash_first": {"counter": str(counter), "times": 3},
+                }
+            ]
+        }
+    )
     live = m.wait_workers({0}, timeout=20)
     assert len(m.events("init")) == 4
     assert m.output().count("failed start #") == 3
@@ -86,8 +95,10 @@ def test_systemd_notify_protocol(master, tmp_path) -> None:
     sock.bind(path)
     sock.settimeout(10)
     try:
-        m = master({"services": [{"name": "A", "workers": 3, "init_sleep": 0.3}]},
-                   env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        m = master(
+            {"services": [{"name": "A", "workers": 3, "init_sleep": 0.3}]},
+            env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"},
+        )
         messages = []
 
         def receive_until(field: str) -> str:
@@ -114,8 +125,7 @@ def test_systemd_notify_protocol(master, tmp_path) -> None:
         sock.close()
 
 
-def test_code_reload_keeps_the_master_pid_and_follows_a_switched_symlink(master,
-                                                                          tmp_path) -> None:
+def test_code_reload_keeps_the_master_pid_and_follows_a_switched_symlink(master, tmp_path) -> None:
     for version in (1, 2):
         release = tmp_path / f"release{version}"
         release.mkdir()
@@ -123,8 +133,9 @@ def test_code_reload_keeps_the_master_pid_and_follows_a_switched_symlink(master,
         shutil.copy(TARGET, release / "main.py")
     current = tmp_path / "current"
     current.symlink_to(tmp_path / "release1")
-    m = master({"services": [{"name": "A", "workers": 3}]},
-               argv=[sys.executable, str(current / "main.py")])
+    m = master(
+        {"services": [{"name": "A", "workers": 3}]}, argv=[sys.executable, str(current / "main.py")]
+    )
     old = m.wait_workers({0, 1, 2})
     assert {r["version"] for r in m.events("init")} == {1}
 
@@ -152,19 +163,26 @@ def test_code_reload_keeps_the_master_pid_and_follows_a_switched_symlink(master,
     assert m.wait_exit() == 0
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                    reason="needs unshare and root for a PID namespace")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare and root for a PID namespace",
+)
 def test_master_as_pid_1_reaps_orphans_and_obeys_signals(tmp_path) -> None:
     events = tmp_path / "events.jsonl"
-    env = {**os.environ, "EVENTS": str(events),
-           "PYTHONPATH": str(TARGET.parents[2])}
+    env = {**os.environ, "EVENTS": str(events), "PYTHONPATH": str(TARGET.parents[2])}
     config = '{"services": [{"name": "A", "workers": 2, "grandchild": true}]}'
     proc = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child", sys.executable, str(TARGET), config],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_for(lambda: events.exists() and events.read_text().count('"e": "run"') >= 2,
-                 15, "workers running")
+        wait_for(
+            lambda: events.exists() and events.read_text().count('"e": "run"') >= 2,
+            15,
+            "workers running",
+        )
         inner = wait_for(lambda: children_of(proc.pid), 5, "the namespace's pid 1")[0]
         with open(f"/proc/{inner}/status") as f:
             nspid = next(line for line in f if line.startswith("NSpid:"))

@@ -1,5 +1,6 @@
 """The bugs reproduced against cotyledon 2.2; consumerd must not have any of them."""
 
+import itertools
 import os
 import signal
 import time
@@ -37,17 +38,21 @@ def test_reconfigure_down_stops_extras_at_once_and_never_respawns_them(master) -
     after = m.wait_workers({0, 1})
     time.sleep(0.3)
     assert set(m.live_workers()) == {0, 1}
-    assert not [r for r in m.events("init") if r["wid"] >= 2 and r["t"] > m.events(
-        "hook_reload")[0]["t"]]
+    assert not [
+        r for r in m.events("init") if r["wid"] >= 2 and r["t"] > m.events("hook_reload")[0]["t"]
+    ]
     assert after
 
 
 def test_master_graceful_timeout_fires_while_a_child_is_stuck(master) -> None:
     """cotyledon bug 3: a worker whose terminate() never returns (its own timeout is 0,
     wait for ever) is killed when the master's timeout expires."""
-    m = master({"graceful": 1,
-                "services": [{"name": "Stuck", "workers": 1, "graceful": 0,
-                              "terminate_sleep": 3600}]})
+    m = master(
+        {
+            "graceful": 1,
+            "services": [{"name": "Stuck", "workers": 1, "graceful": 0, "terminate_sleep": 3600}],
+        }
+    )
     live = m.wait_workers({0})
     started = time.monotonic()
     m.signal(signal.SIGTERM)
@@ -69,12 +74,18 @@ def test_shutdown_from_a_hook_in_the_main_thread_does_not_deadlock(master) -> No
 
 def test_a_crash_loop_backs_off_per_slot_without_stalling_the_rest(master) -> None:
     """cotyledon bug 5: one global rate limit with a blocking sleep(5)."""
-    m = master({"services": [{"name": "Crash", "workers": 1, "crash_init": True},
-                             {"name": "Good", "workers": 2}]})
+    m = master(
+        {
+            "services": [
+                {"name": "Crash", "workers": 1, "crash_init": True},
+                {"name": "Good", "workers": 2},
+            ]
+        }
+    )
     good = m.wait_workers({0, 1}, "Good")
     m.wait_events("init", 5, timeout=20, svc="Crash")
     starts = [r["t"] for r in m.events("init", svc="Crash")]
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert gaps[-1] > gaps[0] * 2, gaps  # exponential back-off, not a fixed rate
     # While Crash backs off, a healthy worker that dies is replaced at once.
     os.kill(good[1], signal.SIGKILL)
