@@ -18,6 +18,7 @@ unacked messages, and kombu's virtual transports (Redis, SQLite) restore them on
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -132,6 +133,7 @@ class Loop:
         self._bindings: dict[str, _Binding] = {}
         self._retry_channel: typing.Any = None
         self._wake_channel: typing.Any = None
+        self._inbox: collections.deque[tuple[_Binding | None, Message]] = collections.deque()
         self._timers: list[tuple[float, int, Message]] = []
         self._seq = itertools.count()
         self._next_rebalance = 0.0
@@ -227,8 +229,16 @@ class Loop:
                 self._release_due_retries()
             if self._restore_every and time.monotonic() >= self._next_restore:
                 self._restore_visible()
-            with contextlib.suppress(socket.timeout):
-                drain(timeout=self._timeout())
+            inbox = self._inbox
+            if not inbox:
+                with contextlib.suppress(socket.timeout):
+                    drain(timeout=self._timeout())
+            while inbox and not self._stopping:
+                binding, message = inbox.popleft()
+                if binding is None:
+                    self._on_retry_copy(message)
+                elif message.channel is binding.channel:  # else: handed back by a rebind
+                    self._on_message(binding, message)
 
     @property
     def _bindings_partitioned(self) -> bool:
@@ -304,6 +314,7 @@ class Loop:
         conn, self._conn = self._conn, None
         self._producer = None
         self._timers.clear()
+        self._inbox.clear()
         self._retry_channel = self._wake_channel = None
         for binding in self._bindings.values():
             binding.consumer = binding.channel = None
@@ -324,7 +335,7 @@ class Loop:
         binding = _Binding(spec, self._app.prefetch_of(spec, self.settings.prefetch))
         if previous is not None and spec.partitions:
             binding.owned = {p for p in previous.owned if p < spec.partitions}
-        binding.open(self._conn, self._on_message)
+        binding.open(self._conn, self._receive)
         self._bindings[spec.name] = binding
 
     def _bind_retry(self) -> None:
@@ -337,7 +348,7 @@ class Loop:
         self._retry_channel.basic_qos(0, RETRY_PREFETCH, len(names) > 1)
         Consumer(
             self._retry_channel, queues=[declare_queue(n) for n in names],
-            on_message=self._on_retry_copy, auto_declare=False,
+            on_message=functools.partial(self._receive, None), auto_declare=False,
         ).consume()
 
     def _bind_wake(self) -> None:
@@ -371,9 +382,13 @@ class Loop:
 
     # -- handling messages (the hot path) ---------------------------------------------
 
+    def _receive(self, binding: _Binding | None, message: Message) -> None:
+        """kombu's callback only queues: py-amqp runs callbacks while it waits for a
+        publisher confirm, and a handler publishing a retry from in there would wait for
+        a confirm the outer wait may already have eaten. Handling happens in the loop."""
+        self._inbox.append((binding, message))
+
     def _on_message(self, binding: _Binding, message: Message) -> None:
-        if self._stopping:
-            return  # left unacked: handed back when the channel closes
         spec = binding.spec
         queue = message.delivery_info.get("routing_key") or spec.name
         try:
@@ -426,8 +441,8 @@ class Loop:
     # -- retries ----------------------------------------------------------------------
 
     def _on_retry_copy(self, message: Message) -> None:
-        if self._stopping:
-            return
+        if message.channel is not self._retry_channel:
+            return  # the channel was closed: the broker has it back
         headers = message.headers or {}
         if not isinstance(headers.get(policy.TARGET), str):
             name = str(message.delivery_info.get("routing_key", ""))
@@ -448,7 +463,9 @@ class Loop:
     def _release_due_retries(self) -> None:
         now = time.time()
         while self._timers and self._timers[0][0] <= now:
-            self._release_retry(heapq.heappop(self._timers)[2])
+            message = heapq.heappop(self._timers)[2]
+            if message.channel is self._retry_channel:
+                self._release_retry(message)
 
     def _release_retry(self, message: Message) -> None:
         headers = dict(message.headers or {})
@@ -488,7 +505,7 @@ class Loop:
             for p in lost:
                 self._leases.release(routing.partition_queue(spec.name, p))
             binding.owned = (binding.owned - lost) | gained
-            binding.open(self._conn, self._on_message)
+            binding.open(self._conn, self._receive)
             LOG.info("%s: worker %d of %d consumes partitions %s", spec.name,
                      self.worker_id, workers, sorted(binding.owned))
 
