@@ -180,18 +180,32 @@ class Master:
 
     def close(self) -> None:
         """SIGKILL whatever is left, reap what is ours, close fds. Safe to call twice."""
+        self._track_unannounced_children()
         for pidfd in [self.pidfd, *self.pidfds.values()]:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=EXIT_TIMEOUT)
-        for pid in self.pidfds:
-            reap_if_ours(pid)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        for pid, pidfd in self.pidfds.items():
+            if wait_readable([pidfd], deadline):
+                reap_if_ours(pid)
         for fd in [self.pidfd, self._read_fd, *self.pidfds.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.pidfds.clear()
         self.pidfd = self._read_fd = -1
+
+    def _track_unannounced_children(self) -> None:
+        """Add the master's children that never announced (stuck before run()) to pidfds."""
+        if self.proc.poll() is not None:  # reaped: its pid may belong to someone else now
+            return
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                with open(f"/proc/{self.proc.pid}/task/{tid}/children") as f:
+                    for pid in map(int, f.read().split()):
+                        if pid not in self.pidfds:
+                            self.pidfds[pid] = os.pidfd_open(pid)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
