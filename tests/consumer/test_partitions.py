@@ -1,0 +1,77 @@
+"""Partitions on the real Redis and RabbitMQ: stable map, scaling, never two consumers."""
+
+from __future__ import annotations
+
+import collections
+import re
+import signal
+
+from tests.consumer.conftest import publish_many, wait_for
+
+P = 8
+
+
+def _worker_ids(consumerd) -> dict[int, int]:
+    ids = {}
+    for pid in consumerd.workers():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().replace(b"\0", b" ").decode()
+        match = re.search(r"\((\d+)\)", title)
+        assert match, title
+        ids[pid] = int(match.group(1))
+    return ids
+
+
+def _assert_no_overlap(records) -> None:
+    """Per partition, the handling intervals of different processes never overlap."""
+    by_queue = collections.defaultdict(list)
+    for r in records:
+        by_queue[r.queue].append(r)
+    for queue, rs in by_queue.items():
+        rs.sort(key=lambda r: r.start)
+        for a, b in zip(rs, rs[1:]):
+            if a.pid != b.pid:
+                assert a.end <= b.start, f"{queue}: pid {a.pid} and {b.pid} overlap"
+
+
+def test_stable_map_p_mod_w(consumerd, broker, name):
+    consumerd.configure([{"name": name, "partitions": P}])
+    publish_many(broker.url, name, 400, partitions=P)
+    consumerd.start(workers=3)
+    consumerd.wait_workers(3)
+    wait_for(lambda: len(consumerd.ids()) == 400, 60, "all messages handled")
+    ids = _worker_ids(consumerd)
+    assert consumerd.stop() == 0
+    owner = {}
+    for r in consumerd.records():
+        partition = int(r.queue.rsplit(".p", 1)[1])
+        owner.setdefault(partition, set()).add(ids[r.pid])
+    assert owner == {p: {p % 3} for p in range(P)}
+    _assert_no_overlap(consumerd.records())
+    check = consumerd.cli("check", "--app", "tapp", "--workers", "3", "--broker", broker.url)
+    assert check.returncode == 0, check.stderr
+    assert "worker 0 (global 0/3): p0, p3, p6" in check.stdout
+    assert "worker 2 (global 2/3): p2, p5" in check.stdout
+
+
+def test_scale_up_and_down_never_two_consumers(consumerd, broker, name):
+    n = 1500
+    consumerd.configure([{"name": name, "partitions": P, "sleep": 0.006, "prefetch": 20}])
+    publish_many(broker.url, name, n, partitions=P)
+    consumerd.start(workers=2)
+    consumerd.wait_workers(2)
+    wait_for(lambda: len(consumerd.ids()) >= 250, 60, "250 messages handled")
+    consumerd.signal(signal.SIGTTIN)
+    consumerd.wait_workers(3)
+    wait_for(lambda: len({r.pid for r in consumerd.records()}) == 3, 30,
+             "the third worker consuming")
+    consumerd.wait_logged("of 3 consumes partitions", 3, timeout=30)
+    consumerd.signal(signal.SIGTTOU)
+    consumerd.wait_workers(2)
+    wait_for(lambda: len(consumerd.ids()) == n, 90, "all messages handled")
+    assert consumerd.stop() == 0
+    ids = consumerd.ids()
+    assert set(ids) == set(range(n))
+    assert sum(ids.values()) == n  # hand-overs return messages, they never duplicate
+    _assert_no_overlap(consumerd.records())
+    assert broker.unacked() == 0
