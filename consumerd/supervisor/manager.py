@@ -168,6 +168,7 @@ class ServiceManager:
         osproc.unblock(osproc.MASTER_SIGNALS)
         self._notifier = Notifier()
         self._selector = selectors.DefaultSelector()
+        self._readers: set[int] = set()
         self._main_thread = threading.get_ident()
 
         self._exit_code: int | None = None  # set once stopping
@@ -262,6 +263,21 @@ class ServiceManager:
         LOG.info("master exiting with status %d", code)
         raise SystemExit(code)
 
+    def add_reader(self, fd: int, callback: typing.Callable[[], None]) -> None:
+        """Call ``callback()`` in the master's loop whenever ``fd`` is readable.
+
+        An extension beyond cotyledon, for master-side services (e.g. a health endpoint)
+        that must not add threads to the master: a thread would be forked along with it.
+        The callback must not block; an exception from it is logged.
+        """
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+        self._readers.add(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd``."""
+        self._selector.unregister(fd)
+        self._readers.discard(fd)
+
     def shutdown(self) -> None:
         """Stop gracefully, as on SIGTERM.
 
@@ -291,6 +307,8 @@ class ServiceManager:
             for key, _ in self._selector.select(self._timeout(time.monotonic())):
                 if key.fd == self._status_r:
                     self._read_announcements()
+                elif key.data is not None:
+                    self._call_hook(key.data)
             for sig in self._wakeup.drain():
                 self._on_signal(sig)
             if self._shutdown_requested:

@@ -61,6 +61,8 @@ class Worker(cotyledon.Service):
 
     def run(self):
         record("run", svc=self.conf["name"], wid=self.worker_id)
+        if "READER_FD" in os.environ:
+            os.write(int(os.environ["READER_FD"]), f"hello from {self.worker_id}".encode())
         if self.conf.get("run_raises"):
             raise RuntimeError("run failed")
         # Double fork: the grandchild is orphaned and reparented to PID 1 (or a subreaper).
@@ -138,6 +140,16 @@ def main():
         on_dead_worker=lambda sid, wid, code: record("hook_dead_worker", wid=wid, code=code),
     )
     manager.register_hooks(on_terminate=lambda: record("hook_terminate", n=2))
+    if CONFIG.get("reader"):
+        # A pipe the workers write to, watched by the master's own loop.
+        read_end, write_end = os.pipe()
+        os.environ["READER_FD"] = str(write_end)
+        manager.add_reader(
+            read_end,
+            lambda: record(
+                "reader", data=os.read(read_end, 64).decode(), threads=threading.active_count()
+            ),
+        )
     record("master", threads=threading.active_count())
     manager.run()
 

@@ -81,3 +81,10 @@ def test_sigchld_is_handled_in_the_loop_with_one_thread(master) -> None:
     with open(f"/proc/{m.pid}/status") as f:
         assert "Threads:\t1\n" in f.read()
     assert sorted(children_of(m.pid)) == sorted(m.live_workers().values())
+
+
+def test_add_reader_runs_callbacks_in_the_master_loop(master) -> None:
+    m = master({"reader": True, "services": [{"name": "A", "workers": 1}]})
+    got = m.wait_events("reader", 1)
+    assert got[0]["data"] == "hello from 0"
+    assert got[0]["pid"] == m.pid and got[0]["threads"] == 1
