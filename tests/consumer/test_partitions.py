@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import signal
 
@@ -29,7 +30,7 @@ def _assert_no_overlap(records) -> None:
         by_queue[r.queue].append(r)
     for queue, rs in by_queue.items():
         rs.sort(key=lambda r: r.start)
-        for a, b in zip(rs, rs[1:]):
+        for a, b in itertools.pairwise(rs):
             if a.pid != b.pid:
                 assert a.end <= b.start, f"{queue}: pid {a.pid} and {b.pid} overlap"
 

@@ -1,0 +1,123 @@
+"""The ``consumerd`` command line: clear one-line errors with status 2, check, publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.consumer.conftest import REDIS_URL, ROOT, check_broker
+
+
+def run(tmp_path, *args, stdin=None, env=None):
+    environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{tmp_path}")
+    environ.pop("CONSUMERD_BROKER_URL", None)
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "consumerd.cli", *args], cwd=tmp_path,
+                          env=environ, capture_output=True, text=True, timeout=30, input=stdin,
+                          check=False)
+
+
+@pytest.fixture
+def apps(tmp_path):
+    (tmp_path / "good.py").write_text(
+        "import consumerd\napp = consumerd.App('good')\n"
+        "@app.consumer('jobs', partitions=4)\ndef handle(body, message):\n    pass\n"
+        "other = 42\n"
+    )
+    (tmp_path / "empty.py").write_text("import consumerd\napp = consumerd.App('empty')\n")
+    (tmp_path / "broken.py").write_text("import consumerd\nraise RuntimeError('no config')\n")
+    (tmp_path / "badimport.py").write_text("import does_not_exist_anywhere\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--app", "nosuchmodule"], "no module named 'nosuchmodule'"),
+        (["--app", "broken"], "importing it failed: RuntimeError: no config"),
+        (["--app", "badimport"], "No module named 'does_not_exist_anywhere'"),
+        (["--app", "good:nope"], "has no attribute 'nope'"),
+        (["--app", "good:other"], "'other' is a int, not a consumerd.App"),
+        (["--app", "empty"], "declares no consumers"),
+        (["--app", "not a module"], "expected module[:attribute]"),
+        (["--app", "good", "--broker", "nope://x"], "unknown broker scheme 'nope'"),
+        (["--app", "good", "--broker", "redis//x"], "malformed broker URL"),
+        (["--app", "good", "--broker", "redis://h:99999/0"], "malformed broker URL"),
+        (["--app", "good", "--broker", "sqlite://relative.db"], "absolute path"),
+        (["--app", "good", "--workers", "0"], "--workers: expected an integer >= 1"),
+        (["--app", "good", "--member", "2/2"], "need M >= 1 and 0 <= I < M"),
+        (["--app", "good", "--graceful-timeout", "soon"], "expected seconds"),
+        (["--app", "good", "--bogus"], "unrecognized arguments: --bogus"),
+        ([], "the following arguments are required: --app"),
+        (["check"], "the following arguments are required: --app"),
+        (["check", "--app", "empty"], "declares no consumers"),
+        (["publish", "jobs", "{bad json"], "body is not JSON"),
+        (["publish", "jobs", "1", "--header", "x"], "--header expects NAME=VALUE"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(apps, args, message):
+    result = run(apps, *args)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("consumerd: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_env_broker_url_is_validated_too(apps):
+    result = run(apps, "check", "--app", "good", env={"CONSUMERD_BROKER_URL": "bogus://"})
+    assert result.returncode == 2
+    assert "unknown broker scheme 'bogus'" in result.stderr
+
+
+def test_check_prints_consumers_queues_and_map_without_a_broker(apps):
+    result = run(apps, "check", "--app", "good", "--workers", "2", "--member", "1/2",
+                 "--broker", "redis://127.0.0.1:1/0")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "consumer jobs: handler handle" in out
+    assert "queues: jobs.p0, jobs.p1, jobs.p2, jobs.p3" in out
+    assert "retry: jobs.retry  dead letters: jobs.dlq" in out
+    assert "worker 0 (global 2/4): p2" in out
+    assert "worker 1 (global 3/4): p3" in out
+
+
+def test_check_names_the_embedded_default(apps):
+    result = run(apps, "check", "--app", "good")
+    assert result.returncode == 0
+    assert f"sqlite://{apps}/.consumerd/broker.db" in result.stdout
+
+
+def test_master_does_not_import_kombu(apps):
+    code = ("import sys\nfrom consumerd import cli\nfrom consumerd.consumer import loading, "
+            "service\nloading.load_app('good')\nassert 'kombu' not in sys.modules, 'kombu'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=apps, capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}"),
+                            check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_publish_from_the_shell_routes_like_the_app(apps):
+    check_broker(REDIS_URL)
+    import redis
+
+    client = redis.Redis()
+    try:
+        result = run(apps, "publish", "--app", "good", "--broker", REDIS_URL, "jobs",
+                     '{"a": 1}', '{"a": 2}', "--key", "resource-42")
+        assert result.returncode == 0, result.stderr
+        from consumerd.consumer.routing import partition_of
+
+        queue = f"jobs.p{partition_of('resource-42', 4)}"
+        assert client.llen(queue) == 2
+        lines = "\n".join(json.dumps({"n": n}) for n in range(5))
+        result = run(apps, "publish", "--broker", REDIS_URL, "plainq", stdin=lines)
+        assert result.returncode == 0, result.stderr
+        assert client.llen("plainq") == 5
+    finally:
+        client.delete("plainq", *(f"jobs.p{p}" for p in range(4)))
