@@ -374,6 +374,28 @@ def test_other_channels_are_served_while_a_batch_is_held(broker):
         broker.r.delete(wake.name, f"_kombu.binding.{wake.name}")
 
 
+def test_event_loop_mode_delivers_everything(broker):
+    """kombu's Hub (Celery's event loop) path: no drain_events, batches cut by the
+    prefetch window are still delivered."""
+    from kombu.asynchronous import Hub
+
+    broker.publish(300)
+    hub = Hub()
+    try:
+        with broker.connect() as conn:
+            conn.transport.register_with_event_loop(conn.connection, hub)
+            got = []
+            conn.Consumer([broker.queue], callbacks=[lambda b, m: (got.append(b["n"]), m.ack())],
+                          prefetch_count=7, accept=["json"]).consume()
+            deadline = time.monotonic() + 30
+            while len(got) < 300 and time.monotonic() < deadline:
+                hub.run_once()
+            assert got == list(range(300))
+    finally:
+        hub.close()
+    assert broker.queued() == 0 and broker.unacked() == 0
+
+
 # -- a consumer killed mid-stream -----------------------------------------------------
 
 CONSUMER = textwrap.dedent("""

@@ -222,6 +222,10 @@ class Channel(stock.Channel):
         self._scripts: dict[str, Script] = {}
         super().__init__(*args, **kwargs)
         self._fast = bool(self.ack_emulation)
+        # Transport options may arrive as strings (URL query parameters).
+        self.fetch_batch_size = int(self.fetch_batch_size)
+        self.ack_flush_interval = float(self.ack_flush_interval)
+        self.ack_batch_max = int(self.ack_batch_max)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -260,7 +264,7 @@ class Channel(stock.Channel):
 
     def _window(self) -> int:
         free = self.qos.can_consume_max_estimate()
-        batch = int(self.fetch_batch_size)
+        batch = self.fetch_batch_size
         return batch if free is None else min(free - len(self._prefetched), batch)
 
     def _take_acks(self) -> list[str]:
@@ -496,7 +500,10 @@ class Channel(stock.Channel):
         try:
             if self._fast and not self.closed:
                 self._closing = True
-                self._finish_outstanding()
+                # A lost fetch reply is harmless (recorded: the visibility timeout
+                # restores it); the hand-back below uses another connection.
+                with contextlib.suppress(*self.connection_errors):
+                    self._finish_outstanding()
                 if self._qos is not None or self._prefetched or self._pending_acks:
                     self.qos.restore_unacked_once()
         finally:
@@ -537,9 +544,7 @@ class _Poller(stock.MultiChannelPoller):
         ready = [c for c in self._channels
                  if isinstance(c, Channel) and c.can_deliver_prefetched()]
         if not ready:
-            for channel in self._channels:
-                if isinstance(channel, Channel) and channel.acks_need_flush():
-                    channel.flush_acks()
+            self._flush_waiting_acks()
             return super().get(callback, timeout)  # type: ignore[no-any-return]
         self._in_protected_read = True
         try:
@@ -552,6 +557,21 @@ class _Poller(stock.MultiChannelPoller):
             while self.after_read:
                 self.after_read.pop()()
         return None
+
+    def on_poll_start(self) -> None:
+        if not self._in_protected_read:
+            # An event loop's tick (not drain_events): hand out what is held, or a batch
+            # cut short by the prefetch window would wait for the next fetch forever.
+            for channel in list(self._channels):
+                while isinstance(channel, Channel) and channel.can_deliver_prefetched():
+                    channel.deliver_prefetched()
+            self._flush_waiting_acks()
+        super().on_poll_start()
+
+    def _flush_waiting_acks(self) -> None:
+        for channel in self._channels:
+            if isinstance(channel, Channel) and channel.acks_need_flush():
+                channel.flush_acks()
 
     def _deliver_io_without_waiting(self) -> bool:
         """Let channels with nothing buffered (a wake-up queue) take their turn."""
