@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 import typing
 from queue import Empty
 from time import monotonic, time
@@ -213,6 +214,7 @@ class Channel(stock.Channel):
         #: tag → source key of every message fetched here and not yet acked/restored
         self.fetched_keys: dict[str, str] = {}
         self._pending_acks: list[str] = []
+        self._acks_lock = threading.Lock()
         self._pending_since = 0.0
         self._no_ack_queues: set[str] = set()
         self._queue_empty = False  # the last fetch found nothing: block in BRPOP next
@@ -268,17 +270,24 @@ class Channel(stock.Channel):
         return batch if free is None else min(free - len(self._prefetched), batch)
 
     def _take_acks(self) -> list[str]:
-        acks, self._pending_acks = self._pending_acks, []
+        with self._acks_lock:
+            acks, self._pending_acks = self._pending_acks, []
         return acks
+
+    def _unsent_acks(self, acks: list[str]) -> None:
+        """Put back acks whose sending failed: ZREM/HDEL are idempotent, resend later."""
+        with self._acks_lock:
+            self._pending_acks[:0] = acks
 
     # -- acks -------------------------------------------------------------------------
 
     def ack_later(self, tag: str) -> None:
         """Mark ``tag`` acked; it is deleted from Redis with the next batch."""
         self.fetched_keys.pop(tag, None)
-        if not self._pending_acks:
-            self._pending_since = monotonic()
-        self._pending_acks.append(tag)
+        with self._acks_lock:  # kombu allows acks from other threads
+            if not self._pending_acks:
+                self._pending_since = monotonic()
+            self._pending_acks.append(tag)
         if len(self._pending_acks) >= self.ack_batch_max or self._acks_overdue():
             self.flush_acks()
 
@@ -295,7 +304,7 @@ class Channel(stock.Channel):
         try:
             self._script("fetch")(keys=self._bookkeeping_keys(), args=self._fetch_args(0, acks))
         except BaseException:
-            self._pending_acks[:0] = acks  # ZREM/HDEL are idempotent: resend later
+            self._unsent_acks(acks)
             raise
 
     def acks_need_flush(self) -> bool:
@@ -351,13 +360,13 @@ class Channel(stock.Channel):
         try:
             # Read raw: no response callbacks, no un-prefixing, so keys are ours as sent.
             reply = conn.read_response()
-        except redis.exceptions.NoScriptError:
-            self._pending_acks[:0] = acks
-            self.sync_client.script_load(FETCH_LUA)  # Redis restarted or flushed scripts
-            raise Empty() from None
-        except self.connection_errors:
-            self._pending_acks[:0] = acks
-            conn.disconnect()
+        except BaseException as exc:
+            self._unsent_acks(acks)
+            if isinstance(exc, redis.exceptions.NoScriptError):
+                self.sync_client.script_load(FETCH_LUA)  # Redis restarted or flushed
+                raise Empty() from None
+            if isinstance(exc, self.connection_errors):
+                conn.disconnect()
             raise
         finally:
             self._in_poll = None  # type: ignore[assignment]  # stock does so too
@@ -382,11 +391,13 @@ class Channel(stock.Channel):
 
     def _fetch_now(self, keys: list[str], keyno: int, item: bytes) -> list[typing.Any]:
         """Record the message BRPOP returned, and fetch more in the same round trip."""
-        args = [*self._fetch_args(max(self._window(), 1), self._take_acks()), keyno, item]
+        acks = self._take_acks()
+        args = [*self._fetch_args(max(self._window(), 1), acks), keyno, item]
         prefixed = [*self._bookkeeping_keys(), *map(self._key, keys)]
         try:
             return list(self._script("fetch")(keys=prefixed, args=args))
         except BaseException:
+            self._unsent_acks(acks)
             LOG.critical("Lost a message popped by BRPOP from %r: %r", keys[keyno - 1], item)
             raise
 
@@ -492,7 +503,7 @@ class Channel(stock.Channel):
                 args=["RPUSH" if head else "LPUSH", len(acks), *acks, *triples],
             )
         except BaseException:
-            self._pending_acks[:0] = acks
+            self._unsent_acks(acks)
             raise
         return int(restored)
 
@@ -576,7 +587,9 @@ class _Poller(stock.MultiChannelPoller):
     def _deliver_io_without_waiting(self) -> bool:
         """Let channels with nothing buffered (a wake-up queue) take their turn."""
         self.on_poll_start()
-        for fileno, event in (self.poller.poll(0) if self.fds else None) or ():
+        if not any(c._in_poll or c._in_listen for c in self._channels):
+            return False  # nothing can be readable: spare the syscall
+        for fileno, event in self.poller.poll(0) or ():
             try:
                 if self.handle_event(fileno, event):
                     return True
