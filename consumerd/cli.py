@@ -21,7 +21,7 @@ from consumerd.consumer.app import App
 
 LOG = logging.getLogger("consumerd")
 EXIT_USAGE = 2
-COMMANDS = ("run", "publish", "check")
+COMMANDS = ("run", "publish", "check", "health")
 
 
 class UsageError(Exception):
@@ -100,6 +100,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(check, app_required=True)
     check.add_argument("--workers", type=_positive_int, default=1, metavar="N")
     check.add_argument("--member", type=_member, default=(0, 1), metavar="I/M")
+    health = commands.add_parser("health", help="exit 0 if the master and its workers run")
+    health.add_argument("--pidfile", required=True, metavar="PATH",
+                        help="the --pidfile the master was started with")
+    health.add_argument("--log-level", default="WARNING", type=str.upper)
     return parser
 
 
@@ -220,6 +224,19 @@ def _publish(args: argparse.Namespace) -> None:
         LOG.info("published %d message(s) to %s", count, queue)
 
 
+# -- health -------------------------------------------------------------------------------
+
+
+def _health(args: argparse.Namespace) -> None:
+    from consumerd import health  # noqa: PLC0415 - keeps the other commands lean
+
+    try:
+        print(health.check(args.pidfile))
+    except health.Unhealthy as exc:
+        print(f"consumerd: unhealthy: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 # -- check --------------------------------------------------------------------------------
 
 
@@ -254,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = _build_parser().parse_args(argv)
         _setup_logging(args.log_level)
-        {"run": _run, "publish": _publish, "check": _check}[args.command](args)
+        commands = {"run": _run, "publish": _publish, "check": _check, "health": _health}
+        commands[args.command](args)
     except UsageError as exc:
         print(f"consumerd: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -120,7 +120,8 @@ def connect(url: str, **kwargs: object) -> Connection:
         # Publisher confirms: a retry copy or dead letter is on the broker before the
         # original is acked, and App.publish returns only once the broker has the message.
         options.setdefault("confirm_publish", True)
-    bare = urllib.parse.urlunsplit(parts._replace(query=""))
+    # Not urlunsplit(): it turns sqlite:///abs/path into sqlite:/abs/path.
+    bare = url.split("?", 1)[0]
     if scheme == "sqlite":
         os.makedirs(os.path.dirname(parts.path), exist_ok=True)
     return Connection(

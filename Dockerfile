@@ -1,0 +1,31 @@
+# consumerd in a container: `docker build -t consumerd .` then
+#   docker run --rm consumerd --app examples.minimal --workers 2
+# The master runs as PID 1 (exec-form entrypoint, no shell in between): it gets
+# `docker stop`'s SIGTERM itself, drains its workers and reaps any orphaned process.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY consumerd ./consumerd
+COPY examples ./examples
+RUN pip install . \
+    && useradd --system --uid 10001 --home-dir /var/lib/consumerd --create-home consumerd
+
+# The embedded broker's database lives in the working directory (./.consumerd/): give
+# the non-root user a writable one, and a volume so messages survive the container.
+WORKDIR /var/lib/consumerd
+VOLUME ["/var/lib/consumerd"]
+ENV PYTHONPATH=/app
+USER consumerd
+
+# docker stop waits 10 s before SIGKILL; the graceful timeout must end before that.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["consumerd", "health", "--pidfile", "/tmp/consumerd.pid"]
+ENTRYPOINT ["consumerd", "--pidfile", "/tmp/consumerd.pid", "--graceful-timeout", "8"]
+CMD ["--app", "examples.minimal", "--workers", "2"]
