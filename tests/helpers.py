@@ -32,8 +32,7 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def children_of(pid: int) -> list[int]:
-    """Live (non-zombie) children of ``pid``, from /proc."""
+def _children(pid: int, zombies: bool) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -43,24 +42,19 @@ def children_of(pid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and (fields[0] == "Z") == zombies:
             found.append(int(entry))
     return found
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (non-zombie) children of ``pid``, from /proc."""
+    return _children(pid, zombies=False)
 
 
 def zombies_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid and fields[0] == "Z":
-            found.append(int(entry))
-    return found
+    """Children of ``pid`` that exited and were not reaped."""
+    return _children(pid, zombies=True)
 
 
 def cpu_ticks(pid: int) -> int:
