@@ -1,0 +1,230 @@
+"""A tiny HTTP/1.0 responder for ``/metrics``, ``/healthz`` and ``/readyz``, run by the master loop.
+
+The master is single-threaded (a thread would be forked along with every worker), so the
+responder never blocks: every socket is non-blocking and watched by a private selector
+whose own descriptor the master's loop watches (``manager.add_reader(server.fileno(),
+server.on_ready)``). One request per connection: read up to the end of the headers,
+answer, close. A client that sends nothing or reads nothing costs a descriptor, not a
+stall: it is dropped after ``budget`` seconds (checked whenever the responder wakes up) or
+when ``max_connections`` is reached.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import dataclasses
+import http
+import logging
+import os
+import selectors
+import socket
+import time
+import typing
+import weakref
+
+LOG = logging.getLogger(__name__)
+MAX_REQUEST = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+    def encode(self, head_only: bool) -> bytes:
+        reason = http.HTTPStatus(self.status).phrase
+        head = (
+            f"HTTP/1.0 {self.status} {reason}\r\n"
+            f"Content-Type: {self.content_type}\r\n"
+            f"Content-Length: {len(self.body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        return head if head_only else head + self.body
+
+
+Route = typing.Callable[[], Response]
+
+
+def text(status: int, message: str) -> Response:
+    return Response(status, (message + "\n").encode())
+
+
+@dataclasses.dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    opened: float
+    received: bytearray = dataclasses.field(default_factory=bytearray)
+    pending: bytes = b""  # the response, once the request is in
+
+
+class HTTPResponder:
+    """Serve ``routes`` (path → function returning a :class:`Response`) on ``host:port``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: collections.abc.Mapping[str, Route],
+        *,
+        budget: float = 2.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.routes = dict(routes)
+        self.budget = budget
+        self.max_connections = max_connections
+        self._selector = selectors.DefaultSelector()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, port))
+        self._listener.listen(128)
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._connections: dict[int, _Connection] = {}
+        # Forked workers inherit these descriptors; a worker holding a client's socket
+        # would keep that connection open after the master closed it.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_in_child(ref))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def fileno(self) -> int:
+        """The descriptor that becomes readable when the responder has work to do."""
+        return self._selector.fileno()
+
+    def on_ready(self) -> None:
+        """Do all the work there is, without blocking; the callback for ``add_reader``."""
+        for key, events in self._selector.select(0):
+            if key.fileobj is self._listener:
+                self._accept()
+            else:
+                conn = self._connections.get(key.fd)
+                if conn is not None:
+                    self._serve(conn, events)
+        self._expire(time.monotonic())
+
+    def close(self) -> None:
+        for conn in list(self._connections.values()):
+            self._drop(conn)
+        self._selector.close()
+        self._listener.close()
+
+    def forget(self) -> None:
+        """Close this process's copies of the descriptors; the sockets' state is untouched."""
+        for conn in self._connections.values():
+            conn.sock.close()
+        self._connections.clear()
+        self._selector.close()
+        self._listener.close()
+
+    # -- connections -----------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # e.g. out of descriptors: the client retries
+            sock.setblocking(False)
+            if len(self._connections) >= self.max_connections:
+                self._drop(min(self._connections.values(), key=lambda c: c.opened))
+            conn = _Connection(sock, time.monotonic())
+            self._connections[sock.fileno()] = conn
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _serve(self, conn: _Connection, events: int) -> None:
+        if events & selectors.EVENT_READ and not conn.pending:
+            self._read(conn)
+        if conn.pending:
+            self._write(conn)
+
+    def _read(self, conn: _Connection) -> None:
+        try:
+            chunk = conn.sock.recv(MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._drop(conn)
+            return
+        conn.received += chunk
+        end = _end_of_headers(conn.received)
+        if end is None:
+            if len(conn.received) > MAX_REQUEST:
+                self._respond(conn, text(431, "request headers too large"), head_only=False)
+            return
+        method, path = _request_line(bytes(conn.received[:end]))
+        if method not in ("GET", "HEAD"):
+            response = text(405, "only GET and HEAD")
+        else:
+            response = self._route(path)
+        self._respond(conn, response, head_only=method == "HEAD")
+
+    def _route(self, path: str) -> Response:
+        route = self.routes.get(path)
+        if route is None:
+            return text(404, "not found")
+        try:
+            return route()
+        except Exception:
+            LOG.exception("GET %s failed", path)
+            return text(500, "internal error, see the master's log")
+
+    def _respond(self, conn: _Connection, response: Response, head_only: bool) -> None:
+        conn.pending = response.encode(head_only)
+        self._selector.modify(conn.sock, selectors.EVENT_WRITE)
+
+    def _write(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        conn.pending = conn.pending[sent:]
+        if not conn.pending:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+            self._drop(conn)
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self._connections.values() if now - c.opened > self.budget]:
+            self._drop(conn)
+
+    def _drop(self, conn: _Connection) -> None:
+        self._connections.pop(conn.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+
+
+def _forget_in_child(ref: weakref.ref[HTTPResponder]) -> None:
+    responder = ref()
+    if responder is not None:
+        responder.forget()
+
+
+def _end_of_headers(data: bytearray) -> int | None:
+    for terminator in (b"\r\n\r\n", b"\n\n"):
+        end = data.find(terminator)
+        if end >= 0:
+            return end
+    return None
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    """``(method, path)`` of the request, query string dropped; ``("", "")`` if garbled."""
+    line = head.split(b"\n", 1)[0].decode("latin-1").strip()
+    parts = line.split()
+    if len(parts) < 2:
+        return "", ""
+    return parts[0].upper(), parts[1].split("?", 1)[0]

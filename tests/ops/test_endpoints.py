@@ -1,0 +1,139 @@
+"""/metrics, /healthz and /readyz served by a real master to real HTTP clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from tests.helpers import wait_for
+from tests.ops.conftest import get, samples
+
+
+def test_readyz_flips_when_every_worker_is_connected_and_consuming(ops_master):
+    master = ops_master(workers=2)
+    master.wait_starts(2)
+    assert master.get("/healthz") == (200, "ok\n")
+
+    status, why = master.get("/readyz")
+    assert status == 503 and "no broker connection" in why
+
+    master.report(connected=True, consuming=False)
+    wait_for(lambda: "not consuming" in master.get("/readyz")[1], 5, "connected, not consuming")
+    assert master.get("/readyz")[0] == 503
+
+    master.report(connected=True, consuming=True)
+    status, why = wait_for(lambda: (r := master.get("/readyz"))[0] == 200 and r, 5, "ready")
+    assert why == "2 workers connected and consuming\n"
+
+    # A worker losing its broker makes the whole master unready again.
+    master.report(connected=False, consuming=True)
+    wait_for(lambda: master.get("/readyz")[0] == 503, 5, "unready after disconnect")
+
+
+def test_metrics_sum_all_workers_and_keep_counts_of_dead_ones(ops_master):
+    master = ops_master(workers=2, counted=100)
+    master.report(connected=True, consuming=True)
+    first = master.wait_starts(2)
+
+    _, text = master.get("/metrics")
+    assert samples(text, "consumerd_messages_received_total") == {'{consumer="orders"}': 200}
+    assert samples(text, "consumerd_messages_acked_total") == {'{consumer="orders"}': 200}
+    assert samples(text, "consumerd_messages_retried_total") == {'{consumer="orders"}': 2}
+    assert samples(text, "consumerd_handler_duration_seconds_count") == {
+        '{consumer="orders"}': 200
+    }
+    assert samples(text, "consumerd_worker_restarts_total") == {'{service="ops"}': 0}
+    assert len(samples(text, "consumerd_worker_consuming")) == 2
+
+    # Kill both workers twice over: 6 starts in all, each recorded 100 messages.
+    for round_ in (1, 2):
+        for row in master.starts()[-2:]:
+            os.kill(row["pid"], signal.SIGKILL)
+        master.wait_starts(2 + 2 * round_)
+    starts = master.wait_starts(6)
+    wait_for(lambda: master.get("/readyz")[0] == 200, 10, "ready after respawns")
+
+    _, text = master.get("/metrics")
+    assert samples(text, "consumerd_messages_received_total") == {'{consumer="orders"}': 600}
+    assert samples(text, "consumerd_messages_acked_total") == {'{consumer="orders"}': 600}
+    assert samples(text, "consumerd_handler_duration_seconds_count") == {
+        '{consumer="orders"}': 600
+    }
+    assert samples(text, "consumerd_worker_restarts_total") == {'{service="ops"}': 4}
+    # Only the live workers appear in the per-worker gauges.
+    live = {row["pid"] for row in starts[-2:]}
+    consuming = samples(text, "consumerd_worker_consuming")
+    assert {int(k.split('pid="')[1].split('"')[0]) for k in consuming} == live
+    assert samples(text, "consumerd_messages_in_flight") == {'{consumer="orders"}': 0}
+
+    # No file of a dead worker is left: theirs were folded into one archive per type.
+    dead = {row["pid"] for row in first} | {row["pid"] for row in starts[2:4]}
+    files = sorted(os.listdir(master.directory))
+    assert not [f for f in files if any(f.endswith(f"_{pid}.db") for pid in dead)], files
+    assert "counter_archive.db" in files and "histogram_archive.db" in files
+
+
+def test_the_metrics_directory_is_removed_when_the_master_exits(ops_master):
+    master = ops_master(workers=1)
+    master.wait_starts(1)
+    assert master.directory.is_dir()
+    master.proc.send_signal(signal.SIGTERM)
+    assert master.proc.wait(10) == 0
+    assert not master.directory.exists()
+
+
+def closed(sock: socket.socket) -> bool:
+    """True once the peer closed ``sock`` (EOF), without blocking."""
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
+
+def test_a_stalled_client_does_not_stall_the_master(ops_master):
+    master = ops_master(workers=1)
+    [first] = master.wait_starts(1)
+    opened = time.monotonic()
+    silent = socket.create_connection(("127.0.0.1", master.port))  # sends nothing
+    partial = socket.create_connection(("127.0.0.1", master.port))
+    partial.sendall(b"GET /healthz HTTP/1.0\r\nHost: x\r\n")  # never ends its headers
+    # A client that asks for /metrics and never reads it, with a tiny receive window.
+    greedy = socket.socket()
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    greedy.connect(("127.0.0.1", master.port))
+    greedy.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    # A worker forked now inherits the open connections; it must not keep them open.
+    os.kill(first["pid"], signal.SIGKILL)
+    master.wait_starts(2)
+    try:
+        for _ in range(20):
+            started = time.monotonic()
+            assert get(master.port, "/healthz", timeout=2) == (200, "ok\n")
+            assert time.monotonic() - started < 1.0
+        # The stalled ones are dropped once their budget (2 s) is spent, at the next wake-up.
+        wait_for(
+            lambda: get(master.port, "/healthz")[0] == 200 and closed(silent) and closed(partial),
+            10, "stalled clients dropped",
+        )
+        assert time.monotonic() - opened >= 2.0
+    finally:
+        for sock in (silent, partial, greedy):
+            sock.close()
+
+
+def test_bad_requests_get_clear_statuses(ops_master):
+    master = ops_master(workers=1)
+    assert master.get("/nope")[0] == 404
+    with socket.create_connection(("127.0.0.1", master.port), timeout=5) as sock:
+        sock.sendall(b"POST /metrics HTTP/1.0\r\n\r\n")
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 405")
+    with socket.create_connection(("127.0.0.1", master.port), timeout=5) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.0\r\n\r\n")
+        reply = sock.makefile("rb").read()
+        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", master.port), timeout=5) as sock:
+        sock.sendall(b"GET /" + b"x" * 9000)
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 431")
+    assert master.get("/healthz?verbose=1")[0] == 200
