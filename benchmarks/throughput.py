@@ -351,6 +351,7 @@ def print_table(
         f"msg/s, median of {reps} (first message handled -> last acked); {s.count:,} JSON "
         f"msgs, no-op handler, {s.workers} processes, prefetch {s.prefetch}, queue pre-filled"
     )
+    print(f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f} (1 min)")
     header = f"{'runner':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_)
     print(header)
     print("-" * len(header))
