@@ -248,6 +248,31 @@ def test_this_transport_restores_what_stock_left_unacked(broker):
     assert broker.unacked() == 0 and broker.queued() == 0
 
 
+def test_global_keyprefix_is_honoured(broker):
+    prefix = f"{broker.name}:"
+    broker.options["global_keyprefix"] = prefix
+    try:
+        broker.publish(100)
+        assert broker.r.llen(prefix + broker.name) == 100
+        with broker.connect() as conn:
+            consume(conn, broker.queue, 1, prefetch=10, ack=False)
+            assert broker.r.hlen(prefix + broker.options["unacked_key"]) == 10
+            assert broker.r.zcard(prefix + broker.options["unacked_index_key"]) == 10
+        assert broker.r.llen(prefix + broker.name) == 100
+        with broker.connect() as conn:
+            got, _, _ = consume(conn, broker.queue, 100)
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.3)  # idle: sends the last acks, then BRPOP
+        assert sorted(got) == list(range(100))
+        assert broker.r.hlen(prefix + broker.options["unacked_key"]) == 0
+        assert broker.r.llen(prefix + broker.name) == 0
+    finally:
+        broker.r.delete(*(prefix + k for k in (broker.name, f"_kombu.binding.{broker.name}",
+                                              broker.options["unacked_key"],
+                                              broker.options["unacked_index_key"])))
+        del broker.options["global_keyprefix"]
+
+
 # -- handing messages back ------------------------------------------------------------
 
 
