@@ -209,6 +209,24 @@ def test_survives_a_script_cache_flush(broker):
         assert sorted(got + more) == list(range(400))
 
 
+def test_held_messages_are_restamped_before_the_visibility_timeout(broker):
+    broker.publish(10)
+    index = broker.options["unacked_index_key"]
+    with broker.connect(visibility_timeout=1) as conn:
+        _, messages, _ = consume(conn, broker.queue, 1, prefetch=10)
+        held = [e.tag for e in conn.default_channel._prefetched]
+        stamped = broker.r.zscore(index, held[-1])
+        # A sweep elsewhere restored one held message meanwhile (as stock does it).
+        broker.r.zrem(index, held[0])
+        broker.r.hdel(broker.options["unacked_key"], held[0])
+        time.sleep(0.6)  # past half the visibility timeout
+        got, _, _ = consume(conn, broker.queue, 1)
+        assert broker.r.zscore(index, held[-1]) > stamped  # re-stamped, still ours
+        more, _, _ = consume(conn, broker.queue, 7)
+        assert sorted(got + more) == list(range(2, 10))  # the restored one not delivered here
+    assert messages[0].delivery_tag not in held
+
+
 # -- interop with stock kombu ---------------------------------------------------------
 
 
@@ -536,6 +554,14 @@ def test_fetch_script_does_not_record_garbage(fake):
     r.lpush("q", b"not json")
     out = fetch(keys=["h", "z", "q"], args=[10, "1", 0])
     assert out == [1, 0, b"not json"] and r.hlen("h") == 0
+
+
+def test_touch_script_restamps_only_indexed_tags(fake):
+    r, _, _ = fake
+    touch = r.register_script(fast.TOUCH_LUA)
+    r.zadd("z", {"a": 1, "c": 1})
+    assert touch(keys=["z"], args=["50", "a", "b", "c"]) == [1, 0, 1]
+    assert r.zscore("z", "a") == 50 and r.zscore("z", "b") is None
 
 
 def test_restore_script_pushes_only_what_it_removed(fake):

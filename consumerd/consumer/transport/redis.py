@@ -142,6 +142,22 @@ return restored
 """
 
 
+# KEYS: unacked index zset. ARGV: now, tags. Re-stamps the tags still indexed (not
+# restored by a visibility-timeout sweep meanwhile); returns 1 for those, 0 for others.
+TOUCH_LUA = """
+local out = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+
 class _Prefetched(typing.NamedTuple):
     """A fetched message recorded as unacked but not yet given to the application."""
 
@@ -150,6 +166,7 @@ class _Prefetched(typing.NamedTuple):
     tag: str
     item: bytes  # the exact text popped, pushed back unchanged if never delivered
     payload: Payload
+    fetched_at: float  # monotonic time its unacked entry was (re-)stamped
 
 
 class _Restore(typing.NamedTuple):
@@ -243,6 +260,7 @@ class Channel(stock.Channel):
             self._scripts = {
                 "fetch": self._sync.register_script(FETCH_LUA),
                 "restore": self._sync.register_script(RESTORE_LUA),
+                "touch": self._sync.register_script(TOUCH_LUA),
             }
         return self._sync
 
@@ -402,7 +420,7 @@ class Channel(stock.Channel):
             raise
 
     def _stash(self, keys: list[str], flat: list[typing.Any]) -> None:
-        queue = None
+        queue, now = None, monotonic()
         for i in range(0, len(flat), 3):
             key, recorded, item = keys[int(flat[i]) - 1], int(flat[i + 1]), flat[i + 2]
             try:
@@ -415,7 +433,7 @@ class Channel(stock.Channel):
                 continue
             queue = key.rsplit(self.sep, 1)[0]
             self.fetched_keys[tag] = key
-            self._prefetched.append(_Prefetched(queue, key, tag, item, payload))
+            self._prefetched.append(_Prefetched(queue, key, tag, item, payload, now))
         if queue is not None:
             self._queue_cycle.rotate(queue)  # fair turns between queues, as stock
 
@@ -430,11 +448,30 @@ class Channel(stock.Channel):
             return False
         if self._acks_overdue():
             self.flush_acks()
+        if monotonic() - self._prefetched[0].fetched_at > float(self.visibility_timeout) / 2:
+            self._restamp_prefetched()
+            if not self._prefetched:
+                return False
         entry = self._prefetched.popleft()
         if entry.queue in self._no_ack_queues:
             self.ack_later(entry.tag)
         self.connection._deliver(entry.payload, entry.queue)
         return True
+
+    def _restamp_prefetched(self) -> None:
+        """Slow handlers let held messages age toward the visibility timeout, after which
+        any consumer may restore them: re-stamp them, and drop any already restored."""
+        held = list(self._prefetched)
+        alive = self._script("touch")(keys=[self._key(self.unacked_index_key)],
+                                      args=[repr(time()), *(e.tag for e in held)])
+        now = monotonic()
+        self._prefetched = collections.deque(
+            e._replace(fetched_at=now) for e, ok in zip(held, alive, strict=True) if ok)
+        for entry, ok in zip(held, alive, strict=True):
+            if not ok:
+                self.fetched_keys.pop(entry.tag, None)
+                LOG.warning("Prefetched message %s was restored by another consumer "
+                            "(visibility_timeout): not delivering it here", entry.tag)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: typing.Any, **kwargs: typing.Any
                       ) -> typing.Any:
@@ -562,7 +599,8 @@ class _Poller(stock.MultiChannelPoller):
             if self._deliver_io_without_waiting():
                 return None
             self._turn += 1
-            ready[self._turn % len(ready)].deliver_prefetched()
+            if not ready[self._turn % len(ready)].deliver_prefetched():
+                raise Empty()  # all it held had been restored elsewhere
         finally:
             self._in_protected_read = False
             while self.after_read:
