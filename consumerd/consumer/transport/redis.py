@@ -24,6 +24,9 @@ Delivery
     message BRPOP returns is recorded together with the next batch. Between that
     BRPOP reply and its recording (one round trip) the message exists only in this
     process: the same window stock kombu has, only shorter. A busy queue never uses it.
+    Held messages are re-stamped in the index once they reach half the visibility
+    timeout (slow handlers, big prefetch), so no sweep restores them while held; one a
+    sweep restored anyway is dropped here instead of being delivered twice.
 
 Acks
     ``message.ack()`` only marks the tag; the marked tags are deleted from the unacked
@@ -49,6 +52,7 @@ Transport options (on top of stock ones): ``fetch_batch_size`` (cap per fetch, d
 200, also the batch when prefetch is unlimited), ``ack_flush_interval`` (seconds,
 default 0.1) and ``ack_batch_max`` (default 500). ``ack_emulation=False`` falls back to
 the stock code paths. Fanout, priorities, pub/sub and ``basic_get`` are stock.
+Needs Redis >= 6.2 (RPOP with a count, CLIENT UNBLOCK).
 """
 
 from __future__ import annotations
