@@ -4,9 +4,9 @@ The master is single-threaded (a thread would be forked along with every worker)
 responder never blocks: every socket is non-blocking and watched by a private selector
 whose own descriptor the master's loop watches (``manager.add_reader(server.fileno(),
 server.on_ready)``). One request per connection: read up to the end of the headers,
-answer, close. A client that sends nothing or reads nothing costs a descriptor, not a
-stall: it is dropped after ``budget`` seconds (checked whenever the responder wakes up) or
-when ``max_connections`` is reached.
+answer, close. A client that sends nothing or stops reading costs a descriptor, not a
+stall: it is dropped ``budget`` seconds after it last made progress (checked whenever the
+responder wakes up), or when ``max_connections`` newer ones push it out.
 """
 
 from __future__ import annotations
@@ -55,8 +55,12 @@ def text(status: int, message: str) -> Response:
 class _Connection:
     sock: socket.socket
     opened: float
+    #: The request must be in by then; while answering, each send that makes progress
+    #: moves it: a client reading a large response slowly is not a stalled one.
+    deadline: float
     received: bytearray = dataclasses.field(default_factory=bytearray)
-    pending: bytes = b""  # the response, once the request is in
+    response: bytes = b""
+    sent: int = 0
 
 
 class HTTPResponder:
@@ -135,14 +139,15 @@ class HTTPResponder:
             sock.setblocking(False)
             if len(self._connections) >= self.max_connections:
                 self._drop(min(self._connections.values(), key=lambda c: c.opened))
-            conn = _Connection(sock, time.monotonic())
+            now = time.monotonic()
+            conn = _Connection(sock, now, now + self.budget)
             self._connections[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ)
 
     def _serve(self, conn: _Connection, events: int) -> None:
-        if events & selectors.EVENT_READ and not conn.pending:
+        if events & selectors.EVENT_READ and not conn.response:
             self._read(conn)
-        if conn.pending:
+        if conn.response:
             self._write(conn)
 
     def _read(self, conn: _Connection) -> None:
@@ -179,25 +184,25 @@ class HTTPResponder:
             return text(500, "internal error, see the master's log")
 
     def _respond(self, conn: _Connection, response: Response, head_only: bool) -> None:
-        conn.pending = response.encode(head_only)
+        conn.response = response.encode(head_only)
         self._selector.modify(conn.sock, selectors.EVENT_WRITE)
 
     def _write(self, conn: _Connection) -> None:
         try:
-            sent = conn.sock.send(conn.pending)
+            conn.sent += conn.sock.send(memoryview(conn.response)[conn.sent :])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._drop(conn)
             return
-        conn.pending = conn.pending[sent:]
-        if not conn.pending:
+        conn.deadline = time.monotonic() + self.budget
+        if conn.sent == len(conn.response):
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
             self._drop(conn)
 
     def _expire(self, now: float) -> None:
-        for conn in [c for c in self._connections.values() if now - c.opened > self.budget]:
+        for conn in [c for c in self._connections.values() if now > c.deadline]:
             self._drop(conn)
 
     def _drop(self, conn: _Connection) -> None:

@@ -8,13 +8,15 @@ so a crash-looping worker cannot make every scrape read thousands of files.
 
 Worker side, on the hot path: :func:`for_consumer` once per consumer, then
 ``received()``/``acked()``/``retried()``/``dead_lettered()`` and ``with handling():``
-around the handler; :func:`set_connected` and :func:`set_consuming` report the broker
+around the handler (counts reach the files within :data:`FLUSH_INTERVAL`; :func:`flush`
+before the worker exits); :func:`set_connected` and :func:`set_consuming` report the broker
 connection and whether the worker consumes, which ``/readyz`` reads. When metrics are not
 enabled every call is a no-op.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import glob
@@ -63,6 +65,8 @@ class _Archive(typing.Protocol):
 
 _open_archive = typing.cast(typing.Callable[[str], _Archive], MmapedDict)
 
+#: The longest a worker's counts may wait before they show in a scrape.
+FLUSH_INTERVAL = 0.25
 _CONNECTED = "consumerd_broker_connected"
 _CONSUMING = "consumerd_worker_consuming"
 _FOLDED_TYPES = ("counter", "histogram")
@@ -165,44 +169,54 @@ class ConsumerMetrics:
 
 
 class _Recording(ConsumerMetrics):
+    """Counts in plain integers and writes them to the shared files at most every
+    :data:`FLUSH_INTERVAL`: one file write costs ~3 µs (lock, getpid, mmap), six per
+    message would cost more than the rest of the consume loop. The in-flight gauge is
+    written at once, so that a long handler shows while it runs.
+    """
+
+    __slots__ = (
+        "_buckets", "_counters", "_due", "_duration", "_in_flight", "_pending",
+        "_seconds", "_start",
+    )
+
     # Label lookups cost microseconds: resolve them once per consumer, not per message.
     def __init__(self, instruments: _Instruments, name: str) -> None:
-        self._received = instruments.received.labels(name)
-        self._acked = instruments.acked.labels(name)
-        self._retried = instruments.retried.labels(name)
-        self._dead = instruments.dead_lettered.labels(name)
+        self._counters = tuple(
+            c.labels(name)
+            for c in (
+                instruments.received, instruments.acked, instruments.retried,
+                instruments.dead_lettered,
+            )
+        )
+        self._pending = [0, 0, 0, 0]  # the four counters above
         self._duration = instruments.duration.labels(name)
+        self._buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self._seconds = 0.0
         self._in_flight = instruments.in_flight.labels(name)
+        self._start = 0.0
+        self._due = time.monotonic() + FLUSH_INTERVAL
 
     def received(self) -> None:
-        self._received.inc()
+        self._pending[0] += 1
+        self._maybe_flush()
 
     def acked(self) -> None:
-        self._acked.inc()
+        self._pending[1] += 1
+        self._maybe_flush()
 
     def retried(self) -> None:
-        self._retried.inc()
+        self._pending[2] += 1
+        self._maybe_flush()
 
     def dead_lettered(self) -> None:
-        self._dead.inc()
+        self._pending[3] += 1
+        self._maybe_flush()
 
-    def handling(self) -> _Timing:
-        return _Timing(self._duration, self._in_flight)
+    def handling(self) -> _Recording:
+        return self
 
-
-class _Timing:
-    """A class rather than a generator context manager: it is about 1 µs cheaper."""
-
-    __slots__ = ("_duration", "_in_flight", "_start")
-
-    def __init__(
-        self, duration: prometheus_client.Histogram, in_flight: prometheus_client.Gauge
-    ) -> None:
-        self._duration = duration
-        self._in_flight = in_flight
-        self._start = 0.0
-
-    def __enter__(self) -> _Timing:
+    def __enter__(self) -> _Recording:
         self._in_flight.inc()
         self._start = time.perf_counter()
         return self
@@ -213,11 +227,41 @@ class _Timing:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> None:
-        self._duration.observe(time.perf_counter() - self._start)
+        seconds = time.perf_counter() - self._start
         self._in_flight.dec()
+        self._buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self._seconds += seconds
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() >= self._due:
+            self.flush()
+
+    def flush(self) -> None:
+        self._due = time.monotonic() + FLUSH_INTERVAL
+        for i, count in enumerate(self._pending):
+            if count:
+                self._counters[i].inc(count)
+                self._pending[i] = 0
+        if any(self._buckets):
+            # prometheus_client observes one value at a time; adding a batch means writing
+            # its per-bucket values (stored non-cumulative in multiprocess mode) directly.
+            for value, count in zip(self._duration._buckets, self._buckets, strict=True):
+                if count:
+                    value.inc(count)
+            self._duration._sum.inc(self._seconds)
+            self._buckets = [0] * len(self._buckets)
+            self._seconds = 0.0
 
 
 _OFF = ConsumerMetrics()
+
+
+def flush() -> None:
+    """Write the counts not yet written; call it before the worker exits."""
+    for recorder in _consumers.values():
+        if isinstance(recorder, _Recording):
+            recorder.flush()
 
 
 def for_consumer(name: str) -> ConsumerMetrics:

@@ -46,6 +46,7 @@ class OpsWorker(Service):
                 pass
             recorder.acked()
         metrics.for_consumer("orders").retried()
+        metrics.flush()  # as a consume loop does when idle
         append(CONTROL / "starts.jsonl", {"pid": os.getpid(), "worker_id": self.worker_id})
         # Mirror the control files into the gauges, as a consume loop would report.
         while not self._stop.wait(0.01):
