@@ -33,6 +33,8 @@ import prometheus_client
 from prometheus_client import multiprocess, values
 from prometheus_client.mmap_dict import MmapedDict
 
+from consumerd.supervisor.service import Service
+
 DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The pid of the master that created the directory: a code reload (same pid, re-executed
 #: image) keeps using it, anything else starts fresh.
@@ -284,6 +286,11 @@ def bind_worker(service: str, worker_id: int) -> None:
     _worker_labels = (service, str(worker_id))
     set_connected(False)
     set_consuming(False)
+
+
+def on_new_worker(service_id: object, worker_id: int, service: Service) -> None:
+    """The ``ServiceManager`` ``on_new_worker`` hook doing :func:`bind_worker`."""
+    bind_worker(service.name or type(service).__name__, worker_id)
 
 
 def set_connected(connected: bool) -> None:
