@@ -1,0 +1,309 @@
+"""Settings from four layers, one precedence order: command line > environment > file > defaults.
+
+- command line: ``--workers 4`` (:func:`add_arguments` defines every option, with no
+  argparse default, so that an option not given does not hide the layers below);
+- environment: ``CONSUMERD_WORKERS=4`` (``CONSUMERD_`` + the setting's name in capitals);
+- file: ``--config consumerd.toml`` (or ``$CONSUMERD_CONFIG``), settings as top-level keys,
+  ``workers = 4`` (``-`` and ``_`` are the same in keys);
+- defaults: :class:`Settings`.
+
+:class:`Config` keeps the settings in force and re-reads the layers on SIGHUP
+(:meth:`Config.reload`): what can change live (:data:`LIVE`) takes effect, the rest waits
+for a restart and is reported; a file that does not parse or holds a bad value raises
+:class:`ConfigError` and the running settings stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from collections.abc import Callable, Mapping
+
+from consumerd.consumer.routing import parse_member
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    # A dependency on 3.10 only; it may be missing where mypy runs.
+    import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
+
+ENV_PREFIX = "CONSUMERD_"
+CONFIG_ENV = "CONSUMERD_CONFIG"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used, with where it came from."""
+
+
+# -- value parsers: each takes a string (command line, environment) or a TOML value ----
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(value: object) -> int:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer {bounds}, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"expected an integer {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"expected seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _choice(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if isinstance(value, str) and fold(value.strip()) in choices:
+            return fold(value.strip())
+        raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+
+    return parse
+
+
+def _member(value: object) -> tuple[int, int]:
+    if isinstance(value, list) and len(value) == 2:
+        value = f"{value[0]}/{value[1]}"
+    if not isinstance(value, str):
+        raise ValueError(f"expected I/M (e.g. 0/2), got {value!r}")
+    return parse_member(value.strip())
+
+
+def _names(value: object) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"expected names (a list, or separated by commas), got {value!r}")
+    names = tuple(i.strip() for i in items if i.strip())
+    if not names:
+        raise ValueError("expected at least one name")
+    return names
+
+
+# -- the settings ------------------------------------------------------------------------
+
+
+def _setting(
+    default: typing.Any,
+    parse: Callable[[object], typing.Any],
+    help: str,
+    *,
+    live: bool = False,
+    metavar: str | None = None,
+    env: tuple[str, ...] = (),
+) -> typing.Any:
+    return dataclasses.field(
+        default=default,
+        metadata={"parse": parse, "help": help, "live": live, "metavar": metavar, "env": env},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting with its default; ``live`` ones change on SIGHUP without a restart."""
+
+    app: str | None = _setting(
+        None, _text, "the module holding the App, module[:attribute]", metavar="MODULE[:ATTR]"
+    )
+    broker: str | None = _setting(
+        None, _text, "broker URL (default: the app's broker)", metavar="URL",
+        env=("CONSUMERD_BROKER_URL",),
+    )
+    workers: int = _setting(1, _int(1), "worker processes", live=True, metavar="N")
+    prefetch: int | None = _setting(
+        None, _int(1), "prefetch of consumers that do not set their own", live=True,
+        metavar="N",
+    )
+    queues: tuple[str, ...] | None = _setting(
+        None, _names, "run only these consumers (default: all the app declares)", live=True,
+        metavar="NAME,...",
+    )
+    graceful_timeout: float = _setting(
+        60.0, _seconds, "seconds a stopping worker may take to finish", metavar="S"
+    )
+    broker_down_limit: float = _setting(
+        60.0, _seconds, "a worker without broker for this long exits with status 75",
+        live=True, metavar="S",
+    )
+    log_level: str = _setting(
+        "INFO", _choice(LOG_LEVELS, str.upper), "log level", live=True, metavar="LEVEL"
+    )
+    log_format: str = _setting(
+        "text", _choice(LOG_FORMATS, str.lower), "text (readable) or json (one object a line)",
+        live=True, metavar="FORMAT",
+    )
+    metrics_port: int | None = _setting(
+        None, _int(0, 65535), "serve /metrics, /healthz and /readyz on this port (default: off)",
+        metavar="PORT",
+    )
+    metrics_address: str = _setting(
+        "0.0.0.0", _text, "address the metrics port binds (all interfaces, for containers)",
+        metavar="ADDRESS",
+    )
+    pidfile: str | None = _setting(None, _text, "write the master's pid here", metavar="PATH")
+    member: tuple[int, int] = _setting(
+        (0, 1), _member, "this host is member I of M sharing the partitions", metavar="I/M"
+    )
+    max_messages_per_worker: int | None = _setting(
+        None, _int(1), "recycle a worker after about this many messages", live=True,
+        metavar="N",
+    )
+    max_memory_per_worker: int | None = _setting(
+        None, _int(1), "recycle a worker above about this resident memory, in MB", live=True,
+        metavar="MB",
+    )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+#: Settings a reload applies at once; any other change needs a restart.
+LIVE = frozenset(name for name, f in FIELDS.items() if f.metadata["live"])
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    """The environment variables of a setting, the first one winning."""
+    return (ENV_PREFIX + name.upper(), *FIELDS[name].metadata["env"])
+
+
+def _parse(name: str, value: object, source: str) -> typing.Any:
+    try:
+        return FIELDS[name].metadata["parse"](value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+# -- the layers --------------------------------------------------------------------------
+
+
+def read_file(path: str) -> dict[str, typing.Any]:
+    """The settings in a TOML file; :class:`ConfigError` for anything wrong in it."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    found = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
+        found[name] = _parse(name, value, f"config file {path}: {key}")
+    return found
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, typing.Any]:
+    found = {}
+    for name in FIELDS:
+        for var in env_names(name):
+            if environ.get(var, "").strip():
+                found[name] = _parse(name, environ[var], f"${var}")
+                break
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and an option per setting, none with a default of its own."""
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, metavar="PATH",
+        help=f"a TOML file of settings (default: ${CONFIG_ENV})",
+    )
+    for name, field in FIELDS.items():
+        parse = field.metadata["parse"]
+
+        def convert(text: str, parse: Callable[[object], typing.Any] = parse) -> typing.Any:
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=convert, default=argparse.SUPPRESS,
+            metavar=field.metadata["metavar"],
+            help=f"{field.metadata['help']} (${env_names(name)[0]})",
+        )
+
+
+def load(
+    cli: Mapping[str, typing.Any],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from the layers. ``cli`` holds the options given on the command line only
+    (``vars(args)`` of a parser built with :func:`add_arguments`; other keys are ignored)
+    and may hold ``config``, the file's path."""
+    environ = os.environ if environ is None else environ
+    path = cli.get("config") or environ.get(CONFIG_ENV) or None
+    layers = [
+        read_file(path) if path else {},
+        read_environment(environ),
+        {k: v for k, v in cli.items() if k in FIELDS},
+    ]
+    merged: dict[str, typing.Any] = {}
+    for layer in layers:  # lowest first: later ones win
+        merged.update(layer)
+    return Settings(**merged)
+
+
+# -- reloading ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Reload:
+    """What a reload found: changes applied now, and changes waiting for a restart."""
+
+    applied: dict[str, tuple[typing.Any, typing.Any]]
+    needs_restart: dict[str, tuple[typing.Any, typing.Any]]
+
+
+class Config:
+    """The settings in force, re-read from the same layers on :meth:`reload`."""
+
+    def __init__(
+        self, cli: Mapping[str, typing.Any], environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._cli = dict(cli)
+        self._environ = environ
+        self.settings = load(self._cli, environ)
+
+    def reload(self) -> Reload:
+        """Re-read the layers (the file, mostly) and apply the live changes.
+
+        Raises :class:`ConfigError` (log it) if the file or a value is bad; the settings
+        in force are then unchanged.
+        """
+        fresh = load(self._cli, self._environ)
+        applied: dict[str, tuple[typing.Any, typing.Any]] = {}
+        waiting: dict[str, tuple[typing.Any, typing.Any]] = {}
+        for name in FIELDS:
+            old, new = getattr(self.settings, name), getattr(fresh, name)
+            if old != new:
+                (applied if name in LIVE else waiting)[name] = (old, new)
+        self.settings = dataclasses.replace(
+            self.settings, **{name: new for name, (_, new) in applied.items()}
+        )
+        return Reload(applied, waiting)
