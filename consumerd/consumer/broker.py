@@ -116,6 +116,12 @@ def connect(url: str, **kwargs: object) -> Connection:
     scheme = validate(url)
     parts = urllib.parse.urlsplit(url)
     options = {k: _option(v) for k, v in urllib.parse.parse_qsl(parts.query)}
+    if scheme in ("redis", "rediss"):
+        # Without a socket timeout a read on a half-open connection (broker host gone
+        # without a reset) blocks for ever, even kombu's close of a dead channel.
+        # Blocking reads (BRPOP) return within kombu's brpop_timeout (1 s) anyway.
+        options.setdefault("socket_timeout", 10)
+        options.setdefault("socket_connect_timeout", 5)
     if _TRANSPORTS[scheme] == "pyamqp":
         # Publisher confirms: a retry copy or dead letter is on the broker before the
         # original is acked, and App.publish returns only once the broker has the message.

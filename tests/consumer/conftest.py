@@ -12,6 +12,7 @@ import dataclasses
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,8 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 # every scenario. Each handled message appends one line to $T_OUT:
 #   pid queue id attempt redelivered start end
 APP_SOURCE = '''
-import json, os, time
+import json, os, time, faulthandler, signal
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 import consumerd
 
 CONFIG = json.load(open(os.environ["T_CONFIG"]))
@@ -102,20 +104,34 @@ def check_broker(url: str) -> None:
 
 
 class Broker:
-    """One real broker: queue inspection and clean-up by name."""
+    """One real broker: queue inspection and clean-up by name.
 
-    def __init__(self, kind: str, url: str) -> None:
+    On Redis every test gets its own kombu ``global_keyprefix``, so the ``unacked``
+    bookkeeping it counts (and deletes) is its own even while other suites run."""
+
+    def __init__(self, kind: str, url: str, prefix: str = "") -> None:
         self.kind = kind
-        self.url = url
+        self.prefix = prefix
+        self.url = f"{url}?global_keyprefix={prefix}" if prefix else url
         self.created: set[str] = set()
 
     def client(self) -> redis_lib.Redis:
         return redis_lib.Redis.from_url(self.url.split("?")[0])
 
+    def consumer_url(self, port: int | None = None, **options) -> str:
+        """This broker's URL, through ``port`` if given, with ``options`` added."""
+        base = REDIS_URL if self.kind == "redis" else AMQP_URL
+        if port is not None:
+            base = base.replace(":6379/", f":{port}/").replace(":5672/", f":{port}/")
+        if self.prefix:
+            options["global_keyprefix"] = self.prefix
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        return f"{base}?{query}" if query else base
+
     def depth(self, queue: str) -> int:
         """Ready messages in ``queue`` (not counting unacked ones)."""
         if self.kind == "redis":
-            return int(self.client().llen(queue))
+            return int(self.client().llen(self.prefix + queue))
         with Connection(self.url) as conn:
             try:
                 return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
@@ -124,7 +140,7 @@ class Broker:
 
     def unacked(self) -> int:
         """Redis only: messages delivered to some consumer and not acked yet."""
-        return int(self.client().hlen("unacked")) if self.kind == "redis" else 0
+        return int(self.client().hlen(self.prefix + "unacked")) if self.kind == "redis" else 0
 
     def publish_raw(self, queue: str, body: bytes, content_type: str, headers=None) -> None:
         from consumerd.consumer.app import declare_queue
@@ -144,10 +160,9 @@ class Broker:
     def cleanup(self, names: list[str]) -> None:
         if self.kind == "redis":
             client = self.client()
-            keys = [k for n in names for k in client.keys(n + "*")]
+            keys = list(client.scan_iter(match=self.prefix + "*")) if self.prefix else []
             if keys:
                 client.delete(*keys)
-            client.delete("unacked", "unacked_index")
             return
         with Connection(self.url) as conn:
             for name in names:
@@ -157,11 +172,10 @@ class Broker:
 
 
 @pytest.fixture(params=["redis", "amqp"])
-def broker(request):
+def broker(request, name):
     url = REDIS_URL if request.param == "redis" else AMQP_URL
     check_broker(url)
-    b = Broker(request.param, url)
-    yield b
+    return Broker(request.param, url, f"{name}:" if request.param == "redis" else "")
 
 
 @pytest.fixture
@@ -284,3 +298,127 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Proxy:
+    """A TCP proxy to a broker that the test can cut: every connection dropped at once,
+    and new ones refused until :meth:`resume` — a broker flap without touching the broker."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import threading
+
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.port = free_port()
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener: socket.socket | None = None
+        self.accepted = 0
+
+    def resume(self) -> None:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                if self.listener is not listener:  # cut while we were connecting
+                    client.close()
+                    upstream.close()
+                    return
+                self.conns += [client, upstream]
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Refuse new connections and reset every open one."""
+        with self.lock:
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            conns, self.conns = self.conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                # linger 0: a reset, as from a crashed broker host; shutdown() first so
+                # the pump thread blocked in recv() lets go of the socket at once
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.fixture
+def proxy(broker):
+    p = Proxy(5672 if broker.kind == "amqp" else 6379)
+    yield p
+    p.cut()
+
+
+class RedisServer:
+    """A redis-server of our own, append-only, on a free port, restartable with its data."""
+
+    def __init__(self, tmp_path) -> None:
+        self.dir = tmp_path / "redis"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
+             "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis_lib.Redis(port=self.port)
+
+        def up():
+            try:
+                return client.ping()
+            except redis_lib.ConnectionError:
+                return False
+
+        wait_for(up, 10, "redis-server up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                redis_lib.Redis(port=self.port).shutdown(save=False)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

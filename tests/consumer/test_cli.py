@@ -25,7 +25,8 @@ def run(tmp_path, *args, stdin=None, env=None):
 def apps(tmp_path):
     (tmp_path / "good.py").write_text(
         "import consumerd\napp = consumerd.App('good')\n"
-        "@app.consumer('jobs', partitions=4)\ndef handle(body, message):\n    pass\n"
+        "import os\n@app.consumer(os.environ.get('T_JOBS', 'jobs'), partitions=4)\n"
+        "def handle(body, message):\n    pass\n"
         "other = 42\n"
     )
     (tmp_path / "empty.py").write_text("import consumerd\napp = consumerd.App('empty')\n")
@@ -102,22 +103,22 @@ def test_master_does_not_import_kombu(apps):
     assert result.returncode == 0, result.stderr
 
 
-def test_publish_from_the_shell_routes_like_the_app(apps):
+def test_publish_from_the_shell_routes_like_the_app(apps, name):
     check_broker(REDIS_URL)
     import redis
 
     client = redis.Redis()
     try:
-        result = run(apps, "publish", "--app", "good", "--broker", REDIS_URL, "jobs",
-                     '{"a": 1}', '{"a": 2}', "--key", "resource-42")
+        result = run(apps, "publish", "--app", "good", "--broker", REDIS_URL, name,
+                     '{"a": 1}', '{"a": 2}', "--key", "resource-42", env={"T_JOBS": name})
         assert result.returncode == 0, result.stderr
         from consumerd.consumer.routing import partition_of
 
-        queue = f"jobs.p{partition_of('resource-42', 4)}"
+        queue = f"{name}.p{partition_of('resource-42', 4)}"
         assert client.llen(queue) == 2
         lines = "\n".join(json.dumps({"n": n}) for n in range(5))
-        result = run(apps, "publish", "--broker", REDIS_URL, "plainq", stdin=lines)
+        result = run(apps, "publish", "--broker", REDIS_URL, f"{name}.plain", stdin=lines)
         assert result.returncode == 0, result.stderr
-        assert client.llen("plainq") == 5
+        assert client.llen(f"{name}.plain") == 5
     finally:
-        client.delete("plainq", *(f"jobs.p{p}" for p in range(4)))
+        client.delete(f"{name}.plain", *(f"{name}.p{p}" for p in range(4)))

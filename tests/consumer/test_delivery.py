@@ -73,7 +73,7 @@ def test_handler_past_graceful_timeout_is_not_acked(consumerd, broker, name):
 
 
 def test_sigkill_of_a_worker_mid_stream_loses_nothing(consumerd, broker, name):
-    url = broker.url + ("?visibility_timeout=3" if broker.kind == "redis" else "")
+    url = broker.consumer_url(visibility_timeout=3) if broker.kind == "redis" else broker.url
     consumerd.configure([{"name": name, "sleep": 0.002, "prefetch": 50}])
     publish_many(broker.url, name, N)
     consumerd.start(workers=2, url=url)
