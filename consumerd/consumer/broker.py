@@ -16,7 +16,6 @@ apps but never imports kombu, so nothing of it is inherited by forked workers.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import typing
 import urllib.parse
@@ -26,13 +25,7 @@ if typing.TYPE_CHECKING:
 
 ENV_VAR = "CONSUMERD_BROKER_URL"
 DEFAULT_PATH = os.path.join(".consumerd", "broker.db")
-
-
-def _ours_or(module: str, fallback: str) -> str:
-    # TODO(transport): drop once consumerd.consumer.transport.redis is committed.
-    return f"{module}:Transport" if importlib.util.find_spec(module) else fallback
-
-_REDIS_TRANSPORT = _ours_or("consumerd.consumer.transport.redis", "redis")
+_REDIS_TRANSPORT = "consumerd.consumer.transport.redis:Transport"
 _SQLITE_TRANSPORT = "consumerd.consumer.transport.sqlite:Transport"
 _TRANSPORTS = {
     "amqp": "pyamqp",

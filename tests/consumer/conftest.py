@@ -31,8 +31,8 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 # every scenario. Each handled message appends one line to $T_OUT:
 #   pid queue id attempt redelivered start end
 APP_SOURCE = '''
-import json, os, time, faulthandler, signal
-faulthandler.register(signal.SIGUSR1, all_threads=True)
+import faulthandler, json, os, signal, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on demand when debugging
 import consumerd
 
 CONFIG = json.load(open(os.environ["T_CONFIG"]))

@@ -52,13 +52,7 @@ def test_connection_cut_mid_stream(consumerd, broker, proxy, name):
     consumerd.wait_logged("lost the broker", 2)
     consumerd.wait_logged("unreachable", 2)  # retried while refused, with back-off
     proxy.resume()
-    try:
-        wait_for(lambda: len(consumerd.ids()) == N, 60, "all messages handled")
-    finally:
-        if __import__("os").environ.get("T_DUMP"):
-            for pid in consumerd.workers():
-                __import__("os").kill(pid, __import__("signal").SIGUSR1)
-            __import__("time").sleep(1)
+    wait_for(lambda: len(consumerd.ids()) == N, 60, "all messages handled")
     assert sorted(consumerd.workers()) == sorted(pids)
     assert consumerd.stop() == 0
     ids = consumerd.ids()
