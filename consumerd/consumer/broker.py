@@ -121,8 +121,6 @@ def connect(url: str, **kwargs: object) -> Connection:
         options.setdefault("confirm_publish", True)
     # Not urlunsplit(): it turns sqlite:///abs/path into sqlite:/abs/path.
     bare = url.split("?", 1)[0]
-    if scheme == "sqlite":
-        os.makedirs(os.path.dirname(parts.path), exist_ok=True)
     return Connection(
         bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs
     )

@@ -186,7 +186,7 @@ def name():
 class Consumerd:
     """A ``consumerd`` master process running the test app, with its output captured."""
 
-    def __init__(self, tmp_path, name: str, url: str) -> None:
+    def __init__(self, tmp_path, name: str, url: str | None) -> None:
         self.tmp = tmp_path
         self.name = name
         self.url = url
@@ -217,9 +217,11 @@ class Consumerd:
 
     def start(self, *args: str, workers: int = 2, url: str | None = None) -> None:
         self.logf = open(self.log, "ab")  # noqa: SIM115 - the child writes to it
+        url = url or self.url
+        broker = ["--broker", url] if url else []  # none: the embedded default
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumerd.cli", "--app", "tapp", "--broker",
-             url or self.url, "--workers", str(workers), "--log-level", "INFO", *args],
+            [sys.executable, "-m", "consumerd.cli", "--app", "tapp", *broker,
+             "--workers", str(workers), "--log-level", "INFO", *args],
             cwd=self.tmp, env=self.env(), stdout=self.logf, stderr=subprocess.STDOUT,
         )
 
