@@ -227,6 +227,15 @@ def test_held_messages_are_restamped_before_the_visibility_timeout(broker):
     assert messages[0].delivery_tag not in held
 
 
+def test_without_ack_emulation_the_stock_code_runs(broker):
+    broker.publish(50)
+    with broker.connect(ack_emulation=False) as conn:
+        got, _, _ = consume(conn, broker.queue, 50)
+        assert not conn.default_channel._prefetched
+    assert sorted(got) == list(range(50))
+    assert broker.queued() == 0 and broker.unacked() == 0
+
+
 # -- interop with stock kombu ---------------------------------------------------------
 
 
@@ -281,7 +290,10 @@ def test_global_keyprefix_is_honoured(broker):
             got, _, _ = consume(conn, broker.queue, 100)
             with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=0.3)  # idle: sends the last acks, then BRPOP
-        assert sorted(got) == list(range(100))
+            assert conn.default_channel._outstanding[0] == "BRPOP"
+            broker.publish(1, start=100)
+            conn.drain_events(timeout=5)  # BRPOP hands it over under the prefix too
+        assert sorted(got) == list(range(101))
         assert broker.r.hlen(prefix + broker.options["unacked_key"]) == 0
         assert broker.r.llen(prefix + broker.name) == 0
     finally:
