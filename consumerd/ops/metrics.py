@@ -141,10 +141,20 @@ def _get() -> _Instruments | None:
     """The instruments, built lazily in a worker started by spawn (which inherits only the
     environment); None when the master did not enable metrics."""
     global _instruments
-    if _instruments is None and os.environ.get(OWNER_ENV) and os.environ.get(DIR_ENV):
-        _multiprocess_values()
-        _instruments = _Instruments()
+    # Only the master's own children: any other process that inherited the environment
+    # (a program a handler runs) must not write into the master's directory.
+    if (
+        _instruments is None
+        and os.environ.get(OWNER_ENV) == str(os.getppid())
+        and os.environ.get(DIR_ENV)
+    ):
+        _instruments = _build()
     return _instruments
+
+
+def _build() -> _Instruments:
+    _multiprocess_values()
+    return _Instruments()
 
 
 # -- worker side ------------------------------------------------------------------------
@@ -338,11 +348,11 @@ def _alive(pid: int) -> bool:
 class MasterMetrics:
     """The master's view: exposition, readiness, and bookkeeping of dead workers."""
 
-    def __init__(self, directory: str, owned: bool) -> None:
+    def __init__(self, directory: str, owned: bool, instruments: _Instruments) -> None:
         self.directory = directory
         self._owned = owned
         self._pid = os.getpid()
-        self._instruments = typing.cast(_Instruments, _get())
+        self._instruments = instruments
         self._names: dict[uuid.UUID, str] = {}
         self._stopping = False
         self._registry = prometheus_client.CollectorRegistry(auto_describe=False)
@@ -379,9 +389,12 @@ class MasterMetrics:
         """The ``on_terminate`` hook: workers exiting from now on are not restarts."""
         self._stopping = True
 
-    def set_backoff(self, service_id: uuid.UUID, seconds: float) -> None:
-        """Publish the current respawn delay of a service (0 when none is pending)."""
-        self._instruments.backoff.labels(self.service_name(service_id)).set(seconds)
+    def set_backoff(self, delays: typing.Mapping[uuid.UUID, float]) -> None:
+        """Publish the pending respawn delay of each service, in seconds (0 when none is
+        pending, as for a named service missing from ``delays``)."""
+        for service_id in self._names.keys() | delays.keys():
+            seconds = max(0.0, delays.get(service_id, 0.0))
+            self._instruments.backoff.labels(self.service_name(service_id)).set(seconds)
 
     # Reading ---------------------------------------------------------------------------
 
@@ -478,6 +491,7 @@ def enable(directory: str | None = None) -> MasterMetrics:
     ``close()`` at exit to remove the directory. A master re-executed by a code reload
     finds its own directory in the environment and keeps it, counts included.
     """
+    global _instruments
     if _instruments is not None:
         # prometheus_client keeps the open files of a process for good: one directory only.
         raise RuntimeError("metrics are already enabled in this process")
@@ -498,4 +512,5 @@ def enable(directory: str | None = None) -> MasterMetrics:
         path, owned = directory, False
     os.environ[DIR_ENV] = path
     os.environ[OWNER_ENV] = str(os.getpid())
-    return MasterMetrics(path, owned)
+    _instruments = _build()
+    return MasterMetrics(path, owned, _instruments)

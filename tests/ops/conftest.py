@@ -40,12 +40,12 @@ def samples(exposition: str, name: str) -> dict[str, float]:
 
 
 class OpsMaster:
-    def __init__(self, tmp_path: Path, workers: int, counted: int) -> None:
+    def __init__(self, tmp_path: Path, workers: int, counted: int, start_method: str) -> None:
         self.control = tmp_path / "control"
         self.control.mkdir()
         info_path = tmp_path / "info.json"
         config = {"workers": workers, "counted": counted, "control": str(self.control),
-                  "info": str(info_path)}
+                  "info": str(info_path), "start_method": start_method}
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         env.pop("CONSUMERD_METRICS_OWNER", None)
@@ -102,8 +102,8 @@ class OpsMaster:
 def ops_master(tmp_path: Path) -> Iterator[Callable[..., OpsMaster]]:
     started: list[OpsMaster] = []
 
-    def start(workers: int = 2, counted: int = 100) -> OpsMaster:
-        master = OpsMaster(tmp_path, workers, counted)
+    def start(workers: int = 2, counted: int = 100, start_method: str = "fork") -> OpsMaster:
+        master = OpsMaster(tmp_path, workers, counted, start_method)
         started.append(master)
         return master
 

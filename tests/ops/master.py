@@ -2,6 +2,7 @@
 
 Configuration is one JSON object in argv[1]:
 - ``workers``: worker count; ``counted``: messages each worker start records;
+- ``start_method``: "fork" (the default: the manager forks) or a multiprocessing one;
 - ``control``: a directory; a worker reports connected while ``<control>/connected``
   exists and consuming while ``<control>/consuming`` exists;
 - ``info``: where the master writes ``{"port", "directory", "pid"}`` once serving.
@@ -11,6 +12,7 @@ recorded its messages.
 
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -59,7 +61,10 @@ class OpsWorker(Service):
 
 def main():
     master_metrics = metrics.enable()
-    manager = ServiceManager()
+    method = CONFIG.get("start_method", "fork")
+    manager = ServiceManager(
+        mp_context=None if method == "fork" else multiprocessing.get_context(method)
+    )
     workers = CONFIG["workers"]
     service_id = manager.add(OpsWorker, workers=workers)
     master_metrics.name_service(service_id, "ops")

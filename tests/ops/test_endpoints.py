@@ -7,12 +7,15 @@ import signal
 import socket
 import time
 
+import pytest
+
 from tests.helpers import wait_for
 from tests.ops.conftest import get, samples
 
 
-def test_readyz_flips_when_every_worker_is_connected_and_consuming(ops_master):
-    master = ops_master(workers=2)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_readyz_flips_when_every_worker_is_connected_and_consuming(ops_master, start_method):
+    master = ops_master(workers=2, start_method=start_method)
     master.wait_starts(2)
     assert master.get("/healthz") == (200, "ok\n")
 
@@ -26,6 +29,9 @@ def test_readyz_flips_when_every_worker_is_connected_and_consuming(ops_master):
     master.report(connected=True, consuming=True)
     status, why = wait_for(lambda: (r := master.get("/readyz"))[0] == 200 and r, 5, "ready")
     assert why == "2 workers connected and consuming\n"
+
+    _, text = master.get("/metrics")
+    assert samples(text, "consumerd_messages_received_total") == {'{consumer="orders"}': 200}
 
     # A worker losing its broker makes the whole master unready again.
     master.report(connected=False, consuming=True)

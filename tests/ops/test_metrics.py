@@ -131,3 +131,69 @@ def test_a_code_reload_keeps_the_directory_and_the_counts():
         master.close()
     """, "first")
     assert out == {"same_dir": True, "restarts": True}
+
+
+def test_readiness_counts_reporting_workers_and_forgets_dead_ones():
+    out = run("""
+        import json, os, uuid
+        from consumerd.ops import metrics
+        master = metrics.enable()
+        steps = {"none": master.readiness(1)}
+        reported_r, reported_w = os.pipe()
+        leave_r, leave_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a worker: reports, then waits for the master to let it exit
+            metrics.bind_worker("svc", 0)
+            metrics.set_connected(True)
+            metrics.set_consuming(True)
+            os.write(reported_w, b"x")
+            os.read(leave_r, 1)
+            os._exit(0)
+        os.read(reported_r, 1)
+        steps["short"] = master.readiness(2)
+        steps["ready"] = master.readiness(1)
+        steps["workers"] = {str(k == pid): [v.service, v.worker_id]
+                            for k, v in master.workers().items()}
+        os.write(leave_w, b"x")
+        os.waitpid(pid, 0)
+        master.worker_died(uuid.UUID(int=1), 0, 0)  # no pid: it sweeps
+        steps["after"] = master.readiness(None)
+        steps["files"] = sorted(f for f in os.listdir(master.directory) if str(pid) in f)
+        print(json.dumps(steps))
+        master.close()
+    """)
+    assert out == {
+        "none": [False, "no worker has reported yet"],
+        "short": [False, "1 of 2 workers have reported"],
+        "ready": [True, "1 workers connected and consuming"],
+        "workers": {"True": ["svc", "0"]},
+        "after": [False, "no worker has reported yet"],
+        "files": [],
+    }
+
+
+def test_respawn_backoff_is_refreshed_before_each_scrape():
+    out = run("""
+        import json, uuid
+        from consumerd.ops import endpoints, metrics
+        master = metrics.enable()
+        a, b = uuid.UUID(int=1), uuid.UUID(int=2)
+        master.name_service(a, "a")
+        master.name_service(b, "b")
+        pending = {a: 4.0}
+        scrape = endpoints.routes(master, before_scrape=lambda: master.set_backoff(pending))
+        first = scrape["/metrics"]().body.decode()
+        pending.clear()
+        second = scrape["/metrics"]().body.decode()
+        def line(text, name):
+            head = f'consumerd_respawn_backoff_seconds{{service="{name}"}}'
+            return [x for x in text.splitlines() if x.startswith(head)]
+
+        print(json.dumps([line(first, "a"), line(first, "b"), line(second, "a")]))
+        master.close()
+    """)
+    assert out == [
+        ['consumerd_respawn_backoff_seconds{service="a"} 4.0'],
+        ['consumerd_respawn_backoff_seconds{service="b"} 0.0'],
+        ['consumerd_respawn_backoff_seconds{service="a"} 0.0'],
+    ]
