@@ -18,43 +18,46 @@ import redis
 KOMBU_UNACKED = ("unacked", "unacked_index")
 
 
-def rabbit_counts(url: str, queue: str) -> tuple[int, int] | None:
-    """``(ready, unacked)`` of ``queue`` as RabbitMQ sees it, or None if it does not exist.
-
-    rabbitmqctl is exact (AMQP's passive declare does not count unacked messages, and
-    the management API's numbers are seconds old); it costs ~0.4 s, so it is only used
-    after the timed part of a run.
-    """
+def _rabbitmqctl(url: str, what: str, *columns: str) -> list[list[str]]:
     vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:]) or "/"
     out = subprocess.run(
-        [
-            "rabbitmqctl",
-            "list_queues",
-            "-q",
-            "-p",
-            vhost,
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ],
+        ["rabbitmqctl", what, "-q", "-p", vhost, *columns],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     ).stdout
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) == 3 and fields[0] == queue:
-            return int(fields[1]), int(fields[2])
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def rabbit_counts(url: str, queue: str) -> tuple[int, int] | None:
+    """``(ready, unacked)`` of ``queue`` as RabbitMQ sees it, or None if it does not exist.
+
+    rabbitmqctl is exact (AMQP's passive declare does not count unacked messages, and
+    the management API's numbers are seconds old); it costs ~0.4 s, so it is only used
+    outside the timed part of a run.
+    """
+    rows = _rabbitmqctl(url, "list_queues", "name", "messages_ready", "messages_unacknowledged")
+    for name, ready, unacked in rows:
+        if name == queue:
+            return int(ready), int(unacked)
     return None
 
 
 def rabbit_delete(url: str, queue: str) -> None:
-    """Delete the queue, Dramatiq's delay/dead-letter queues and a same-named exchange."""
+    """Delete the queue and every queue and exchange named ``<queue>.<suffix>`` or
+    ``<queue>`` (Dramatiq's ``.DQ``/``.XQ``, consumerd's ``.retry``/``.dlq``, ...)."""
+
+    def ours(rows: list[list[str]]) -> list[str]:
+        return [row[0] for row in rows if row[0] == queue or row[0].startswith(f"{queue}.")]
+
+    queues = ours(_rabbitmqctl(url, "list_queues", "name"))
+    exchanges = ours(_rabbitmqctl(url, "list_exchanges", "name"))
     with kombu.Connection(url) as conn:
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+        for name in queues:
             conn.default_channel.queue_delete(name)
-        conn.default_channel.exchange_delete(queue)
+        for name in exchanges:
+            conn.default_channel.exchange_delete(name)
 
 
 def _redis_kombu_unacked(client: redis.Redis, queue: str) -> list[bytes]:
