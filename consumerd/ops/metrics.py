@@ -8,10 +8,10 @@ so a crash-looping worker cannot make every scrape read thousands of files.
 
 Worker side, on the hot path: :func:`for_consumer` once per consumer, then
 ``received()``/``acked()``/``retried()``/``dead_lettered()`` and ``with handling():``
-around the handler (counts reach the files within :data:`FLUSH_INTERVAL`; :func:`flush`
-before the worker exits); :func:`set_connected` and :func:`set_consuming` report the broker
-connection and whether the worker consumes, which ``/readyz`` reads. When metrics are not
-enabled every call is a no-op.
+around the handler (counts reach the files within :data:`FLUSH_INTERVAL` while messages
+flow; :func:`flush` when idle and before the worker exits); :func:`set_connected` and
+:func:`set_consuming` report the broker connection and whether the worker consumes, which
+``/readyz`` reads. When metrics are not enabled every call is a no-op.
 """
 
 from __future__ import annotations
@@ -182,14 +182,15 @@ class ConsumerMetrics:
 
 class _Recording(ConsumerMetrics):
     """Counts in plain integers and writes them to the shared files at most every
-    :data:`FLUSH_INTERVAL`: one file write costs ~3 µs (lock, getpid, mmap), six per
-    message would cost more than the rest of the consume loop. The in-flight gauge is
-    written at once, so that a long handler shows while it runs.
+    :data:`FLUSH_INTERVAL` (and on :func:`flush`): one write costs ~2-3 µs (a lock, a
+    getpid, the mmap), and six a message would cost more than the rest of the consume
+    loop. The in-flight gauge is written at once when it rises, so that a long handler
+    shows while it runs, and lazily when it falls. Meant for one thread, the consume loop's.
     """
 
     __slots__ = (
-        "_buckets", "_counters", "_due", "_duration", "_in_flight", "_pending",
-        "_seconds", "_start",
+        "_active", "_buckets", "_counters", "_due", "_duration", "_in_flight", "_pending",
+        "_seconds", "_shown",
     )
 
     # Label lookups cost microseconds: resolve them once per consumer, not per message.
@@ -206,7 +207,8 @@ class _Recording(ConsumerMetrics):
         self._buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self._seconds = 0.0
         self._in_flight = instruments.in_flight.labels(name)
-        self._start = 0.0
+        self._active = 0  # handlers running now
+        self._shown = 0  # the in-flight value last written
         self._due = time.monotonic() + FLUSH_INTERVAL
 
     def received(self) -> None:
@@ -225,22 +227,17 @@ class _Recording(ConsumerMetrics):
         self._pending[3] += 1
         self._maybe_flush()
 
-    def handling(self) -> _Recording:
-        return self
+    def handling(self) -> _Timing:
+        return _Timing(self)
 
-    def __enter__(self) -> _Recording:
-        self._in_flight.inc()
-        self._start = time.perf_counter()
-        return self
+    def started(self) -> None:
+        self._active += 1
+        if self._active > self._shown:
+            self._in_flight.set(self._active)
+            self._shown = self._active
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        seconds = time.perf_counter() - self._start
-        self._in_flight.dec()
+    def finished(self, seconds: float) -> None:
+        self._active -= 1
         self._buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         self._seconds += seconds
         self._maybe_flush()
@@ -264,13 +261,42 @@ class _Recording(ConsumerMetrics):
             self._duration._sum.inc(self._seconds)
             self._buckets = [0] * len(self._buckets)
             self._seconds = 0.0
+        if self._shown != self._active:
+            self._in_flight.set(self._active)
+            self._shown = self._active
+
+
+class _Timing:
+    """One handler call; a class rather than a generator context manager: it is about
+    1 µs cheaper."""
+
+    __slots__ = ("_recorder", "_start")
+
+    def __init__(self, recorder: _Recording) -> None:
+        self._recorder = recorder
+        self._start = 0.0
+
+    def __enter__(self) -> _Timing:
+        self._recorder.started()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self._recorder.finished(time.perf_counter() - self._start)
 
 
 _OFF = ConsumerMetrics()
 
 
 def flush() -> None:
-    """Write the counts not yet written; call it before the worker exits."""
+    """Write what is not written yet. Call it whenever the consume loop is idle (e.g. a
+    drain timeout) and before the worker exits: until then the last counts of a burst and
+    an in-flight gauge going back to 0 wait for the next message."""
     for recorder in _consumers.values():
         if isinstance(recorder, _Recording):
             recorder.flush()

@@ -53,9 +53,11 @@ def test_counts_are_batched_then_flushed_and_durations_land_in_their_buckets():
             time.sleep(0.003)
         c.acked()
         before = value("consumerd_messages_received_total")
+        falling = value("consumerd_messages_in_flight")  # written lazily on the way down
         metrics.flush()
         print(json.dumps({
             "in_flight_during": during,
+            "in_flight_before_flush": falling,
             "in_flight_after": value("consumerd_messages_in_flight"),
             "received_before_flush": before,
             "received": value("consumerd_messages_received_total"),
@@ -70,7 +72,7 @@ def test_counts_are_batched_then_flushed_and_durations_land_in_their_buckets():
         master.close()
     """)
     assert out == {
-        "in_flight_during": 1.0, "in_flight_after": 0.0,
+        "in_flight_during": 1.0, "in_flight_before_flush": 1.0, "in_flight_after": 0.0,
         "received_before_flush": 0.0, "received": 1.0, "acked": 1.0,
         "le_0025": 0.0, "le_inf": 1.0, "slept": True, "count": 1.0,
     }
