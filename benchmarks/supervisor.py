@@ -93,6 +93,20 @@ def wait_readable(fds: list[int], deadline: float) -> list[int]:
     return ready
 
 
+def target_env(tmp: Path) -> dict[str, str]:
+    """The masters' environment: this checkout first on the path, and bytecode caching on.
+
+    cotyledon was byte-compiled when pip installed it; consumerd here is a source tree, and
+    with PYTHONDONTWRITEBYTECODE set (as on the dev machine) it would be compiled on every
+    start. A private pycache (filled by the warm-up) puts both on the footing of an
+    installed package without writing __pycache__ into the checkout.
+    """
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
 class Master:
     """One supervisor under test, the pipe its workers announce on, and pidfds for all."""
 
@@ -108,10 +122,7 @@ class Master:
         self._buf = b""
         read_fd, write_fd = os.pipe()
         self._read_fd = read_fd
-        env = dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        )
+        env = target_env(log_dir)
         with open(self.log_path, "wb") as log:
             self.t_start_ns = now_ns()
             self.proc = subprocess.Popen(
@@ -313,6 +324,19 @@ def session_a(impl: str, args: argparse.Namespace, log_dir: Path, samples: Sampl
         master.close()
 
 
+def warm_up(impl: str, args: argparse.Namespace, log_dir: Path, samples: Samples) -> None:
+    """One unmeasured start and stop: fills the pycache and the page cache."""
+    master = Master(impl, args.workers, log_dir)
+    try:
+        master.wait_all_running()
+        measure_sigterm(master, Samples())
+    except BenchError as exc:
+        samples.failures.append(f"warm-up: {exc}")
+        print(f"{impl} warm-up FAILED: {exc}\n{master.log_tail()}", file=sys.stderr)
+    finally:
+        master.close()
+
+
 def session_b(impl: str, args: argparse.Namespace, log_dir: Path, samples: Samples) -> str:
     master = Master(impl, args.workers, log_dir)
     try:
@@ -460,6 +484,8 @@ def run_all(
     args: argparse.Namespace, impls: tuple[str, ...], budget: int, results: dict[str, Samples]
 ) -> None:
     with watchdog(budget), tempfile.TemporaryDirectory(prefix="sup-bench-") as tmp:
+        for impl in impls:
+            warm_up(impl, args, Path(tmp), results[impl])
         for run in range(args.runs):
             # Alternate which side goes first so drifting background load hits both alike.
             for impl in impls if run % 2 == 0 else impls[::-1]:
