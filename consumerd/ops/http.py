@@ -135,14 +135,21 @@ class HTTPResponder:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                return  # e.g. out of descriptors: the client retries
+                # Out of descriptors: free one, or the pending connection would keep the
+                # listener readable and the master's loop spinning.
+                if self._connections:
+                    self._drop(self._oldest())
+                return
             sock.setblocking(False)
             if len(self._connections) >= self.max_connections:
-                self._drop(min(self._connections.values(), key=lambda c: c.opened))
+                self._drop(self._oldest())
             now = time.monotonic()
             conn = _Connection(sock, now, now + self.budget)
             self._connections[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ)
+
+    def _oldest(self) -> _Connection:
+        return min(self._connections.values(), key=lambda c: c.opened)
 
     def _serve(self, conn: _Connection, events: int) -> None:
         if events & selectors.EVENT_READ and not conn.response:

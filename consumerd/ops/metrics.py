@@ -16,6 +16,7 @@ flow; :func:`flush` when idle and before the worker exits); :func:`set_connected
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import dataclasses
@@ -513,9 +514,10 @@ def enable(directory: str | None = None) -> MasterMetrics:
     """Turn metrics on in the master; call before the first worker is forked.
 
     Creates a fresh temporary directory (or uses ``directory``, which must be empty or
-    absent), exports it to the workers, and returns the master's handle; call its
-    ``close()`` at exit to remove the directory. A master re-executed by a code reload
-    finds its own directory in the environment and keeps it, counts included.
+    absent), exports it to the workers, and returns the master's handle. The directory is
+    removed when the master exits, if it created it. A master re-executed by a code reload
+    finds its own directory in the environment and keeps it, counts included. Enable
+    before importing the app, so that metrics the app defines at import are multiprocess.
     """
     global _instruments
     if _instruments is not None:
@@ -539,4 +541,8 @@ def enable(directory: str | None = None) -> MasterMetrics:
     os.environ[DIR_ENV] = path
     os.environ[OWNER_ENV] = str(os.getpid())
     _instruments = _build()
-    return MasterMetrics(path, owned, _instruments)
+    master = MasterMetrics(path, owned, _instruments)
+    # Runs when the master exits (manager.run() raises SystemExit), not on a code reload's
+    # exec, and never in a worker (workers leave with os._exit; close() checks the pid too).
+    atexit.register(master.close)
+    return master

@@ -80,10 +80,7 @@ def main():
         "pid": os.getpid(),
     }
     Path(CONFIG["info"]).write_text(json.dumps(info))
-    try:
-        manager.run()
-    finally:
-        master_metrics.close()
+    manager.run()  # the metrics directory goes at exit, without anything to call
 
 
 if __name__ == "__main__":
