@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,11 +91,17 @@ class OpsMaster:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        """Leave nothing behind: a graceful stop removes the metrics directory itself."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
         for pid in self.live_pids():
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.directory, ignore_errors=True)
         self.log.close()
 
 
