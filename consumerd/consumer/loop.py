@@ -25,6 +25,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
@@ -136,9 +137,9 @@ class Loop:
         self._inbox: collections.deque[tuple[_Binding | None, Message]] = collections.deque()
         self._timers: list[tuple[float, int, Message]] = []
         self._seq = itertools.count()
-        self._next_rebalance = 0.0
+        self._next_rebalance = math.inf  # chores: math.inf = never
         self._restore_every = 0.0
-        self._next_restore = 0.0
+        self._next_restore = math.inf
         self._stopping = False
         self._pending_app: App | None = None
         self._interrupt = threading.Event()
@@ -223,12 +224,13 @@ class Loop:
         while not self._stopping:
             if self._pending_app is not None:
                 self._apply_reload()
-            if self._bindings_partitioned and time.monotonic() >= self._next_rebalance:
+            now = time.monotonic()
+            if now >= self._next_rebalance:
                 self._rebalance()
-            if self._timers:
-                self._release_due_retries()
-            if self._restore_every and time.monotonic() >= self._next_restore:
+            if now >= self._next_restore:
                 self._restore_visible()
+            if self._timers and self._timers[0][0] <= time.time():
+                self._release_due_retries()
             inbox = self._inbox
             if not inbox:
                 with contextlib.suppress(socket.timeout):
@@ -240,19 +242,18 @@ class Loop:
                 elif message.channel is binding.channel:  # else: handed back by a rebind
                     self._on_message(binding, message)
 
-    @property
-    def _bindings_partitioned(self) -> bool:
-        return any(b.spec.partitions for b in self._bindings.values())
-
     def _timeout(self) -> float | None:
-        waits = []
+        """Until the next chore; None (block until a message or a poke) if there is none."""
+        deadline = min(self._next_rebalance, self._next_restore)
         if self._timers:
-            waits.append(self._timers[0][0] - time.time())
-        if self._bindings_partitioned:
-            waits.append(self._next_rebalance - time.monotonic())
-        if self._restore_every:
-            waits.append(self._next_restore - time.monotonic())
-        return max(0.001, min(waits)) if waits else None
+            deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
+        if deadline == math.inf:
+            return None
+        return max(0.001, deadline - time.monotonic())
+
+    def _rebalance_soon(self) -> None:
+        partitioned = any(b.spec.partitions for b in self._bindings.values())
+        self._next_rebalance = 0.0 if partitioned else math.inf
 
     # -- connecting -------------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class Loop:
         except BaseException:
             self._abandon_connection()
             raise
-        self._next_rebalance = 0.0
+        self._rebalance_soon()
 
     def _abandon_connection(self) -> None:
         """Drop a broken connection without waiting on it; unacked messages come back
@@ -539,7 +540,7 @@ class Loop:
         for name, spec in app.consumers.items():
             if name not in self._bindings:
                 self._bind(spec, None)
-        self._next_rebalance = 0.0
+        self._rebalance_soon()
         LOG.info("reloaded: consuming %s", ", ".join(
             f"{b.spec.name}(prefetch={b.prefetch})" for b in self._bindings.values()))
 

@@ -23,6 +23,8 @@ import pytest
 import redis as redis_lib
 from kombu import Connection
 
+from consumerd.consumer.broker import connect
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REDIS_URL = "redis://127.0.0.1:6379/0"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -132,7 +134,7 @@ class Broker:
         """Ready messages in ``queue`` (not counting unacked ones)."""
         if self.kind == "redis":
             return int(self.client().llen(self.prefix + queue))
-        with Connection(self.url) as conn:
+        with connect(self.url) as conn:
             try:
                 return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
             except Exception:
@@ -146,14 +148,14 @@ class Broker:
         from consumerd.consumer.app import declare_queue
 
         self.created.add(queue)
-        with Connection(self.url) as conn:
+        with connect(self.url) as conn:
             conn.Producer().publish(body, exchange="", routing_key=queue,
                                     content_type=content_type, content_encoding="binary",
                                     headers=headers, declare=[declare_queue(queue)])
 
     def get(self, queue: str):
         """Take one message off ``queue`` (acked), or None."""
-        with Connection(self.url) as conn:
+        with connect(self.url) as conn:
             message = conn.SimpleQueue(queue, no_ack=True).queue.get(no_ack=True)
             return message
 
@@ -164,7 +166,7 @@ class Broker:
             if keys:
                 client.delete(*keys)
             return
-        with Connection(self.url) as conn:
+        with connect(self.url) as conn:
             for name in names:
                 for suffix in ("", ".retry", ".dlq", *(f".p{p}" for p in range(16))):
                     with contextlib.suppress(Exception):

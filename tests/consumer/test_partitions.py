@@ -76,3 +76,30 @@ def test_scale_up_and_down_never_two_consumers(consumerd, broker, name):
     assert sum(ids.values()) == n  # hand-overs return messages, they never duplicate
     _assert_no_overlap(consumerd.records())
     assert broker.unacked() == 0
+
+
+def test_members_share_the_partitions(tmp_path, consumerd, broker, name):
+    """Two hosts (two masters here) with --member 0/2 and 1/2 split the partitions."""
+    from tests.consumer.conftest import Consumerd
+
+    consumerd.configure([{"name": name, "partitions": 4}])
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = Consumerd(other_dir, name, broker.url)
+    other.out = consumerd.out  # one record file for both
+    other.configure([{"name": name, "partitions": 4}])
+    publish_many(broker.url, name, 200, partitions=4)
+    try:
+        consumerd.start("--member", "0/2", workers=1)
+        other.start("--member", "1/2", workers=1)
+        (first,) = consumerd.wait_workers(1)
+        (second,) = other.wait_workers(1)
+        wait_for(lambda: len(consumerd.ids()) == 200, 60, "all messages handled")
+        assert consumerd.stop() == 0
+        assert other.stop() == 0
+    finally:
+        other.kill()
+    queues = collections.defaultdict(set)
+    for r in consumerd.records():
+        queues[r.pid].add(r.queue)
+    assert queues == {first: {f"{name}.p0", f"{name}.p2"}, second: {f"{name}.p1", f"{name}.p3"}}
