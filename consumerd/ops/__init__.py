@@ -1,4 +1,4 @@
 """Operations: Prometheus metrics, the health/metrics HTTP endpoint, JSON logs, layered config.
 
-Each module has one job and is wired into the command line by ``consumerd.cli``.
+Each module has one job; the command line (``consumerd.cli``) wires them to the master.
 """

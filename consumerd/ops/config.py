@@ -156,11 +156,11 @@ class Settings:
         live=True, metavar="FORMAT",
     )
     metrics_port: int | None = _setting(
-        None, _int(0, 65535), "serve /metrics, /healthz and /readyz on this port (default: off)",
+        None, _int(0, 65535), "serve /metrics, /healthz and /readyz on this port (off if unset)",
         metavar="PORT",
     )
     metrics_address: str = _setting(
-        "0.0.0.0", _text, "address the metrics port binds (all interfaces, for containers)",
+        "0.0.0.0", _text, "address the metrics port binds (all interfaces: containers)",
         metavar="ADDRESS",
     )
     pidfile: str | None = _setting(None, _text, "write the master's pid here", metavar="PATH")
@@ -227,6 +227,15 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, typing.Any]:
     return found
 
 
+def _help(name: str) -> str:
+    field = FIELDS[name]
+    default = field.default
+    shown = "/".join(map(str, default)) if isinstance(default, tuple) else default
+    where = f"${env_names(name)[0]}" + ("" if default is None else f"; default {shown}")
+    live = "" if field.metadata["live"] else "; needs a restart to change"
+    return f"{field.metadata['help']} ({where}{live})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and an option per setting, none with a default of its own."""
     parser.add_argument(
@@ -245,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--" + name.replace("_", "-"), type=convert, default=argparse.SUPPRESS,
             metavar=field.metadata["metavar"],
-            help=f"{field.metadata['help']} (${env_names(name)[0]})",
+            help=_help(name),
         )
 
 
