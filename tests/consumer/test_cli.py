@@ -122,3 +122,28 @@ def test_publish_from_the_shell_routes_like_the_app(apps, name):
         assert client.llen(f"{name}.plain") == 5
     finally:
         client.delete(f"{name}.plain", *(f"{name}.p{p}" for p in range(4)))
+
+
+def test_pidfile_is_written_guarded_and_removed(apps):
+    import signal
+    import time
+
+    pidfile = apps / "consumerd.pid"
+    environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}")
+    environ.pop("CONSUMERD_BROKER_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "consumerd.cli", "--app", "good",
+                             "--pidfile", str(pidfile)], cwd=apps, env=environ,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline, "pidfile not written"
+            time.sleep(0.02)
+        assert int(pidfile.read_text()) == proc.pid
+        second = run(apps, "--app", "good", "--pidfile", str(pidfile))
+        assert second.returncode == 2
+        assert f"consumerd already runs as pid {proc.pid}" in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert not pidfile.exists()
