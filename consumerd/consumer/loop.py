@@ -561,6 +561,7 @@ class Loop:
                 conn.release()
             self._conn = None
         self._leases.release_all()  # after the channels: their messages are back
+        self._membership.leave()
 
     @staticmethod
     def _close_quietly(thing: typing.Any) -> None:

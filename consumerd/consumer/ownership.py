@@ -98,6 +98,15 @@ class Membership:
             f.write(str(os.getpid()))
         os.replace(tmp, path)
 
+    def leave(self) -> None:
+        """Remove our slot file on a clean exit (not a successor's: SIGUSR2 replaces a
+        worker by a new one with the same slot before the old one exits), so a recycled
+        pid can never make a stale slot look alive."""
+        path = os.path.join(self.dir, str(self.worker_id))
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            if int(f.read()) == os.getpid():
+                os.unlink(path)
+
     def _highest_alive(self) -> int:
         highest = self.worker_id
         for entry in os.listdir(self.dir):

@@ -225,6 +225,8 @@ def test_membership_grows_at_once_and_shrinks_after_grace(tmp_path):
         f.write("999999999")  # dead
     assert m.workers(now=1.8) == 4
     assert m.workers(now=2.9) == 1
+    m.leave()
+    assert not os.path.exists(os.path.join(m.dir, "0"))
 
 
 # -- the handling decisions of the loop (no broker) ---------------------------------------
