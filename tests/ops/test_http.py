@@ -90,3 +90,24 @@ def test_connections_beyond_the_limit_push_out_the_oldest(responder):
     finally:
         for client in clients:
             client.close()
+
+
+def test_an_ipv6_address_binds_an_ipv6_socket():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        server = HTTPResponder("::1", 0, {"/ok": lambda: text(200, "ok")})
+    except OSError as exc:
+        pytest.skip(f"::1 unavailable: {exc}")
+    try:
+        with socket.create_connection(("::1", server.address[1]), timeout=5) as client:
+            client.sendall(b"GET /ok HTTP/1.0\r\n\r\n")
+            client.setblocking(False)
+            reply = b""
+            while not reply.endswith(b"ok\n"):
+                turn(server)
+                with contextlib.suppress(BlockingIOError):
+                    reply += client.recv(4096)
+        assert reply.startswith(b"HTTP/1.0 200")
+    finally:
+        server.close()

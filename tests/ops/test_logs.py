@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from consumerd.ops import logs
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,3 +67,21 @@ def test_text_stays_the_default_format(tmp_path):
     line = next(line for line in err.splitlines() if "handling m-1" in line)
     assert " INFO [" in line and "] app: handling m-1" in line
     assert not line.startswith("{")
+
+
+def test_the_formatter_keeps_odd_values_on_one_line():
+    stream = io.StringIO()
+    handler = logs.configure("DEBUG", "json", stream)
+    try:
+        log = logging.getLogger("odd")
+        with logs.message("q", None):
+            log.debug("naïve\r\nline", extra={"obj": object(), "n": 1.5}, stack_info=True)
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 1
+        record = json.loads(lines[0])
+        assert record["message"] == "naïve\r\nline"
+        assert record["queue"] == "q" and record["message_id"] is None
+        assert record["obj"].startswith("<object object") and record["n"] == 1.5
+        assert record["stack"].startswith("Stack (most recent call last)")
+    finally:
+        logging.getLogger().removeHandler(handler)
