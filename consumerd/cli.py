@@ -28,6 +28,10 @@ class UsageError(Exception):
     """A mistake on the command line: reported as one line, exit status 2."""
 
 
+class Failure(Exception):
+    """A command that could not do its job (e.g. broker unreachable): one line, status 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
@@ -218,8 +222,14 @@ def _publish(args: argparse.Namespace) -> None:
         for body in _bodies(args):
             queue = app.publish(args.name, body, key=args.key, headers=headers)
             count += 1
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise Failure(f"publish to {broker.redact(app.broker_url)} failed after {count} "
+                      f"message(s): {type(exc).__name__}: {exc}") from None
     finally:
-        app.close()
+        with contextlib.suppress(Exception):
+            app.close()
     if count:
         LOG.info("published %d message(s) to %s", count, queue)
 
@@ -276,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as exc:
         print(f"consumerd: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+    except Failure as exc:
+        print(f"consumerd: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

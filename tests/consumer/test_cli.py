@@ -147,3 +147,11 @@ def test_pidfile_is_written_guarded_and_removed(apps):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     assert not pidfile.exists()
+
+
+def test_publish_to_an_unreachable_broker_is_one_line_exit_1(apps):
+    result = run(apps, "publish", "--broker", "redis://127.0.0.1:1/0", "q", "{}")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "publish to redis://127.0.0.1:1/0 failed after 0 message(s)" in lines[0]
