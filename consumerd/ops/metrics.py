@@ -142,15 +142,25 @@ def _get() -> _Instruments | None:
     """The instruments, built lazily in a worker started by spawn (which inherits only the
     environment); None when the master did not enable metrics."""
     global _instruments
-    # Only the master's own children: any other process that inherited the environment
-    # (a program a handler runs) must not write into the master's directory.
-    if (
-        _instruments is None
-        and os.environ.get(OWNER_ENV) == str(os.getppid())
-        and os.environ.get(DIR_ENV)
-    ):
+    if _instruments is None and os.environ.get(DIR_ENV) and _started_by_master():
         _instruments = _build()
     return _instruments
+
+
+def _started_by_master() -> bool:
+    """A worker the master spawned, or forked by its fork server: any other process that
+    inherited the environment (a program a handler runs) must not write into the
+    master's directory."""
+    owner = os.environ.get(OWNER_ENV)
+    parent = os.getppid()
+    if owner == str(parent):
+        return True
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            grandparent = f.read().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return False
+    return owner == grandparent
 
 
 def _build() -> _Instruments:

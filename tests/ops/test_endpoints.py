@@ -13,7 +13,7 @@ from tests.helpers import wait_for
 from tests.ops.conftest import get, samples
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
 def test_readyz_flips_when_every_worker_is_connected_and_consuming(ops_master, start_method):
     master = ops_master(workers=2, start_method=start_method)
     master.wait_starts(2)
