@@ -156,6 +156,9 @@ def _started_by_master() -> bool:
     if owner == str(parent):
         return True
     try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            if b"multiprocessing.forkserver" not in f.read():
+                return False
         with open(f"/proc/{parent}/stat") as f:
             grandparent = f.read().rsplit(")", 1)[1].split()[1]
     except (OSError, IndexError):

@@ -199,3 +199,24 @@ def test_respawn_backoff_is_refreshed_before_each_scrape():
         ['consumerd_respawn_backoff_seconds{service="b"} 0.0'],
         ['consumerd_respawn_backoff_seconds{service="a"} 0.0'],
     ]
+
+
+def test_a_program_a_worker_runs_does_not_record_into_the_masters_directory():
+    out = run("""
+        import json, os, subprocess, sys
+        from consumerd.ops import metrics
+        master = metrics.enable()
+        probe = "from consumerd.ops import metrics; print(type(metrics.for_consumer('x')).__name__)"
+        spawned = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a forked worker running a program of its own
+            result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+            os.write(w, result.stdout.strip().encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        program = os.read(r, 100).decode()
+        print(json.dumps({"worker": spawned.stdout.strip(), "its program": program}))
+        master.close()
+    """)
+    assert out == {"worker": "_Recording", "its program": "ConsumerMetrics"}
