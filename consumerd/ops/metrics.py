@@ -380,8 +380,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process reusing the pid
-        return True
+    except PermissionError:
+        pass  # it exists, under another user: the pid was reused
     return True
 
 
