@@ -301,7 +301,6 @@ class Loop:
             self._bind_retry()
             LOG.info("consuming %s from %s", ", ".join(self._app.consumers),
                      broker.redact(self._url))
-            # Last: py-amqp may run handlers while it waits for a later consume-ok.
             for spec in self._app.consumers.values():
                 self._bind(spec, self._bindings.get(spec.name))
         except BaseException:
@@ -356,9 +355,9 @@ class Loop:
         assert self._conn is not None
         self._wake_channel = self._conn.channel()
         queue = Queue(self._wake_queue, routing_key=self._wake_queue,
-                            durable=False, exclusive=self._amqp, auto_delete=True)
+                      durable=False, exclusive=self._amqp, auto_delete=True)
         Consumer(self._wake_channel, queues=[queue], no_ack=True,
-                       on_message=self._on_wake).consume()
+                 on_message=self._on_wake).consume()
 
     def _restore_visible(self) -> None:
         """Give back messages a dead worker took: on Redis they sit in the ``unacked``
