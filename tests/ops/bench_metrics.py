@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 
+import prometheus_client
 from prometheus_client import multiprocess
 
 from consumerd.ops import metrics
@@ -42,22 +43,44 @@ def recorded(recorder: metrics.ConsumerMetrics, n: int) -> float:
     return time.process_time() - started
 
 
+def direct(n: int) -> float:
+    """The same with prometheus_client's own calls, one file write each (no batching)."""
+    received = prometheus_client.Counter("direct_received", "", registry=None)
+    acked = prometheus_client.Counter("direct_acked", "", registry=None)
+    in_flight = prometheus_client.Gauge("direct_in_flight", "", registry=None,
+                                        multiprocess_mode="livesum")
+    duration = prometheus_client.Histogram("direct_seconds", "", registry=None,
+                                           buckets=metrics.DURATION_BUCKETS)
+    started = time.process_time()
+    for _ in range(n):
+        received.inc()
+        in_flight.inc()
+        begun = time.perf_counter()
+        handler()
+        duration.observe(time.perf_counter() - begun)
+        in_flight.dec()
+        acked.inc()
+    return time.process_time() - started
+
+
 def in_worker(n: int, runs: int) -> None:
     """Runs in the forked worker; prints the table."""
     on = metrics.for_consumer("bench")
     off = metrics.ConsumerMetrics()
-    rows = {"bare loop": [], "metrics off": [], "metrics on (multiprocess)": []}
+    rows = {"bare loop": [], "metrics off": [], "metrics on (multiprocess)": [],
+            "prometheus_client, unbatched": []}
     for _ in range(runs):
         rows["bare loop"].append(bare(n))
         rows["metrics off"].append(recorded(off, n))
         rows["metrics on (multiprocess)"].append(recorded(on, n))
+        rows["prometheus_client, unbatched"].append(direct(n))
     base = statistics.median(rows["bare loop"])
     print(f"{n:,} messages x {runs} runs, median per message")
-    print(f"| {'case':<27} | {'µs/msg':>7} | {'overhead µs':>11} |")
-    print(f"|{'-' * 29}|{'-' * 9}|{'-' * 13}|")
+    print(f"| {'case':<29} | {'µs/msg':>7} | {'overhead µs':>11} |")
+    print(f"|{'-' * 31}|{'-' * 9}|{'-' * 13}|")
     for name, times in rows.items():
         per = statistics.median(times) / n * 1e6
-        print(f"| {name:<27} | {per:7.2f} | {per - base / n * 1e6:11.2f} |")
+        print(f"| {name:<29} | {per:7.2f} | {per - base / n * 1e6:11.2f} |")
 
 
 def scrape_ms(master: metrics.MasterMetrics, runs: int) -> float:
