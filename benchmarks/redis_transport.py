@@ -42,8 +42,7 @@ def publish(queue: str, total: int) -> None:
             producer.publish({"n": n, "pad": pad}, routing_key=queue)
 
 
-def consume(transport: str, queue: str, total: int, prefetch: int, shared: tuple[Any, ...]
-            ) -> None:
+def consume(transport: str, queue: str, total: int, prefetch: int, shared: tuple[Any, ...]) -> None:
     """One consumer process: wait for ``start``, ack until ``done`` reaches ``total``."""
     start, done, last = shared
     with kombu.Connection(URL, transport=transport) as conn:
@@ -71,8 +70,10 @@ def run_once(transport: str, total: int, workers: int, prefetch: int) -> float:
     publish(queue, total)
     ctx = multiprocessing.get_context("spawn")
     start, done, last = ctx.Event(), ctx.Value("l", 0), ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=consume, args=(transport, queue, total, prefetch,
-                                               (start, done, last))) for _ in range(workers)]
+    procs = [
+        ctx.Process(target=consume, args=(transport, queue, total, prefetch, (start, done, last)))
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     time.sleep(2.0)  # let both processes import kombu and register their consumers
@@ -87,8 +88,10 @@ def run_once(transport: str, total: int, workers: int, prefetch: int) -> float:
     left, unacked = r.llen(queue), r.hlen("unacked") + r.zcard("unacked_index")
     r.delete(queue, f"_kombu.binding.{queue}")
     if done.value != total or left or unacked:
-        raise SystemExit(f"{transport}: consumed {done.value} of {total}, {left} left in "
-                         f"queue, {unacked} unacked entries")
+        raise SystemExit(
+            f"{transport}: consumed {done.value} of {total}, {left} left in "
+            f"queue, {unacked} unacked entries"
+        )
     return total / (last.value - began)
 
 
@@ -109,8 +112,10 @@ def main() -> None:
             print(f"run {n + 1}: {name:<22} {rate:8,.0f} msg/s", flush=True)
     stock = statistics.median(results["kombu redis (stock)"])
     print()
-    print(f"{args.messages:,} messages, {args.workers} consumer processes, "
-          f"prefetch {args.prefetch}, ack each; medians of {args.runs}")
+    print(
+        f"{args.messages:,} messages, {args.workers} consumer processes, "
+        f"prefetch {args.prefetch}, ack each; medians of {args.runs}"
+    )
     print("| transport | msg/s (median) | runs | vs stock |")
     print("|---|---|---|---|")
     for name, rates in results.items():
