@@ -60,15 +60,17 @@ class Broker:
         self.queue = kombu.Queue(self.name, routing_key=self.name)
 
     def connect(self, transport: str = OURS, **options) -> kombu.Connection:
-        return kombu.Connection(URL, transport=transport,
-                                transport_options={**self.options, **options})
+        return kombu.Connection(
+            URL, transport=transport, transport_options={**self.options, **options}
+        )
 
     def publish(self, count: int, start: int = 0, transport: str = STOCK) -> None:
         with self.connect(transport) as conn:
             producer = conn.Producer(serializer="json")
             for n in range(start, start + count):
-                producer.publish({"n": n, "pad": "x" * 80}, routing_key=self.name,
-                                 declare=[self.queue])
+                producer.publish(
+                    {"n": n, "pad": "x" * 80}, routing_key=self.name, declare=[self.queue]
+                )
 
     def queued(self) -> int:
         return int(self.r.llen(self.name))
@@ -111,8 +113,9 @@ def consume(conn, queue, count, prefetch=100, ack=True, *, timeout=20.0, no_ack=
         if ack and not no_ack:
             message.ack()
 
-    consumer = conn.Consumer([queue], callbacks=[on_message], prefetch_count=prefetch,
-                             accept=["json"], no_ack=no_ack)
+    consumer = conn.Consumer(
+        [queue], callbacks=[on_message], prefetch_count=prefetch, accept=["json"], no_ack=no_ack
+    )
     consumer.consume()
     deadline = time.monotonic() + timeout
     while len(got) < count:
@@ -156,8 +159,7 @@ def test_a_fetch_records_the_whole_batch_as_stock_kombu_does(broker):
         assert got == [0]
         assert broker.queued() == 20  # ten popped in one step
         assert broker.unacked() == 10 and broker.indexed() == 10
-        stored = json.loads(broker.r.hget(broker.options["unacked_key"],
-                                          messages[0].delivery_tag))
+        stored = json.loads(broker.r.hget(broker.options["unacked_key"], messages[0].delivery_tag))
         # Stock kombu's layout: [payload, exchange, routing_key]
         assert stored == [messages[0]._raw, "", broker.name]
         score = broker.r.zscore(broker.options["unacked_index_key"], messages[0].delivery_tag)
@@ -297,9 +299,17 @@ def test_global_keyprefix_is_honoured(broker):
         assert broker.r.hlen(prefix + broker.options["unacked_key"]) == 0
         assert broker.r.llen(prefix + broker.name) == 0
     finally:
-        broker.r.delete(*(prefix + k for k in (broker.name, f"_kombu.binding.{broker.name}",
-                                              broker.options["unacked_key"],
-                                              broker.options["unacked_index_key"])))
+        broker.r.delete(
+            *(
+                prefix + k
+                for k in (
+                    broker.name,
+                    f"_kombu.binding.{broker.name}",
+                    broker.options["unacked_key"],
+                    broker.options["unacked_index_key"],
+                )
+            )
+        )
         del broker.options["global_keyprefix"]
 
 
@@ -384,8 +394,12 @@ def test_message_arriving_while_closing_is_not_lost(broker):
 def test_idle_consumer_does_not_spin_and_wakes_at_once(broker):
     with broker.connect() as conn:
         got = []
-        conn.Consumer([broker.queue], callbacks=[lambda b, m: (got.append(b), m.ack())],
-                      prefetch_count=100, accept=["json"]).consume()
+        conn.Consumer(
+            [broker.queue],
+            callbacks=[lambda b, m: (got.append(b), m.ack())],
+            prefetch_count=100,
+            accept=["json"],
+        ).consume()
         cpu, started = time.process_time(), time.monotonic()
         while time.monotonic() - started < 2.0:
             with contextlib.suppress(TimeoutError):
@@ -413,11 +427,20 @@ def test_other_channels_are_served_while_a_batch_is_held(broker):
                 time.sleep(0.005)
                 message.ack()
 
-            conn.Consumer([broker.queue], channel=work, prefetch_count=100, accept=["json"],
-                          callbacks=[on_work]).consume()
-            conn.Consumer([wake], channel=conn.channel(), no_ack=True, accept=["json"],
-                          callbacks=[lambda b, m: held_at_wake.append(len(work._prefetched))]
-                          ).consume()
+            conn.Consumer(
+                [broker.queue],
+                channel=work,
+                prefetch_count=100,
+                accept=["json"],
+                callbacks=[on_work],
+            ).consume()
+            conn.Consumer(
+                [wake],
+                channel=conn.channel(),
+                no_ack=True,
+                accept=["json"],
+                callbacks=[lambda b, m: held_at_wake.append(len(work._prefetched))],
+            ).consume()
             conn.drain_events(timeout=5)
             assert len(work._prefetched) >= 90
             conn.Producer().publish({"n": -1}, routing_key=wake.name, declare=[wake])
@@ -440,8 +463,12 @@ def test_event_loop_mode_delivers_everything(broker):
         with broker.connect() as conn:
             conn.transport.register_with_event_loop(conn.connection, hub)
             got = []
-            conn.Consumer([broker.queue], callbacks=[lambda b, m: (got.append(b["n"]), m.ack())],
-                          prefetch_count=7, accept=["json"]).consume()
+            conn.Consumer(
+                [broker.queue],
+                callbacks=[lambda b, m: (got.append(b["n"]), m.ack())],
+                prefetch_count=7,
+                accept=["json"],
+            ).consume()
             deadline = time.monotonic() + 30
             while len(got) < 300 and time.monotonic() < deadline:
                 hub.run_once()
@@ -486,11 +513,18 @@ def test_sigkilled_consumer_loses_nothing(broker, tmp_path):
     options = {**broker.options, "visibility_timeout": 2, "unacked_restore_throttle": 1}
     env = dict(os.environ, PYTHONPATH=ROOT)
     outs = [tmp_path / "a.out", tmp_path / "b.out"]
-    procs = [subprocess.Popen([sys.executable, "-c", CONSUMER, broker.name, str(out),
-                               json.dumps(options)], env=env) for out in outs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONSUMER, broker.name, str(out), json.dumps(options)], env=env
+        )
+        for out in outs
+    ]
     try:
-        wait_for(lambda: outs[0].exists() and len(read_numbers(outs[0])) >= 300, 60,
-                 "the first consumer to be mid-stream")
+        wait_for(
+            lambda: outs[0].exists() and len(read_numbers(outs[0])) >= 300,
+            60,
+            "the first consumer to be mid-stream",
+        )
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
         assert broker.queued() > 0, "the kill was not mid-stream"
@@ -522,13 +556,20 @@ def test_sigkilled_consumer_loses_nothing(broker, tmp_path):
 
 
 def kombu_message(n: int, tag: str, queue: str = "q") -> bytes:
-    return json.dumps({
-        "body": json.dumps({"n": n}), "content-encoding": "utf-8",
-        "content-type": "application/json", "headers": {},
-        "properties": {"delivery_tag": tag, "body_encoding": "base64",
-                       "delivery_info": {"exchange": "ex", "routing_key": queue},
-                       "priority": 0},
-    }).encode()
+    return json.dumps(
+        {
+            "body": json.dumps({"n": n}),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {
+                "delivery_tag": tag,
+                "body_encoding": "base64",
+                "delivery_info": {"exchange": "ex", "routing_key": queue},
+                "priority": 0,
+            },
+        }
+    ).encode()
 
 
 @pytest.fixture
@@ -543,8 +584,11 @@ def test_fetch_script_pops_in_priority_order_and_records(fake):
     r.lpush("q\x06\x163", kombu_message(2, "t2"))
     out = fetch(keys=["h", "z", "q", "q\x06\x163"], args=[10, "100.5", 0])
     assert [out[i] for i in range(0, len(out), 3)] == [1, 1, 2]
-    assert [json.loads(out[i])["properties"]["delivery_tag"]
-            for i in range(2, len(out), 3)] == ["t0", "t1", "t2"]
+    assert [json.loads(out[i])["properties"]["delivery_tag"] for i in range(2, len(out), 3)] == [
+        "t0",
+        "t1",
+        "t2",
+    ]
     assert json.loads(r.hget("h", "t1")) == [json.loads(kombu_message(1, "t1")), "ex", "q"]
     assert r.zscore("z", "t2") == 100.5
 
@@ -586,6 +630,7 @@ def test_restore_script_pushes_only_what_it_removed(fake):
     for n in (2, 1, 0):  # newest first: RPUSH leaves the oldest at the head
         args += [f"t{n}", 1, kombu_message(n, f"t{n}")]
     assert restore(keys=["h", "z", "q"], args=args) == 2
-    assert [json.loads(m)["properties"]["delivery_tag"] for m in reversed(r.lrange("q", 0, -1))
-            ] == ["t0", "t2"]
+    assert [
+        json.loads(m)["properties"]["delivery_tag"] for m in reversed(r.lrange("q", 0, -1))
+    ] == ["t0", "t2"]
     assert r.hlen("h") == 0 and r.zcard("z") == 0

@@ -92,7 +92,9 @@ end
 # ARGV: limit, now, acks..., then optionally (key number, item) popped by BRPOP already.
 # Returns flat (key number, recorded 0/1, item) triples. The hash value is stock kombu's
 # ``[payload, exchange, routing_key]``, built around the untouched payload text.
-FETCH_LUA = _ACKS_LUA + """
+FETCH_LUA = (
+    _ACKS_LUA
+    + """
 local limit, now = tonumber(ARGV[1]), ARGV[2]
 local nxt = apply_acks(3)
 local out = {}
@@ -127,12 +129,15 @@ for k = 3, #KEYS do
 end
 return out
 """
+)
 
 # KEYS: unacked hash, unacked index zset, destination queue keys.
 # ARGV: 'RPUSH' (head of the queue) or 'LPUSH' (tail), acks..., then (tag, key number,
 # payload) triples in push order. A message is pushed only if this call removed its
 # unacked entry, so a concurrent visibility-timeout restore cannot duplicate it.
-RESTORE_LUA = _ACKS_LUA + """
+RESTORE_LUA = (
+    _ACKS_LUA
+    + """
 local push = ARGV[1]
 local restored = 0
 for i = apply_acks(2), #ARGV, 3 do
@@ -144,6 +149,7 @@ for i = apply_acks(2), #ARGV, 3 do
 end
 return restored
 """
+)
 
 
 # KEYS: unacked index zset. ARGV: now, tags. Re-stamps the tags still indexed (not
@@ -357,7 +363,10 @@ class Channel(stock.Channel):
             acks = self._take_acks()
             prefixed = [*self._bookkeeping_keys(), *map(self._key, keys)]
             command = [
-                "EVALSHA", self._script("fetch").sha, len(prefixed), *prefixed,
+                "EVALSHA",
+                self._script("fetch").sha,
+                len(prefixed),
+                *prefixed,
                 *self._fetch_args(max(self._window(), 1), acks),
             ]
             self._outstanding = ("EVALSHA", keys, acks)
@@ -397,7 +406,7 @@ class Channel(stock.Channel):
         if command == "BRPOP":
             if not reply:
                 raise Empty()
-            popped = bytes_to_str(reply[0])[len(self.global_keyprefix):]
+            popped = bytes_to_str(reply[0])[len(self.global_keyprefix) :]
             reply = self._fetch_now(keys, keys.index(popped) + 1, reply[1])
         self._queue_empty = not reply
         self._stash(keys, reply)
@@ -466,19 +475,25 @@ class Channel(stock.Channel):
         """Slow handlers let held messages age toward the visibility timeout, after which
         any consumer may restore them: re-stamp them, and drop any already restored."""
         held = list(self._prefetched)
-        alive = self._script("touch")(keys=[self._key(self.unacked_index_key)],
-                                      args=[repr(time()), *(e.tag for e in held)])
+        alive = self._script("touch")(
+            keys=[self._key(self.unacked_index_key)], args=[repr(time()), *(e.tag for e in held)]
+        )
         now = monotonic()
         self._prefetched = collections.deque(
-            e._replace(fetched_at=now) for e, ok in zip(held, alive, strict=True) if ok)
+            e._replace(fetched_at=now) for e, ok in zip(held, alive, strict=True) if ok
+        )
         for entry, ok in zip(held, alive, strict=True):
             if not ok:
                 self.fetched_keys.pop(entry.tag, None)
-                LOG.warning("Prefetched message %s was restored by another consumer "
-                            "(visibility_timeout): not delivering it here", entry.tag)
+                LOG.warning(
+                    "Prefetched message %s was restored by another consumer "
+                    "(visibility_timeout): not delivering it here",
+                    entry.tag,
+                )
 
-    def basic_consume(self, queue: str, no_ack: bool, *args: typing.Any, **kwargs: typing.Any
-                      ) -> typing.Any:
+    def basic_consume(
+        self, queue: str, no_ack: bool, *args: typing.Any, **kwargs: typing.Any
+    ) -> typing.Any:
         # A no_ack consumer's messages are recorded like the others and acked on delivery.
         (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
@@ -492,9 +507,7 @@ class Channel(stock.Channel):
 
     # -- handing back -----------------------------------------------------------------
 
-    def requeue_prefetched(
-        self, which: typing.Callable[[_Prefetched], bool] | None = None
-    ) -> int:
+    def requeue_prefetched(self, which: typing.Callable[[_Prefetched], bool] | None = None) -> int:
         """Return prefetched, never-delivered messages to the head of their queues, in
         order, in one round trip. Returns how many went back."""
         keep, back = collections.deque[_Prefetched](), list[_Prefetched]()
@@ -566,8 +579,7 @@ class Channel(stock.Channel):
         if not self._in_poll or self._outstanding is None:
             return
         sock = self.client.connection._sock
-        if self._outstanding[0] == "BRPOP" and self._blocking_id and \
-                self._blocking_id[0] is sock:
+        if self._outstanding[0] == "BRPOP" and self._blocking_id and self._blocking_id[0] is sock:
             # Ends the BRPOP at once: it replies nil, or with the message it already
             # popped, which is then recorded and handed back like the others.
             self.sync_client.client_unblock(self._blocking_id[1])
@@ -580,8 +592,7 @@ def _redelivered(raw: Payload) -> Payload:
     payload = dict(raw)
     payload["headers"] = {**(raw.get("headers") or {}), "redelivered": True}
     properties = dict(raw.get("properties") or {})
-    properties["delivery_info"] = {**(properties.get("delivery_info") or {}),
-                                   "redelivered": True}
+    properties["delivery_info"] = {**(properties.get("delivery_info") or {}), "redelivered": True}
     payload["properties"] = properties
     return payload
 
@@ -591,10 +602,8 @@ class _Poller(stock.MultiChannelPoller):
 
     _turn = 0
 
-    def get(self, callback: typing.Callable[..., typing.Any], timeout: float | None = None
-            ) -> None:
-        ready = [c for c in self._channels
-                 if isinstance(c, Channel) and c.can_deliver_prefetched()]
+    def get(self, callback: typing.Callable[..., typing.Any], timeout: float | None = None) -> None:
+        ready = [c for c in self._channels if isinstance(c, Channel) and c.can_deliver_prefetched()]
         if not ready:
             self._flush_waiting_acks()
             return super().get(callback, timeout)  # type: ignore[no-any-return]
