@@ -278,6 +278,19 @@ class ServiceManager:
         self._selector.unregister(fd)
         self._readers.discard(fd)
 
+    def expected_workers(self) -> int:
+        """How many workers the configuration asks for now, all services together."""
+        return sum(config.workers for config in self._services.values())
+
+    def respawn_backoff(self) -> dict[ServiceId, float]:
+        """Per service, the longest wait before a failed worker slot is respawned."""
+        now = time.monotonic()
+        waits = dict.fromkeys(self._services, 0.0)
+        for (service_id, _), not_before in self._not_before.items():
+            if service_id in waits:
+                waits[service_id] = max(waits[service_id], not_before - now)
+        return waits
+
     def shutdown(self) -> None:
         """Stop gracefully, as on SIGTERM.
 
