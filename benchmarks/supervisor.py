@@ -10,9 +10,11 @@ implementation, two masters are started:
   replacement's ``run()``; SIGTERM of the master -> its exit seen through waitpid.
 * session B: start -> N workers running; SIGKILL of the master -> every worker gone.
 
-Figures are medians over all samples, with min-max. Implementations alternate within each
-run so that background load hits both alike. The benchmark makes itself a child subreaper
-so orphaned workers are reparented to it (and reaped) rather than to PID 1.
+Exits are observed through pidfds (readable exactly when waitpid would return). Figures
+are medians over all samples, with min-max. Implementations alternate within each run so
+that background load hits both alike; one unmeasured start and stop of each warms the
+bytecode and page caches first. The benchmark makes itself a child subreaper so orphaned
+workers are reparented to it (and reaped) rather than to PID 1.
 
     python benchmarks/supervisor.py                 # both, 5 runs
     python benchmarks/supervisor.py --impl cotyledon --runs 3
@@ -110,10 +112,10 @@ def target_env(tmp: Path) -> dict[str, str]:
 class Master:
     """One supervisor under test, the pipe its workers announce on, and pidfds for all."""
 
-    def __init__(self, impl: str, workers: int, log_dir: Path) -> None:
+    def __init__(self, impl: str, workers: int, work_dir: Path) -> None:
         self.impl = impl
         self.n_workers = workers
-        self.log_path = log_dir / f"{impl}-{now_ns()}.log"
+        self.log_path = work_dir / f"{impl}-{now_ns()}.log"
         self.current: dict[int, int] = {}  # worker_id -> pid of its live process
         self.started_ns: dict[int, int] = {}  # pid -> when its run() began
         # pidfds are opened as soon as a pid is announced: signalling or polling through
@@ -122,7 +124,7 @@ class Master:
         self._buf = b""
         read_fd, write_fd = os.pipe()
         self._read_fd = read_fd
-        env = target_env(log_dir)
+        env = target_env(work_dir)
         with open(self.log_path, "wb") as log:
             self.t_start_ns = now_ns()
             self.proc = subprocess.Popen(
@@ -293,8 +295,8 @@ def measure_orphans(master: Master, samples: Samples) -> None:
     master.proc.wait(timeout=EXIT_TIMEOUT)
 
 
-def session_a(impl: str, args: argparse.Namespace, log_dir: Path, samples: Samples) -> str:
-    master = Master(impl, args.workers, log_dir)
+def session_a(impl: str, args: argparse.Namespace, work_dir: Path, samples: Samples) -> str:
+    master = Master(impl, args.workers, work_dir)
     try:
         samples.start_s.append(master.wait_all_running())
         time.sleep(SETTLE)
@@ -324,9 +326,9 @@ def session_a(impl: str, args: argparse.Namespace, log_dir: Path, samples: Sampl
         master.close()
 
 
-def warm_up(impl: str, args: argparse.Namespace, log_dir: Path, samples: Samples) -> None:
+def warm_up(impl: str, args: argparse.Namespace, work_dir: Path, samples: Samples) -> None:
     """One unmeasured start and stop: fills the pycache and the page cache."""
-    master = Master(impl, args.workers, log_dir)
+    master = Master(impl, args.workers, work_dir)
     try:
         master.wait_all_running()
         measure_sigterm(master, Samples())
@@ -337,8 +339,8 @@ def warm_up(impl: str, args: argparse.Namespace, log_dir: Path, samples: Samples
         master.close()
 
 
-def session_b(impl: str, args: argparse.Namespace, log_dir: Path, samples: Samples) -> str:
-    master = Master(impl, args.workers, log_dir)
+def session_b(impl: str, args: argparse.Namespace, work_dir: Path, samples: Samples) -> str:
+    master = Master(impl, args.workers, work_dir)
     try:
         samples.start_s.append(master.wait_all_running())
         master.wait_min_age(args.min_age)
