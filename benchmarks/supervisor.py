@@ -66,6 +66,9 @@ class Samples:
     first_respawn_ms: list[float] = dataclasses.field(default_factory=list)
     sigterm_ms: list[float] = dataclasses.field(default_factory=list)
     orphan_ms: list[float] = dataclasses.field(default_factory=list)
+    # CPU figures do not depend on what else the machine runs, unlike the latencies.
+    start_cpu_ms: list[float] = dataclasses.field(default_factory=list)
+    orphan_cpu_us: list[float] = dataclasses.field(default_factory=list)
     master_ticks: list[float] = dataclasses.field(default_factory=list)
     worker_ticks: list[float] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)
@@ -85,6 +88,15 @@ def cpu_ticks(pid: int) -> int:
         # The command name (field 2) may contain spaces; everything after ")" is fixed.
         fields = f.read().rpartition(")")[2].split()
     return int(fields[11]) + int(fields[12])
+
+
+def thread_cpu_ns(pid: int) -> int:
+    """CPU time of all live threads of ``pid``, in ns (/proc schedstat; ticks are too coarse)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
 
 
 def wait_readable(fds: list[int], deadline: float) -> list[int]:
@@ -277,6 +289,7 @@ def pid_alive(pidfd: int) -> bool:
 
 def measure_orphans(master: Master, samples: Samples) -> None:
     pending = {master.pidfds[pid]: pid for pid in master.current.values()}
+    cpu_before = {pid: thread_cpu_ns(pid) for pid in pending.values()}
     deadline = time.monotonic() + EXIT_TIMEOUT
     t_kill = now_ns()
     signal.pidfd_send_signal(master.pidfd, signal.SIGKILL)
@@ -290,15 +303,24 @@ def measure_orphans(master: Master, samples: Samples) -> None:
             )
         t_last = now_ns()
         for fd in ready:
-            reap_if_ours(pending.pop(fd))
+            del pending[fd]
     samples.orphan_ms.append(ms_since(t_kill, t_last))
     master.proc.wait(timeout=EXIT_TIMEOUT)
+    # With the master reaped, the workers' zombies are ours: their rusage covers all their
+    # threads, so minus the CPU they had used before the kill it is the cost of exiting.
+    for pid, before in cpu_before.items():
+        with contextlib.suppress(ChildProcessError):
+            reaped, _, usage = os.wait4(pid, os.WNOHANG)
+            if reaped:
+                used_us = (usage.ru_utime + usage.ru_stime) * 1e6 - before / 1e3
+                samples.orphan_cpu_us.append(used_us)
 
 
 def session_a(impl: str, args: argparse.Namespace, work_dir: Path, samples: Samples) -> str:
     master = Master(impl, args.workers, work_dir)
     try:
         samples.start_s.append(master.wait_all_running())
+        samples.start_cpu_ms.append(thread_cpu_ns(master.proc.pid) / 1e6)
         time.sleep(SETTLE)
         master.assert_alive()
         workers = list(master.current.values())
@@ -343,6 +365,7 @@ def session_b(impl: str, args: argparse.Namespace, work_dir: Path, samples: Samp
     master = Master(impl, args.workers, work_dir)
     try:
         samples.start_s.append(master.wait_all_running())
+        samples.start_cpu_ms.append(thread_cpu_ns(master.proc.pid) / 1e6)
         master.wait_min_age(args.min_age)
         master.assert_alive()
         measure_orphans(master, samples)
@@ -401,6 +424,8 @@ def print_table(results: dict[str, Samples], args: argparse.Namespace) -> None:
         ("  of which first kill per master (ms)", "first_respawn_ms", 1, 1),
         ("master SIGTERM -> exit (ms)", "sigterm_ms", 1, 1),
         ("master SIGKILL -> all workers gone (ms)", "orphan_ms", 1, 1),
+        (f"master CPU until {args.workers} workers run (ms)", "start_cpu_ms", 1, 1),
+        ("worker CPU from master SIGKILL to exit (us, each)", "orphan_cpu_us", 0, 1),
         (f"master CPU over {args.idle_seconds:g} s idle (ticks)", "master_ticks", 1, 1),
         (f"master CPU over {args.idle_seconds:g} s idle (s)", "master_ticks", 3, 1 / CLK_TCK),
         (f"{args.workers} workers' CPU over idle (ticks, sum)", "worker_ticks", 1, 1),
