@@ -51,7 +51,8 @@ Handing messages back (what the runtime should call)
 Transport options (on top of stock ones): ``fetch_batch_size`` (cap per fetch, default
 200, also the batch when prefetch is unlimited), ``ack_flush_interval`` (seconds,
 default 0.1) and ``ack_batch_max`` (default 500). ``ack_emulation=False`` falls back to
-the stock code paths. Fanout, priorities, pub/sub and ``basic_get`` are stock.
+the stock code paths. Fanout (pub/sub) and ``basic_get`` run the stock code; priority
+sub-queues are fetched in stock order and messages go back to the sub-queue they came from.
 Needs Redis >= 6.2 (RPOP with a count, CLIENT UNBLOCK).
 """
 
