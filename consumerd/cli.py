@@ -18,6 +18,7 @@ import typing
 
 from consumerd.consumer import broker, loading, routing
 from consumerd.consumer.app import App
+from consumerd.ops import config, endpoints, logs, metrics
 
 LOG = logging.getLogger("consumerd")
 EXIT_USAGE = 2
@@ -80,17 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     run = commands.add_parser("run", help="run the app's consumers (the default command)")
-    _common(run, app_required=True)
-    run.add_argument("--workers", type=_positive_int, default=1, metavar="N")
-    run.add_argument("--graceful-timeout", type=_seconds, default=60.0, metavar="S",
-                     help="seconds a stopping worker may take to finish its handler")
-    run.add_argument("--prefetch", type=_positive_int, metavar="N",
-                     help="prefetch of consumers that do not set their own")
-    run.add_argument("--pidfile", metavar="PATH")
-    run.add_argument("--member", type=_member, default=(0, 1), metavar="I/M",
-                     help="this host is member I of M sharing the partitions")
-    run.add_argument("--broker-down-limit", type=_seconds, default=60.0, metavar="S",
-                     help="a worker without broker for this long exits with status 75")
+    # Every run option comes from consumerd.ops.config: command line > CONSUMERD_* > TOML.
+    config.add_arguments(run)
 
     publish = commands.add_parser("publish", help="publish JSON messages")
     _common(publish, app_required=False)
@@ -111,15 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-    )
-
-
-def _broker_url(args: argparse.Namespace, app: App | None) -> str:
-    url = broker.resolve_url(args.broker, app.broker if app else None)
+def _broker_url(explicit: str | None, app: App | None) -> str:
+    url = broker.resolve_url(explicit, app.broker if app else None)
     try:
         broker.validate(url)
     except broker.BrokerURLError as exc:
@@ -172,20 +157,64 @@ def _run(args: argparse.Namespace) -> None:
     from consumerd.consumer.settings import Settings  # noqa: PLC0415
     from consumerd.supervisor import ServiceManager  # noqa: PLC0415
 
-    app = _load(args.app)
-    url = _broker_url(args, app)
-    if args.broker is None and broker.is_default(url):
+    options = {k: v for k, v in vars(args).items() if k not in ("command",)}
+    try:
+        running = config.Config(options)
+    except config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    s = running.settings
+    logs.configure(s.log_level, s.log_format)
+    if s.app is None:
+        raise UsageError("--app is required (or CONSUMERD_APP, or app = ... in --config)")
+    # Before the app is imported and before any fork: metrics the app defines count too.
+    master_metrics = metrics.enable() if s.metrics_port is not None else None
+    app = _load(s.app)
+    url = _broker_url(s.broker, app)
+    if s.broker is None and broker.is_default(url):
         LOG.info("no broker configured: using the embedded broker %s", url)
     settings = Settings(
-        app_ref=args.app, broker_url=url, workers=args.workers, member=args.member,
-        prefetch=args.prefetch, graceful_timeout=args.graceful_timeout,
-        broker_down_limit=args.broker_down_limit,
+        app_ref=s.app, broker_url=url, workers=s.workers, member=s.member,
+        prefetch=s.prefetch, graceful_timeout=s.graceful_timeout,
+        broker_down_limit=s.broker_down_limit, queues=s.queues,
+        max_messages_per_worker=s.max_messages_per_worker,
+        max_memory_per_worker=s.max_memory_per_worker, options=options,
     )
-    LOG.info("app %s: %d worker(s), consumers %s, broker %s", app.name, args.workers,
+    LOG.info("app %s: %d worker(s), consumers %s, broker %s", app.name, s.workers,
              ", ".join(app.consumers), broker.redact(url))
-    with _pidfile(args.pidfile):
-        manager = ServiceManager(graceful_shutdown_timeout=args.graceful_timeout)
-        manager.add(ConsumerService, workers=args.workers, kwargs={"settings": settings})
+    with _pidfile(s.pidfile):
+        manager = ServiceManager(graceful_shutdown_timeout=s.graceful_timeout)
+        service_id = manager.add(ConsumerService, workers=s.workers,
+                                 kwargs={"settings": settings})
+        manager.register_hooks(on_new_worker=logs.on_new_worker)
+        if master_metrics is not None:
+            master_metrics.name_service(service_id, ConsumerService.name or "consumer")
+            manager.register_hooks(on_new_worker=metrics.on_new_worker,
+                                   on_dead_worker=master_metrics.worker_died,
+                                   on_terminate=master_metrics.stopping)
+            endpoints.serve(
+                manager, s.metrics_address, typing.cast(int, s.metrics_port), master_metrics,
+                expected_workers=manager.expected_workers,
+                before_scrape=lambda: master_metrics.set_backoff(manager.respawn_backoff()),
+            )
+
+        def on_reload() -> None:
+            try:
+                change = running.reload()
+            except config.ConfigError as exc:
+                LOG.error("reload: configuration rejected, the running one stays: %s", exc)
+                return
+            fresh = running.settings
+            if "workers" in change.applied:
+                manager.reconfigure(service_id, fresh.workers)
+            if {"log_level", "log_format"} & change.applied.keys():
+                logs.configure(fresh.log_level, fresh.log_format)
+            for name, (old, new) in change.needs_restart.items():
+                LOG.warning("reload: %s changed from %r to %r; applies at the next restart",
+                            name, old, new)
+            if change.applied:
+                LOG.info("reload: applied %s", ", ".join(sorted(change.applied)))
+
+        manager.register_hooks(on_reload=on_reload)
         manager.run()
 
 
@@ -215,7 +244,7 @@ def _headers(pairs: list[str]) -> dict[str, str] | None:
 
 def _publish(args: argparse.Namespace) -> None:
     app = _load(args.app) if args.app else App("consumerd-publish")
-    app.configure(broker_url=_broker_url(args, app))
+    app.configure(broker_url=_broker_url(args.broker, app))
     headers = _headers(args.header)
     count = 0
     try:
@@ -252,7 +281,7 @@ def _health(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     app = _load(args.app)
-    url = _broker_url(args, app)
+    url = _broker_url(args.broker, app)
     index, members = args.member
     total = members * args.workers
     out = [f"app {app.name!r}, broker {broker.redact(url)}, "
@@ -280,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "run")  # `consumerd --app x` means `consumerd run --app x`
     try:
         args = _build_parser().parse_args(argv)
-        _setup_logging(args.log_level)
+        logs.configure(getattr(args, "log_level", None) or "INFO")
         commands = {"run": _run, "publish": _publish, "check": _check, "health": _health}
         commands[args.command](args)
     except UsageError as exc:

@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -42,6 +43,7 @@ from consumerd.consumer import broker, policy, routing
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.consumer.settings import EX_TEMPFAIL, Settings
+from consumerd.ops import logs, metrics
 
 LOG = logging.getLogger("consumerd.consumer")
 
@@ -141,6 +143,12 @@ class Loop:
         self._restore_every = 0.0
         self._next_restore = math.inf
         self._stopping = False
+        # Jitter, so that workers started together do not all recycle together.
+        self._recycle_after = int((settings.max_messages_per_worker or 0) * random.uniform(1, 1.1))
+        self._max_rss = (settings.max_memory_per_worker or 0) * random.uniform(1, 1.05)
+        self._handled = 0
+        self.recycle = False
+        """True once the worker stopped to be replaced (a recycling limit was reached)."""
         self._pending_app: App | None = None
         self._interrupt = threading.Event()
         self._stop_requested = threading.Event()
@@ -233,6 +241,7 @@ class Loop:
                 self._release_due_retries()
             inbox = self._inbox
             if not inbox:
+                metrics.flush()  # idle: publish the tail of the last burst
                 with contextlib.suppress(socket.timeout):
                     drain(timeout=self._timeout())
             while inbox and not self._stopping:
@@ -303,6 +312,8 @@ class Loop:
                      broker.redact(self._url))
             for spec in self._app.consumers.values():
                 self._bind(spec, self._bindings.get(spec.name))
+            metrics.set_connected(True)
+            metrics.set_consuming(True)
         except BaseException:
             self._abandon_connection()
             raise
@@ -312,6 +323,8 @@ class Loop:
         """Drop a broken connection without waiting on it; unacked messages come back
         from the broker (RabbitMQ at once, Redis after its visibility timeout)."""
         conn, self._conn = self._conn, None
+        metrics.set_connected(False)
+        metrics.set_consuming(False)
         self._producer = None
         self._timers.clear()
         self._inbox.clear()
@@ -390,6 +403,8 @@ class Loop:
 
     def _on_message(self, binding: _Binding, message: Message) -> None:
         spec = binding.spec
+        meter = metrics.for_consumer(spec.name)
+        meter.received()
         queue = message.delivery_info.get("routing_key") or spec.name
         try:
             body = message.decode()
@@ -398,11 +413,28 @@ class Loop:
             return
         delivery = Delivery(message, queue)
         try:
-            spec.handler(body, delivery)
+            with meter.handling(), logs.message(queue, message.properties.get("message_id")):
+                spec.handler(body, delivery)
         except Exception as exc:
             self._failed(spec, message, delivery, exc)
             return
         message.ack()
+        meter.acked()
+        self._count_for_recycling()
+
+    def _count_for_recycling(self) -> None:
+        """Past a recycling limit, take no more messages: the loop hands back what it
+        prefetched and returns, the worker exits 0, the master respawns its slot."""
+        self._handled += 1
+        if self._recycle_after and self._handled >= self._recycle_after:
+            reason = f"handled {self._handled} messages"
+        elif self._max_rss and self._handled % 64 == 0 and _rss_mb() > self._max_rss:
+            reason = f"resident memory {_rss_mb():.0f} MB is over {self._max_rss:.0f} MB"
+        else:
+            return
+        LOG.info("recycling worker %d: %s", self.worker_id, reason)
+        self.recycle = True
+        self._stopping = True
 
     def _failed(self, spec: ConsumerSpec, message: Message, delivery: Delivery,
                 exc: Exception) -> None:
@@ -419,11 +451,13 @@ class Loop:
                                        time.time() + delay, delivery.queue)
         self._republish(message, routing.retry_queue(spec.name), headers)
         message.ack()  # only now: the copy is safely published
+        metrics.for_consumer(spec.name).retried()
 
     def _dead_letter(self, spec: ConsumerSpec, message: Message, queue: str, error: str) -> None:
         headers = policy.dead_letter_headers(message.headers, error, queue)
         self._republish(message, routing.dead_letter_queue(spec.name), headers)
         message.ack()
+        metrics.for_consumer(spec.name).dead_lettered()
 
     def _republish(self, message: Message, queue: str, headers: policy.Headers) -> None:
         """Publish the message's raw bytes (never re-serialised) to ``queue``."""
@@ -546,6 +580,7 @@ class Loop:
     # -- stopping ---------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        metrics.set_consuming(False)
         conn = self._conn
         if conn is not None:
             for binding in self._bindings.values():
@@ -561,6 +596,8 @@ class Loop:
             self._conn = None
         self._leases.release_all()  # after the channels: their messages are back
         self._membership.leave()
+        metrics.set_connected(False)
+        metrics.flush()
 
     @staticmethod
     def _close_quietly(thing: typing.Any) -> None:
@@ -569,3 +606,10 @@ class Loop:
                 thing.close()
             except Exception as exc:
                 LOG.debug("closing %r: %s", thing, exc)
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (not its peak), in MB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1_048_576

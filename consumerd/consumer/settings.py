@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,15 @@ class Settings:
     graceful_timeout: float = 60.0
     broker_down_limit: float = 60.0
     """Seconds without a broker after which a worker exits with :data:`EX_TEMPFAIL`."""
+    max_messages_per_worker: int | None = None
+    """Recycle a worker after about this many messages (up to 10% more, at random)."""
+    max_memory_per_worker: int | None = None
+    """Recycle a worker whose resident memory exceeds about this many MB."""
+    queues: tuple[str, ...] | None = None
+    """Consume only these of the app's consumers (None: all)."""
+    options: typing.Mapping[str, typing.Any] | None = None
+    """The command-line options, so a worker can re-read the configuration layers (see
+    :mod:`consumerd.ops.config`) when it starts and on SIGHUP."""
 
 
 EX_TEMPFAIL = 75

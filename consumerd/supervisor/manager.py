@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing.context
-import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import selectors
@@ -416,6 +415,8 @@ class ServiceManager:
         if method == "forkserver":
             # Started under the mask below, the server would never see SIGCHLD and so
             # never report its children's exits.
+            import multiprocessing.forkserver  # noqa: PLC0415 - rarely used; lean start
+
             multiprocessing.forkserver.ensure_running()
         with osproc.signals_blocked(osproc.MASTER_SIGNALS):
             if self.mp_context is None:

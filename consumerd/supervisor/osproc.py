@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -32,9 +31,11 @@ WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def _libc() -> typing.Any:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # noqa: PLC0415 - only workers need it; keeps the master's start lean
+
     return ctypes.CDLL(None, use_errno=True)
 
 

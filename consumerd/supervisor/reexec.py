@@ -9,7 +9,6 @@ and replace them one at a time with workers forked from freshly imported code.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -47,6 +46,8 @@ def receive() -> State | None:
     raw = os.environ.pop(ENV_VAR, None)
     if raw is None:
         return None
+    import json  # noqa: PLC0415 - only a re-executed master needs it
+
     data = json.loads(raw)
     state = State(
         death_pipe=(data["death_pipe"][0], data["death_pipe"][1]),
@@ -77,6 +78,8 @@ def exec_self(state: State, cwd: str) -> None:
 
     Returns only if the exec failed, with everything restored as it was.
     """
+    import json  # noqa: PLC0415 - see receive()
+
     payload = json.dumps(dataclasses.asdict(state))
     for fd in state.fds():
         os.set_inheritable(fd, True)

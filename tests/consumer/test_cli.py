@@ -53,7 +53,7 @@ def apps(tmp_path):
         (["--app", "good", "--member", "2/2"], "need M >= 1 and 0 <= I < M"),
         (["--app", "good", "--graceful-timeout", "soon"], "expected seconds"),
         (["--app", "good", "--bogus"], "unrecognized arguments: --bogus"),
-        ([], "the following arguments are required: --app"),
+        ([], "--app is required"),
         (["check"], "the following arguments are required: --app"),
         (["check", "--app", "empty"], "declares no consumers"),
         (["publish", "jobs", "{bad json"], "body is not JSON"),
