@@ -217,13 +217,15 @@ class Consumerd:
                               env=self.env(), capture_output=True, text=True, timeout=timeout,
                               check=False)
 
-    def start(self, *args: str, workers: int = 2, url: str | None = None) -> None:
+    def start(self, *args: str, workers: int | None = 2, url: str | None = None) -> None:
+        """``workers=None`` leaves the count to the environment or a --config file."""
         self.logf = open(self.log, "ab")  # noqa: SIM115 - the child writes to it
         url = url or self.url
         broker = ["--broker", url] if url else []  # none: the embedded default
+        count = ["--workers", str(workers)] if workers is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumerd.cli", "--app", "tapp", *broker,
-             "--workers", str(workers), "--log-level", "INFO", *args],
+            [sys.executable, "-m", "consumerd.cli", "--app", "tapp", *broker, *count,
+             "--log-level", "INFO", *args],
             cwd=self.tmp, env=self.env(), stdout=self.logf, stderr=subprocess.STDOUT,
         )
 

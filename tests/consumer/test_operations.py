@@ -1,0 +1,102 @@
+"""Operations on a real consumerd with real brokers: worker recycling, metrics and the
+health endpoints, and configuration re-read on SIGHUP."""
+
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+
+from tests.consumer.conftest import free_port, publish_many, wait_for
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_recycled_workers_lose_and_duplicate_nothing(consumerd, broker, name) -> None:
+    total = 600
+    consumerd.configure([{"name": name, "prefetch": 20}])
+    publish_many(broker.url, name, total)
+    consumerd.start("--max-messages-per-worker", "100", workers=2)
+    wait_for(lambda: len(consumerd.records()) >= total, 90, "all messages handled")
+    ids = consumerd.ids()
+    assert set(ids) == set(range(total))  # nothing lost
+    assert max(ids.values()) == 1  # a recycled worker acked what it handled: no duplicates
+    pids = {r.pid for r in consumerd.records()}
+    assert len(pids) >= 5  # 600 messages / ~100 per worker life
+    assert consumerd.logged("recycling worker") >= 4
+    assert consumerd.stop() == 0
+    assert broker.depth(name) == 0 and broker.unacked() == 0
+
+
+def test_metrics_readyz_and_healthz(consumerd, broker, name) -> None:
+    port = free_port()
+    consumerd.configure([{"name": name, "prefetch": 10}])
+    consumerd.start("--metrics-port", str(port), "--metrics-address", "127.0.0.1", workers=2)
+    wait_for(lambda: http_get(port, "/healthz")[0] == 200, 20, "/healthz")
+    wait_for(lambda: http_get(port, "/readyz")[0] == 200, 30, "/readyz ready")
+    publish_many(broker.url, name, 50)
+    wait_for(lambda: len(consumerd.records()) >= 50, 60, "messages handled")
+
+    def counted() -> str | None:
+        status, text = http_get(port, "/metrics")
+        ok = status == 200 and metric(text, "consumerd_messages_acked_total", consumer=name) == 50
+        return text if ok else None
+
+    text = wait_for(counted, 10, "50 acked in /metrics")
+    assert metric(text, "consumerd_messages_received_total", consumer=name) == 50
+    assert metric(text, "consumerd_handler_duration_seconds_count", consumer=name) == 50
+    assert metric(text, "consumerd_broker_connected") == 2
+    # A killed worker is restarted and counted; readiness follows the respawn.
+    victim = consumerd.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in consumerd.workers() and len(consumerd.workers()) == 2, 20,
+             "respawn")
+    wait_for(lambda: http_get(port, "/readyz")[0] == 200, 30, "/readyz ready again")
+    restarts = metric(http_get(port, "/metrics")[1], "consumerd_worker_restarts_total")
+    assert restarts == 1
+    assert consumerd.stop() == 0
+
+
+def test_sighup_rereads_the_config_file(consumerd, broker, name, tmp_path) -> None:
+    config = tmp_path / "consumerd.toml"
+    config.write_text("workers = 1\n")
+    consumerd.configure([{"name": name}])
+    # The file sets workers; nothing on the command line overrides it.
+    consumerd.start("--config", str(config), workers=None)
+    consumerd.wait_workers(1)
+    config.write_text("workers = 3\nlog-level = 'DEBUG'\n")
+    consumerd.signal(signal.SIGHUP)
+    consumerd.wait_workers(3, timeout=20)
+    config.write_text("workers = [not toml\n")
+    consumerd.signal(signal.SIGHUP)
+    consumerd.wait_logged("configuration rejected")
+    assert len(consumerd.workers()) == 3  # the running config stays
+    assert consumerd.stop() == 0
+
+
+def test_json_logs_carry_worker_fields(consumerd, broker, name) -> None:
+    consumerd.configure([{"name": name}])
+    consumerd.start("--log-format", "json", workers=1)
+    consumerd.wait_logged("consuming")
+    assert consumerd.stop() == 0
+    with open(consumerd.log) as f:
+        rows = [json.loads(line) for line in f if line.startswith("{")]
+    assert rows and all({"time", "level", "message", "pid"} <= row.keys() for row in rows)
+    assert any(row.get("worker_id") == 0 for row in rows)
