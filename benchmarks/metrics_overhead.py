@@ -1,7 +1,7 @@
 """Per-message cost of the worker-side metrics calls, in µs (medians of runs), and the
 cost of a scrape in the master with the files of many dead workers, folded or not.
 
-    python tests/ops/bench_metrics.py [messages] [runs] [dead workers]
+    python benchmarks/metrics_overhead.py [messages] [runs] [dead workers]
 
 Each message makes the calls a consume loop makes: received(), handling() around a no-op
 handler, acked(). Measured in a forked worker of a master that enabled metrics (so the
