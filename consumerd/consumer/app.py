@@ -15,10 +15,12 @@ import os
 import threading
 import typing
 
-from consumerd.consumer import broker, policy, routing
+from consumerd.consumer import batching, broker, notifications, policy, routing
 
 Handler = typing.Callable[[typing.Any, "Delivery"], object]
 _HandlerT = typing.TypeVar("_HandlerT", bound=Handler)
+_NotificationHandlerT = typing.TypeVar(
+    "_NotificationHandlerT", notifications.NotificationHandler, notifications.BatchHandler)
 
 DEFAULT_PREFETCH = 100
 
@@ -56,9 +58,17 @@ class ConsumerSpec:
     partitions: int
     """0: one plain queue; P > 0: queues ``<name>.p0`` … ``<name>.p{P-1}``."""
     retry: policy.RetryPolicy
+    source: QueueSource | None = None
+    """Where the queues come from when they are not named after the consumer."""
+    prepare: typing.Callable[[typing.Any], typing.Any] | None = None
+    """Turns the decoded body into what the handler gets; None means ack and skip it."""
+    batch: batching.BatchPolicy | None = None
+    """Set: the handler gets lists, ``handler(bodies, deliveries)``."""
 
     @property
     def queue_names(self) -> list[str]:
+        if self.source is not None:
+            return self.source.queue_names
         if not self.partitions:
             return [self.name]
         return [routing.partition_queue(self.name, p) for p in range(self.partitions)]
@@ -66,9 +76,24 @@ class ConsumerSpec:
     def queue_name(self, partition: int | None) -> str:
         return self.name if partition is None else routing.partition_queue(self.name, partition)
 
-    def binding_key(self) -> tuple[str, int | None, int]:
+    def binding_key(self) -> tuple[object, ...]:
         """What a change of forces the worker to re-subscribe (the handler does not)."""
-        return (self.name, self.prefetch, self.partitions)
+        return (self.name, self.prefetch, self.partitions, self.source, self.batch)
+
+    def queue(self, name: str) -> typing.Any:
+        """The kombu Queue to declare and consume for one of :attr:`queue_names`."""
+        if self.source is not None:
+            return self.source.queue(name)
+        return declare_queue(name, bool(self.partitions))
+
+
+class QueueSource(typing.Protocol):
+    """Queues other than the consumer's own: e.g. bound to topic exchanges."""
+
+    @property
+    def queue_names(self) -> list[str]: ...
+
+    def queue(self, name: str) -> typing.Any: ...
 
 
 def declare_queue(name: str, single_active: bool = False) -> typing.Any:
@@ -147,15 +172,8 @@ class App:
         ``partitions=P`` splits the queue into P partition queues, each consumed by
         exactly one worker; publish with ``key=`` to keep per-key order.
         """
-        if not name or any(c.isspace() for c in name):
-            raise ValueError(f"consumer name must be a non-empty word, not {name!r}")
-        if name in self.consumers:
-            raise ValueError(f"consumer {name!r} is declared twice in app {self.name!r}")
-        retry = policy.RetryPolicy(
-            self.retry.max_retries if max_retries is None else max_retries,
-            self.retry.delay if retry_delay is None else retry_delay,
-            self.retry.max_delay if max_retry_delay is None else max_retry_delay,
-        )
+        self._check_new(name)
+        retry = self._retry_of(max_retries, retry_delay, max_retry_delay)
         prefetch = None if prefetch is None else _positive("prefetch", prefetch)
         parts = 0 if partitions is None else _positive("partitions", partitions)
 
@@ -167,11 +185,81 @@ class App:
 
         return register
 
+    def notifications(
+        self,
+        name: str,
+        *,
+        exchanges: typing.Sequence[str],
+        topic: str = "notifications",
+        priorities: typing.Sequence[str] = ("info",),
+        event_types: typing.Sequence[str] = (),
+        batch_size: int | None = None,
+        batch_timeout: float = 1.0,
+        durable: bool = False,
+        auto_delete: bool = False,
+        queue_arguments: dict[str, typing.Any] | None = None,
+        prefetch: int | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | None = None,
+        max_retry_delay: float | None = None,
+    ) -> typing.Callable[[_NotificationHandlerT], _NotificationHandlerT]:
+        """Declare an OpenStack notification listener: ``handler(notification)``, or with
+        ``batch_size`` ``handler([notification, …])``.
+
+        It consumes queues ``<topic>.<priority>`` bound to each topic exchange (e.g.
+        ``nova``) with that routing key; ``durable``, ``auto_delete`` and
+        ``queue_arguments`` must match the notifiers' oslo.messaging settings
+        (``amqp_durable_queues``, ``amqp_auto_delete``, quorum queues). Notifications whose
+        event type matches none of the fnmatch-style ``event_types`` are acked and
+        dropped. A batch is handled when ``batch_size`` notifications are in or
+        ``batch_timeout`` seconds after its first; it is acked, or retried, as a whole.
+        See :mod:`consumerd.consumer.notifications`.
+        """
+        self._check_new(name)
+        retry = self._retry_of(max_retries, retry_delay, max_retry_delay)
+        listener = notifications.Listener(
+            tuple(exchanges), topic, tuple(priorities), tuple(event_types),
+            durable, auto_delete, queue_arguments,
+        )
+        batch = None if batch_size is None else batching.BatchPolicy(batch_size, batch_timeout)
+        prefetch = None if prefetch is None else _positive("prefetch", prefetch)
+        if batch is not None and prefetch is not None and prefetch < batch.size:
+            raise ValueError(f"notifications {name!r}: prefetch {prefetch} is below "
+                             f"batch_size {batch.size}: a batch could never fill")
+
+        def register(handler: _NotificationHandlerT) -> _NotificationHandlerT:
+            if not callable(handler):
+                raise TypeError(f"notifications {name!r}: {handler!r} is not callable")
+            self.consumers[name] = ConsumerSpec(
+                name, notifications.adapt(handler), prefetch, 0, retry,
+                source=listener, prepare=listener.prepare, batch=batch,
+            )
+            return handler
+
+        return register
+
+    def _check_new(self, name: str) -> None:
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"consumer name must be a non-empty word, not {name!r}")
+        if name in self.consumers:
+            raise ValueError(f"consumer {name!r} is declared twice in app {self.name!r}")
+
+    def _retry_of(self, max_retries: int | None, retry_delay: float | None,
+                  max_retry_delay: float | None) -> policy.RetryPolicy:
+        return policy.RetryPolicy(
+            self.retry.max_retries if max_retries is None else max_retries,
+            self.retry.delay if retry_delay is None else retry_delay,
+            self.retry.max_delay if max_retry_delay is None else max_retry_delay,
+        )
+
     def prefetch_of(self, spec: ConsumerSpec, override: int | None = None) -> int:
-        """``@consumer(prefetch=)`` wins, then ``--prefetch``, then ``App(prefetch=)``."""
+        """``@consumer(prefetch=)`` wins, then ``--prefetch``, then ``App(prefetch=)``;
+        a batched consumer's is at least its batch size, or a batch could never fill."""
         if spec.prefetch is not None:
-            return spec.prefetch
-        return self.prefetch if override is None else override
+            value = spec.prefetch
+        else:
+            value = self.prefetch if override is None else override
+        return value if spec.batch is None else max(value, spec.batch.size)
 
     # -- producing --------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
-from consumerd.consumer import broker, policy, routing
+from consumerd.consumer import batching, broker, policy, routing
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.consumer.settings import EX_TEMPFAIL, Settings
@@ -68,10 +68,11 @@ class _Binding:
     owned: set[int] = dataclasses.field(default_factory=set)
     channel: typing.Any = None
     consumer: Consumer | None = None
+    batch: batching.Batch | None = None
 
     def queue_names(self) -> list[str]:
         if not self.spec.partitions:
-            return [self.spec.name]
+            return self.spec.queue_names
         return [routing.partition_queue(self.spec.name, p) for p in sorted(self.owned)]
 
     def open(self, connection: Connection, on_message: typing.Callable[..., None]) -> None:
@@ -82,7 +83,8 @@ class _Binding:
         # RabbitMQ's per-consumer prefetch would multiply by the number of partition
         # queues; a channel-wide limit keeps "prefetch" meaning messages per consumer.
         self.channel.basic_qos(0, self.prefetch, len(names) > 1)
-        queues = [declare_queue(n, bool(self.spec.partitions)) for n in names]
+        queues = [self.spec.queue(n) for n in names]
+        self.batch = batching.Batch(self.spec.batch) if self.spec.batch else None
         self.consumer = Consumer(
             self.channel,
             queues=queues,
@@ -95,7 +97,7 @@ class _Binding:
     def close(self) -> None:
         """Stop consuming and hand prefetched, unacked messages back to the broker."""
         consumer, channel = self.consumer, self.channel
-        self.consumer = self.channel = None
+        self.consumer = self.channel = self.batch = None  # the batch goes back with them
         if consumer is not None:
             consumer.cancel()
         if channel is not None:
@@ -142,6 +144,7 @@ class Loop:
         self._next_rebalance = math.inf  # chores: math.inf = never
         self._restore_every = 0.0
         self._next_restore = math.inf
+        self._next_flush = math.inf  # the earliest deadline of an open batch
         self._stopping = False
         # Jitter, so that workers started together do not all recycle together.
         self._recycle_after = int((settings.max_messages_per_worker or 0) * random.uniform(1, 1.1))
@@ -237,6 +240,8 @@ class Loop:
                 self._rebalance()
             if now >= self._next_restore:
                 self._restore_visible()
+            if now >= self._next_flush:
+                self._flush_due_batches(now)
             if self._timers and self._timers[0][0] <= time.time():
                 self._release_due_retries()
             inbox = self._inbox
@@ -253,7 +258,7 @@ class Loop:
 
     def _timeout(self) -> float | None:
         """Until the next chore; None (block until a message or a poke) if there is none."""
-        deadline = min(self._next_rebalance, self._next_restore)
+        deadline = min(self._next_rebalance, self._next_restore, self._next_flush)
         if self._timers:
             deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
         if deadline == math.inf:
@@ -330,14 +335,14 @@ class Loop:
         self._inbox.clear()
         self._retry_channel = self._wake_channel = None
         for binding in self._bindings.values():
-            binding.consumer = binding.channel = None
+            binding.consumer = binding.channel = binding.batch = None
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.collect()
 
     def _declare(self, channel: typing.Any, spec: ConsumerSpec) -> None:
         for name in spec.queue_names:
-            declare_queue(name, bool(spec.partitions))(channel).declare()
+            spec.queue(name)(channel).declare()
         for name in (routing.retry_queue(spec.name), routing.dead_letter_queue(spec.name)):
             declare_queue(name)(channel).declare()
 
@@ -408,10 +413,19 @@ class Loop:
         queue = message.delivery_info.get("routing_key") or spec.name
         try:
             body = message.decode()
+            if spec.prepare is not None:
+                body = spec.prepare(body)
         except Exception as exc:
             self._dead_letter(spec, message, queue, f"undecodable: {policy.describe_error(exc)}")
             return
+        if body is None and spec.prepare is not None:
+            message.ack()  # filtered out
+            meter.acked()
+            return
         delivery = Delivery(message, queue)
+        if binding.batch is not None:
+            self._add_to_batch(binding, body, delivery)
+            return
         try:
             with meter.handling(), logs.message(queue, message.properties.get("message_id")):
                 spec.handler(body, delivery)
@@ -471,6 +485,49 @@ class Loop:
             content_encoding=message.content_encoding or "binary",
             delivery_mode=2,
         )
+
+    # -- batches ----------------------------------------------------------------------
+
+    def _add_to_batch(self, binding: _Binding, body: typing.Any, delivery: Delivery) -> None:
+        batch = binding.batch
+        assert batch is not None
+        if batch.add(body, delivery, time.monotonic()):
+            self._flush_batch(binding, batch)
+        else:
+            self._next_flush = min(self._next_flush, batch.deadline)
+
+    def _flush_due_batches(self, now: float) -> None:
+        self._next_flush = math.inf
+        for binding in list(self._bindings.values()):
+            batch = binding.batch
+            if batch is None or not batch:
+                continue
+            if batch.deadline <= now:
+                self._flush_batch(binding, batch)
+            else:
+                self._next_flush = min(self._next_flush, batch.deadline)
+
+    def _flush_batch(self, binding: _Binding, batch: batching.Batch) -> None:
+        """One handler call for the whole batch. Then every message of it is acked or,
+        if the handler raised, every one takes the retry path (a copy to ``<name>.retry``,
+        dead-lettered after the last attempt): a batch never half succeeds."""
+        spec = binding.spec
+        meter = metrics.for_consumer(spec.name)
+        items, deliveries = batch.take()
+        try:
+            with meter.handling(), logs.message(deliveries[0].queue, None):
+                handle_batch = typing.cast(typing.Callable[..., object], spec.handler)
+                handle_batch(items, deliveries)  # spec.batch: it takes lists
+        except Exception as exc:
+            LOG.warning("%s: a batch of %d failed (%s): retrying all of it", spec.name,
+                        len(items), policy.describe_error(exc))
+            for delivery in deliveries:
+                self._failed(spec, delivery.raw, delivery, exc)
+            return
+        for delivery in deliveries:
+            delivery.raw.ack()
+            meter.acked()
+            self._count_for_recycling()
 
     # -- retries ----------------------------------------------------------------------
 
