@@ -180,7 +180,7 @@ class App:
         def register(handler: _HandlerT) -> _HandlerT:
             if not callable(handler):
                 raise TypeError(f"consumer {name!r}: {handler!r} is not callable")
-            self.consumers[name] = ConsumerSpec(name, handler, prefetch, parts, retry)
+            self._add(ConsumerSpec(name, handler, prefetch, parts, retry))
             return handler
 
         return register
@@ -230,13 +230,22 @@ class App:
         def register(handler: _NotificationHandlerT) -> _NotificationHandlerT:
             if not callable(handler):
                 raise TypeError(f"notifications {name!r}: {handler!r} is not callable")
-            self.consumers[name] = ConsumerSpec(
+            self._add(ConsumerSpec(
                 name, notifications.adapt(handler), prefetch, 0, retry,
                 source=listener, prepare=listener.prepare, batch=batch,
-            )
+            ))
             return handler
 
         return register
+
+    def _add(self, spec: ConsumerSpec) -> None:
+        """Register ``spec``; two consumers of one queue would each take a share of it."""
+        for other in self.consumers.values():
+            shared = sorted(set(spec.queue_names) & set(other.queue_names))
+            if shared:
+                raise ValueError(f"consumers {other.name!r} and {spec.name!r} of app "
+                                 f"{self.name!r} both consume {', '.join(shared)}")
+        self.consumers[spec.name] = spec
 
     def _check_new(self, name: str) -> None:
         if not name or any(c.isspace() for c in name):
