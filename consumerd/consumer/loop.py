@@ -9,6 +9,11 @@ publish an empty message to a private wake queue the loop consumes, so a loop bl
 ``drain_events`` wakes at once on every transport, with no periodic tick and no
 cross-thread use of the connection.
 
+Batched consumers (:mod:`~consumerd.consumer.batching`) collect messages instead; a batch
+that does not fill is flushed at its deadline, which bounds ``drain_events``'s timeout
+like every other chore. A partial batch is never handled at a stop: it is unacked, so it
+goes back with its channel like any prefetched message.
+
 Channels: one per consumer (so each has its own prefetch and can be re-bound alone), one
 for the retry queues, one for the wake queue. Closing a channel is how prefetched but
 unstarted messages go back to their queue at once: RabbitMQ requeues a closed channel's
