@@ -239,6 +239,7 @@ class FakeMessage:
         self.content_encoding = "utf-8"
         self.headers = headers or {}
         self.delivery_info = {"routing_key": queue}
+        self.properties = {"message_id": "m-1"}
         self.acked = False
         self.channel = None
 
