@@ -431,8 +431,9 @@ class Loop:
         if binding.batch is not None:
             self._add_to_batch(binding, body, delivery)
             return
+        log_context = logs.message(queue, message.properties.get("message_id"))
         try:
-            with meter.handling(), logs.message(queue, message.properties.get("message_id")):
+            with meter.handling(), log_context:
                 spec.handler(body, delivery)
         except Exception as exc:
             self._failed(spec, message, delivery, exc)
