@@ -352,6 +352,7 @@ def print_table(
         f"msgs, no-op handler, {s.workers} processes, prefetch {s.prefetch}, queue pre-filled"
     )
     print(f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f} (1 min)")
+    print(f"consumerd tree: {_tree_version()}")
     header = f"{'runner':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_)
     print(header)
     print("-" * len(header))
@@ -378,6 +379,23 @@ def print_table(
                 f"{statistics.median(ours) / statistics.median(theirs):.2f}x" if ok else "n/a"
             )
         print(f"{'vs ' + r.label:<34}" + "".join(f"{c:>{col}}" for c in cells))
+
+
+def _tree_version() -> str:
+    """The commit measured (consumerd is developed while benchmarks run)."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(
+            [*git, "log", "-1", "--format=%h %cd", "--date=format:%H:%M"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "consumerd"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return f"{head}{' + uncommitted changes under consumerd/' if dirty else ''}"
 
 
 def _parse() -> argparse.Namespace:
@@ -420,6 +438,7 @@ def main() -> None:
     # A SIGTERM to this script unwinds through the finally blocks that stop runners.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rates: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    print(f"consumerd tree at the start: {_tree_version()}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="cdbench-") as tmp:
         for rep in range(args.repeats):
             order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
