@@ -1,0 +1,522 @@
+#!/usr/bin/env python
+"""Chaos soak: push messages through consumerd on Redis and RabbitMQ under a storm of faults
+and count that every one of them was handled (or dead-lettered, for the poison ones).
+
+For each broker a ``consumerd`` master (2 workers, prefetch 50, graceful timeout 10 s) runs
+a small app whose handler sleeps ``--handler-ms`` and then appends ``<id> <attempt>
+<redelivered>`` to a file of its own process (``O_APPEND``, one line per message): the
+record lives outside the broker, so a message the broker forgot still counts as lost.
+A publisher thread spreads ``--messages`` evenly over the first 90 % of a chaos window of
+``--duration`` seconds (default: messages / 200, so 50,000 -> 250 s; ``--quick``: 18 s).
+Every 500th message fails its first attempt (a retry); every 2500th always fails (it must
+end in the dead-letter queue ``<queue>.dlq``, and counts as delivered if it does).
+
+The schedule, in fractions of the window (each step logged with its time):
+
+- all along, every ~0.5 s: SIGKILL a random worker that has lived >= 1.2 s. Younger ones
+  are spared so the supervisor's back-off for failed starts (a worker dead within 1 s)
+  does not turn the soak into a measure of back-off;
+- 0.10 SIGHUP (workers rebind), 0.35 SIGTTIN (+1 worker), 0.45 SIGTTOU (-1 worker),
+  0.70 SIGUSR2 (code reload: the master re-executes and replaces its workers one by one);
+- 0.20 and 0.55: a broker restart.
+  Redis: our own ``redis-server`` (``--appendonly yes --appendfsync always --save ""``,
+  free port, temp dir; the machine's shared one keeps nothing on disk and serves others)
+  gets SIGTERM and, 2 s later, starts again on the same dir so the AOF reloads. The
+  publisher pauses over the restart so that "sent" only counts acknowledged pushes.
+  RabbitMQ: the shared server cannot be restarted, so consumerd talks to it through a TCP
+  proxy (tests/consumer/conftest.py's ``Proxy``) that resets every connection and refuses
+  new ones for 3 s: a broker restart as the client sees it. Queues are durable and
+  RabbitMQ keeps them, which a real restart would also do; the publisher connects directly
+  with publisher confirms.
+- 0.80: SIGTERM the master (it lets workers finish and ack), start it again 2 s after it
+  exited, with no more kills, to finish the queue while the publisher completes.
+
+Then it waits until every id is accounted for, or until nothing progressed for
+``visibility_timeout`` x 2 + 5 s (Redis gives a killed worker's unacked messages back only
+after ``visibility_timeout``, 10 s here, which consumerd sweeps for periodically), stops the
+master, drains the dead-letter queue and prints a table. Exit status 1 if any message was
+lost.
+
+    python benchmarks/soak.py                                 # 50,000 per broker, ~10 min
+    python benchmarks/soak.py --messages 5000 --quick         # ~1 min, run by tests/test_soak.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import redis  # noqa: E402
+
+import consumerd  # noqa: E402
+from consumerd.consumer import routing  # noqa: E402
+from consumerd.consumer.app import declare_queue  # noqa: E402
+from consumerd.consumer.broker import connect  # noqa: E402
+from tests.consumer.conftest import (  # noqa: E402 - needs ROOT on the path
+    AMQP_URL,
+    Consumerd,
+    Proxy,
+    RedisServer,
+)
+
+VISIBILITY_TIMEOUT = 10
+WORKERS = 2
+PREFETCH = 50
+KILL_EVERY = 0.5
+KILL_MIN_AGE = 1.2  # above the supervisor's healthy_after (1 s)
+TRANSIENT_EVERY, POISON_EVERY = 500, 2500
+
+# The consumer app, written to the run's temp dir as tapp.py (the name Consumerd starts).
+# Config: $T_CONFIG (JSON, written by Consumerd.configure); records: one file per process
+# in the directory $T_OUT.
+APP_SOURCE = '''
+import json, os, time
+import consumerd
+
+CONFIG = json.load(open(os.environ["T_CONFIG"]))
+SPEC = CONFIG["consumers"][0]
+app = consumerd.App("soak", max_retries=2, retry_delay=0.2)
+_out = {}
+
+
+def record(line):
+    pid = os.getpid()
+    if pid not in _out:  # a file per process; a forked worker opens its own
+        path = os.path.join(os.environ["T_OUT"], f"{pid}.log")
+        _out[pid] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_out[pid], line.encode())
+
+
+@app.consumer(SPEC["name"], prefetch=SPEC["prefetch"])
+def handle(body, message):
+    if SPEC["sleep"]:
+        time.sleep(SPEC["sleep"])
+    if body.get("fail_until", 0) >= message.attempt:
+        raise RuntimeError(f"soak: {body['i']} fails attempt {message.attempt}")
+    record(f"{body['i']} {message.attempt} {int(message.redelivered)} {time.time():.3f}\\n")
+'''
+
+
+def log(text: str) -> None:
+    print(f"{time.time():.3f} {text}", flush=True)
+
+
+def fail_until(i: int) -> int:
+    if i % POISON_EVERY == POISON_EVERY // 2:
+        return 99
+    return 1 if i % TRANSIENT_EVERY == TRANSIENT_EVERY // 2 else 0
+
+
+@dataclasses.dataclass
+class Result:
+    broker: str
+    sent: int = 0
+    processed: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    dead_unique: int = 0
+    poison: int = 0
+    kills: int = 0
+    worker_deaths: int = 0
+    broker_restarts: int = 0
+    sighup: int = 0
+    code_reloads: int = 0
+    scaled: str = ""
+    master_restarts: int = 0
+    exit_codes: str = ""
+    left_over: int = 0
+    seconds: float = 0.0
+    lost_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+class Target:
+    """One broker under test: the URLs to use and how to restart it."""
+
+    kind = ""
+    consumer_url = ""
+    publisher_url = ""
+    direct_url = ""  # for inspection and clean-up, never cut
+
+    def __init__(self) -> None:
+        self.outage = threading.Lock()  # held while publishing must wait
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def close(self, queue: str) -> None:
+        raise NotImplementedError
+
+
+class OwnRedis(Target):
+    kind = "redis"
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        super().__init__()
+        self.server = RedisServer(tmp)
+        self.server.start()
+        url = self.server.url
+        self.consumer_url = f"{url}?visibility_timeout={VISIBILITY_TIMEOUT}"
+        self.publisher_url = self.direct_url = url
+
+    def restart(self) -> None:
+        with self.outage:
+            proc = self.server.proc
+            assert proc is not None
+            proc.send_signal(signal.SIGTERM)  # a clean shutdown: the AOF is complete
+            proc.wait(30)
+            time.sleep(2)
+            self.server.start()  # same dir: the AOF is replayed
+
+    def close(self, queue: str) -> None:
+        self.server.stop()
+
+
+class ProxiedRabbit(Target):
+    kind = "amqp"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proxy = Proxy(5672)
+        self.proxy.resume()
+        self.consumer_url = AMQP_URL.replace(":5672/", f":{self.proxy.port}/")
+        self.publisher_url = f"{AMQP_URL}?confirm_publish=1"
+        self.direct_url = AMQP_URL
+
+    def restart(self) -> None:
+        self.proxy.cut()
+        time.sleep(3)
+        self.proxy.resume()
+
+    def close(self, queue: str) -> None:
+        self.proxy.cut()
+        with connect(self.direct_url) as conn:
+            for name in (queue, routing.retry_queue(queue), routing.dead_letter_queue(queue)):
+                with contextlib.suppress(Exception):
+                    conn.default_channel.queue_delete(name)
+
+
+class Publisher(threading.Thread):
+    """Publishes ids 0..count-1 spread over ``seconds``; ``sent`` counts acknowledged ones."""
+
+    def __init__(self, target: Target, queue: str, count: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.target, self.queue, self.count, self.seconds = target, queue, count, seconds
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        app = consumerd.App("soak-publisher")
+        app.configure(broker_url=self.target.publisher_url)
+        start = time.monotonic()
+        try:
+            for i in range(self.count):
+                delay = start + i * self.seconds / self.count - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self._publish(app, {"i": i, "fail_until": fail_until(i)})
+                self.sent += 1
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+        finally:
+            app.close()
+
+    def _publish(self, app: consumerd.App, body: dict[str, int]) -> None:
+        for attempt in range(20):
+            with self.target.outage:
+                try:
+                    app.publish(self.queue, body)
+                    return
+                except Exception as exc:  # a dead connection from before a restart
+                    log(f"publisher: {exc!r}, reconnecting")
+                    app.configure(broker_url=self.target.publisher_url)
+            time.sleep(0.2 * (attempt + 1))
+        raise RuntimeError(f"could not publish {body}")
+
+
+class Soak:
+    def __init__(self, target: Target, tmp: pathlib.Path, args: argparse.Namespace) -> None:
+        self.target, self.args = target, args
+        self.queue = f"soak{uuid.uuid4().hex[:8]}"
+        self.out = tmp / "records"
+        self.out.mkdir()
+        self.master = Consumerd(tmp, self.queue, target.consumer_url)
+        (tmp / "tapp.py").write_text(APP_SOURCE)
+        self.master.out = str(self.out)
+        self.master.configure([{"name": self.queue, "prefetch": PREFETCH,
+                                "sleep": args.handler_ms / 1000}])
+        self.result = Result(target.kind)
+        self.first_seen: dict[int, float] = {}
+        self.exit_codes: list[int] = []
+        self.rng = random.Random(args.seed)
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> Result:
+        args, r = self.args, self.result
+        window = args.duration
+        began = time.monotonic()
+        self.start_master()
+        publisher = Publisher(self.target, self.queue, args.messages, 0.9 * window)
+        publisher.start()
+        log(f"{self.target.kind}: t={time.monotonic() - began:.1f}s publishing")
+        steps = [
+            (0.10, "SIGHUP", lambda: self.signal(signal.SIGHUP)),
+            (0.20, "broker restart", self.restart_broker),
+            (0.35, "SIGTTIN", lambda: self.signal(signal.SIGTTIN)),
+            (0.45, "SIGTTOU", lambda: self.signal(signal.SIGTTOU)),
+            (0.55, "broker restart", self.restart_broker),
+            (0.70, "SIGUSR2", lambda: self.signal(signal.SIGUSR2)),
+        ]
+        next_kill = began + 1.0
+        outages: list[threading.Thread] = []
+        while steps or time.monotonic() < began + 0.8 * window:
+            now = time.monotonic()
+            self.watch_workers(now)
+            if steps and now >= began + steps[0][0] * window:
+                _, what, action = steps.pop(0)
+                log(f"{self.target.kind}: t={now - began:.1f}s {what}")
+                if action == self.restart_broker:  # kills go on during the outage
+                    outages.append(threading.Thread(target=action, daemon=True))
+                    outages[-1].start()
+                else:
+                    action()
+                continue
+            if now >= next_kill:
+                self.kill_one(now)
+                next_kill = now + KILL_EVERY * self.rng.uniform(0.8, 1.2)
+            time.sleep(0.02)
+        for outage in outages:
+            outage.join(60)
+        log(f"{self.target.kind}: t={time.monotonic() - began:.1f}s SIGTERM master")
+        self.stop_master(timeout=60)
+        time.sleep(2)
+        log(f"{self.target.kind}: t={time.monotonic() - began:.1f}s master started again")
+        self.start_master()
+        r.master_restarts = 1
+        publisher.join(window + 120)
+        if publisher.error is not None or publisher.is_alive():
+            raise RuntimeError(f"publisher failed: {publisher.error!r}")
+        r.sent = publisher.sent
+        self.wait_tail()
+        self.stop_master(timeout=60)
+        r.seconds = time.monotonic() - began
+        self.count()
+        return r
+
+    def start_master(self) -> None:
+        self.master.start("--graceful-timeout", "10", workers=WORKERS)
+        self.master.wait_workers(WORKERS, timeout=30)
+
+    def stop_master(self, timeout: float) -> None:
+        self.exit_codes.append(self.master.stop(timeout))
+
+    def signal(self, sig: int) -> None:
+        self.master.signal(sig)
+
+    def restart_broker(self) -> None:
+        began = time.monotonic()
+        self.target.restart()
+        self.result.broker_restarts += 1
+        log(f"{self.target.kind}: broker back after {time.monotonic() - began:.1f}s")
+
+    def watch_workers(self, now: float) -> None:
+        for pid in self.master.workers():
+            self.first_seen.setdefault(pid, now)
+
+    def kill_one(self, now: float) -> None:
+        old = [p for p in self.master.workers()
+               if now - self.first_seen.get(p, now) >= KILL_MIN_AGE]
+        if old:
+            victim = self.rng.choice(old)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+                self.result.kills += 1
+                if self.args.verbose:
+                    log(f"{self.target.kind}: SIGKILL {victim}")
+
+    # -- accounting --------------------------------------------------------------------
+
+    def records(self) -> collections.Counter[int]:
+        counts: collections.Counter[int] = collections.Counter()
+        for path in self.out.glob("*.log"):
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 4:
+                    counts[int(parts[0])] += 1
+        return counts
+
+    def expected(self) -> tuple[set[int], set[int]]:
+        """(ids the handler must record, poison ids the dead-letter queue must hold)"""
+        poison = {i for i in range(self.result.sent) if fail_until(i) == 99}
+        return set(range(self.result.sent)) - poison, poison
+
+    def dlq_depth(self) -> int:
+        return self.depth(routing.dead_letter_queue(self.queue))
+
+    def depth(self, name: str) -> int:
+        """Ready messages in queue ``name``."""
+        if self.target.kind == "redis":
+            return int(redis.Redis.from_url(self.target.direct_url).llen(name))
+        with connect(self.target.direct_url) as conn, contextlib.suppress(Exception):
+            return int(conn.default_channel.queue_declare(name, passive=True).message_count)
+        return 0
+
+    def wait_tail(self) -> None:
+        """Until every id is in, or nothing moved for visibility_timeout x 2 + 5 s."""
+        handled, poison = self.expected()
+        patience = VISIBILITY_TIMEOUT * 2 + 5
+        last, last_change = -1, time.monotonic()
+        while True:
+            done = len(handled & set(self.records())) + min(self.dlq_depth(), len(poison))
+            if done == self.result.sent:
+                return
+            if done != last:
+                last, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > patience:
+                log(f"{self.target.kind}: no progress for {patience}s at {done}/"
+                    f"{self.result.sent}, giving up")
+                return
+            time.sleep(0.5)
+
+    def drain_dlq(self) -> list[int]:
+        ids = []
+        with connect(self.target.direct_url) as conn:
+            queue = declare_queue(routing.dead_letter_queue(self.queue))(conn.default_channel)
+            while (message := queue.get(no_ack=True)) is not None:
+                ids.append(int(json.loads(message.body)["i"]))
+        return ids
+
+    def count(self) -> None:
+        r = self.result
+        counts = self.records()
+        handled, poison = self.expected()
+        dead = self.drain_dlq()
+        r.processed = len(counts)
+        r.duplicates = sum(counts.values()) - len(counts)
+        r.dead_lettered = len(dead)
+        r.dead_unique = len(set(dead))
+        r.poison = len(poison)
+        missing = (handled - set(counts)) | (poison - set(dead))
+        r.lost, r.lost_ids = len(missing), sorted(missing)
+        r.worker_deaths = self.master.logged("killed by SIGKILL")
+        r.sighup = self.master.logged("reloaded: consuming")
+        r.code_reloads = self.master.logged("code reload complete")
+        r.scaled = (f"{self.master.logged('SIGTTIN: now')} up, "
+                    f"{self.master.logged('SIGTTOU: now')} down")
+        r.exit_codes = ", ".join(map(str, self.exit_codes))
+        r.left_over = self.left_over()
+
+    def left_over(self) -> int:
+        """Messages still in the main or retry queue (or Redis's unacked hash)."""
+        total = sum(self.depth(n) for n in (self.queue, routing.retry_queue(self.queue)))
+        if self.target.kind == "redis":
+            total += int(redis.Redis.from_url(self.target.direct_url).hlen("unacked"))
+        return total
+
+
+ROWS = [
+    ("sent", "sent"),
+    ("processed (unique ids)", "processed"),
+    ("lost", "lost"),
+    ("duplicates (handled again)", "duplicates"),
+    ("dead-lettered", "dead"),
+    ("left in broker after stop", "left_over"),
+    ("worker SIGKILLs sent", "kills"),
+    ("worker deaths seen by master", "worker_deaths"),
+    ("broker restarts", "broker_restarts"),
+    ("SIGHUP rebinds (worker logs)", "sighup"),
+    ("SIGTTIN / SIGTTOU", "scaled"),
+    ("SIGUSR2 code reloads completed", "code_reloads"),
+    ("master SIGTERM + restart", "master_restarts"),
+    ("master exit codes", "exit_codes"),
+    ("wall time, s", "seconds"),
+]
+
+
+def cell(r: Result, key: str) -> str:
+    if key == "dead":
+        return f"{r.dead_lettered} ({r.dead_unique} ids; {r.poison} poison sent)"
+    value = getattr(r, key)
+    if isinstance(value, float):
+        return f"{value:.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def table(results: list[Result]) -> str:
+    header = "| | " + " | ".join(r.broker for r in results) + " |"
+    lines = [header, "|---|" + "---:|" * len(results)]
+    for label, key in ROWS:
+        lines.append(f"| {label} | " + " | ".join(cell(r, key) for r in results) + " |")
+    return "\n".join(lines)
+
+
+def soak_one(kind: str, args: argparse.Namespace) -> Result:
+    with contextlib.ExitStack() as stack:
+        tmp_dir = tempfile.mkdtemp(prefix=f"soak-{kind}-")
+        if args.keep:
+            log(f"{kind}: keeping {tmp_dir}")
+        else:
+            stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
+        tmp = pathlib.Path(tmp_dir)
+        target: Target = OwnRedis(tmp) if kind == "redis" else ProxiedRabbit()
+        soak = Soak(target, tmp, args)
+        try:
+            return soak.run()
+        finally:
+            soak.master.kill()
+            target.close(soak.queue)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=50000)
+    parser.add_argument("--brokers", default="redis,amqp", help="comma-separated: redis,amqp")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="chaos window in seconds (default: messages / 200)")
+    parser.add_argument("--quick", action="store_true", help="an 18 s chaos window")
+    parser.add_argument("--handler-ms", type=float, default=1.0,
+                        help="handler sleep, so kills hit messages in flight")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp dirs (records, consumerd.log) and print them")
+    parser.add_argument("--verbose", action="store_true", help="log every kill")
+    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = 18.0 if args.quick else max(18.0, args.messages / 200)
+    kinds = [k.strip() for k in args.brokers.split(",") if k.strip()]
+    if not set(kinds) <= {"redis", "amqp"}:
+        parser.error(f"unknown broker in {args.brokers!r}")
+    log(f"soak: {args.messages:,} messages per broker, chaos window {args.duration:.0f}s, "
+        f"handler {args.handler_ms} ms, brokers {', '.join(kinds)}")
+    results = [soak_one(kind, args) for kind in kinds]
+    print()
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+    for r in results:
+        if r.lost:
+            print(f"{r.broker}: LOST {r.lost} ids, first: {r.lost_ids[:20]}")
+    return 1 if any(r.lost for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The chaos soak, short version: benchmarks/soak.py --messages 5000 --quick on Redis and
+RabbitMQ (worker SIGKILLs, two broker restarts, SIGHUP, SIGTTIN/SIGTTOU, a SIGUSR2 code
+reload, a master restart) must lose nothing. About a minute; fails when a broker is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from tests.consumer.conftest import AMQP_URL, ROOT, check_broker
+
+MESSAGES = 5000
+
+
+def test_quick_soak_loses_nothing(tmp_path):
+    check_broker(AMQP_URL)  # Redis: the soak starts its own redis-server
+    assert shutil.which("redis-server"), "redis-server is not installed"
+    results_path = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--messages",
+         str(MESSAGES), "--quick", "--brokers", "redis,amqp", "--json", str(results_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    report = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert results_path.exists(), report
+    results = {r["broker"]: r for r in json.loads(results_path.read_text())}
+    assert set(results) == {"redis", "amqp"}, report
+    for broker, r in results.items():
+        assert r["sent"] == MESSAGES, f"{broker}: {report}"
+        assert r["lost"] == 0, f"{broker} lost {r['lost_ids']}: {report}"
+        assert r["broker_restarts"] == 2 and r["kills"] > 0, f"{broker}: {report}"
+        assert r["code_reloads"] == 1 and r["master_restarts"] == 1, f"{broker}: {report}"
+        assert r["left_over"] == 0, f"{broker}: {report}"
+    assert proc.returncode == 0, report
