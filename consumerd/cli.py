@@ -38,33 +38,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return value
-
-
-def _member(text: str) -> tuple[int, int]:
-    try:
-        return routing.parse_member(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _common(parser: argparse.ArgumentParser, app_required: bool) -> None:
     parser.add_argument("--app", required=app_required, metavar="MODULE[:ATTR]",
                         help="the module holding the App (attribute defaults to 'app')")
@@ -94,8 +67,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="print consumers, queues and partition map")
     _common(check, app_required=True)
-    check.add_argument("--workers", type=_positive_int, default=1, metavar="N")
-    check.add_argument("--member", type=_member, default=(0, 1), metavar="I/M")
+    check.add_argument("--workers", type=config.argument_type("workers"), default=1,
+                       metavar="N")
+    check.add_argument("--member", type=config.argument_type("member"), default=(0, 1),
+                       metavar="I/M")
     health = commands.add_parser("health", help="exit 0 if the master and its workers run")
     health.add_argument("--pidfile", required=True, metavar="PATH",
                         help="the --pidfile the master was started with")

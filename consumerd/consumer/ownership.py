@@ -31,6 +31,8 @@ import os
 import tempfile
 import time
 
+from consumerd.supervisor.osproc import pid_exists
+
 
 def lease_root(broker_url: str) -> str:
     """The per-host, per-broker directory holding leases and membership files."""
@@ -66,16 +68,6 @@ class Leases:
     def release_all(self) -> None:
         for name in list(self._held):
             self.release(name)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Membership:
@@ -115,7 +107,7 @@ class Membership:
             with contextlib.suppress(OSError, ValueError), open(
                 os.path.join(self.dir, entry)
             ) as f:
-                if _alive(int(f.read())):
+                if pid_exists(int(f.read())):
                     highest = int(entry)
         return highest
 

@@ -236,6 +236,19 @@ def _help(name: str) -> str:
     return f"{field.metadata['help']} ({where}{live})"
 
 
+def argument_type(name: str) -> Callable[[str], typing.Any]:
+    """An argparse ``type=`` parsing setting ``name`` as every layer does."""
+    parse = FIELDS[name].metadata["parse"]
+
+    def convert(text: str) -> typing.Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and an option per setting, none with a default of its own."""
     parser.add_argument(
@@ -243,16 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a TOML file of settings (default: ${CONFIG_ENV})",
     )
     for name, field in FIELDS.items():
-        parse = field.metadata["parse"]
-
-        def convert(text: str, parse: Callable[[object], typing.Any] = parse) -> typing.Any:
-            try:
-                return parse(text)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-
         parser.add_argument(
-            "--" + name.replace("_", "-"), type=convert, default=argparse.SUPPRESS,
+            "--" + name.replace("_", "-"), type=argument_type(name), default=argparse.SUPPRESS,
             metavar=field.metadata["metavar"],
             help=_help(name),
         )

@@ -34,6 +34,7 @@ import prometheus_client
 from prometheus_client import multiprocess, values
 from prometheus_client.mmap_dict import MmapedDict
 
+from consumerd.supervisor.osproc import pid_exists
 from consumerd.supervisor.service import Service
 
 DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -375,16 +376,6 @@ def _pid_of(path: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, under another user: the pid was reused
-    return True
-
-
 class MasterMetrics:
     """The master's view: exposition, readiness, and bookkeeping of dead workers."""
 
@@ -485,7 +476,7 @@ class MasterMetrics:
         """Clean the files of every process that no longer exists."""
         pids = {_pid_of(p) for p in glob.glob(os.path.join(self.directory, "*.db"))}
         for pid in pids:
-            if pid is not None and pid != self._pid and not _alive(pid):
+            if pid is not None and pid != self._pid and not pid_exists(pid):
                 self._forget(pid)
 
     def _forget(self, pid: int) -> None:

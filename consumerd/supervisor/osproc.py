@@ -49,6 +49,17 @@ def set_parent_death_signal(sig: int) -> bool:
     return libc is not None and libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid exists (a zombie counts: it is not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 

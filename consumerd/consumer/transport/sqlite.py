@@ -60,6 +60,8 @@ from urllib.parse import unquote
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
+from consumerd.supervisor.osproc import pid_exists
+
 logger = logging.getLogger(__name__)
 
 #: How many rows a fetch claims when the channel has no prefetch limit.
@@ -154,13 +156,7 @@ def _start_time(pid: int | str) -> str | None:
 def _is_alive(pid: int, started: str | None) -> bool:
     """Whether the process that took a claim still runs (not a zombie, pid not reused)."""
     if not _HAS_PROC:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_exists(pid)
     fields = _proc_stat(pid)
     if fields is None or fields[0] in (b"Z", b"X"):
         return False
