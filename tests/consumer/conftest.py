@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 
 import pytest
@@ -24,6 +23,7 @@ import redis as redis_lib
 from kombu import Connection
 
 from consumerd.consumer.broker import connect
+from tests.helpers import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -60,17 +60,6 @@ for c in CONFIG["consumers"]:
     app.consumer(c["name"], prefetch=c.get("prefetch"), partitions=c.get("partitions"))(
         make(c.get("sleep", 0)))
 '''
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclasses.dataclass
