@@ -14,11 +14,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import typing
 import uuid
 
 import fakeredis
@@ -59,9 +61,9 @@ class Broker:
         }
         self.queue = kombu.Queue(self.name, routing_key=self.name)
 
-    def connect(self, transport: str = OURS, **options) -> kombu.Connection:
+    def connect(self, transport: str = OURS, url: str = URL, **options) -> kombu.Connection:
         return kombu.Connection(
-            URL, transport=transport, transport_options={**self.options, **options}
+            url, transport=transport, transport_options={**self.options, **options}
         )
 
     def publish(self, count: int, start: int = 0, transport: str = STOCK) -> None:
@@ -550,6 +552,178 @@ def test_sigkilled_consumer_loses_nothing(broker, tmp_path):
     # Only what the killed consumer held (prefetch 50 + acks not yet sent) comes twice.
     assert duplicates <= 50 + fast.Channel.ack_batch_max, duplicates
     assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
+
+
+# -- half-open connections ------------------------------------------------------------
+
+
+class HalfOpenProxy:
+    """A TCP proxy to the real Redis that can make its connections half-open: both
+    sockets stay open but whatever either side sends is silently dropped, like a broker
+    host gone without a reset or a NAT that forgot the flow."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/13"
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        self._trigger: bytes | None = None
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.upstream_addrs: set[str] = set()  # as Redis sees the proxied clients
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop(self, once_sent: bytes | None = None) -> None:
+        """Drop everything from now on, or from the first client write containing
+        ``once_sent`` (that write included)."""
+        if once_sent is None:
+            self._forwarding.clear()
+        else:
+            self._trigger = once_sent
+
+    def resume(self) -> None:
+        self._trigger = None
+        self._forwarding.set()
+
+    def dropping(self) -> bool:
+        return not self._forwarding.is_set()
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", 6379))
+            except OSError:
+                return  # closed
+            with self._lock:
+                self._sockets += [client, server]
+                host, port = server.getsockname()[:2]
+                self.upstream_addrs.add(f"{host}:{port}")
+            for src, dst, from_client in ((client, server, True), (server, client, False)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, from_client), daemon=True
+                ).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            trigger = self._trigger
+            if from_client and trigger is not None and trigger in data:
+                self._forwarding.clear()
+            if self._forwarding.is_set():
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+        for sock in (src, dst):  # an end closed: pass it on (unless dropping)
+            if not self.dropping():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def proxy():
+    p = HalfOpenProxy()
+    yield p
+    p.close()
+
+
+def blocked_through(broker: Broker, proxy: HalfOpenProxy) -> int:
+    """Clients of the proxy that Redis still has blocked in BRPOP."""
+    return sum(
+        1 for c in broker.r.client_list() if c["addr"] in proxy.upstream_addrs and "b" in c["flags"]
+    )
+
+
+def drain_until_error(conn, within: float) -> tuple[BaseException, float]:
+    """``drain_events()`` with no timeout (the runtime's idle wait) in a thread, until
+    it raises; returns the error and how long it took."""
+    result: dict[str, typing.Any] = {}
+
+    def run():
+        started = time.monotonic()
+        try:
+            while True:
+                conn.drain_events()
+        except BaseException as exc:
+            result["error"], result["after"] = exc, time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"drain_events() still blocked after {within} s"
+    return result["error"], result["after"]
+
+
+@pytest.mark.parametrize(
+    ("where", "socket_timeout"),
+    [("waiting in BRPOP", 2), ("asking the CLIENT ID", 2), ("asking the CLIENT ID", None)],
+)
+def test_half_open_connection_raises_in_bounded_time_and_loses_nothing(
+    broker, proxy, where, socket_timeout
+):
+    broker.publish(20)
+    options = {"socket_timeout": socket_timeout}
+    with broker.connect(url=proxy.url, **options) as conn:
+        got, _, _ = consume(conn, broker.queue, 20)
+        channel = conn.default_channel
+        if where == "waiting in BRPOP":
+
+            def in_brpop():
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.2)
+                return channel._outstanding is not None and channel._outstanding[0] == "BRPOP"
+
+            wait_for(in_brpop, 10, "a BRPOP")
+            proxy.drop()
+        else:  # a new connection's first BRPOP is preceded by CLIENT ID, once
+            proxy.drop(once_sent=b"CLIENT\r\n$2\r\nID")
+        error, after = drain_until_error(conn, within=30)
+        assert proxy.dropping()
+        assert isinstance(error, conn.connection_errors), repr(error)
+        # A live Redis answers BRPOP within brpop_timeout (1 s), CLIENT ID at once; the
+        # margin for a slow reply is socket_timeout, or the transport's own default.
+        print(f"half-open {where}, socket_timeout={socket_timeout}: error after {after:.2f} s")
+        assert after <= 1 + (socket_timeout or fast.REPLY_TIMEOUT) + 3, after
+        # Publish only once no BRPOP is pending through the dead flow: a message popped
+        # into a dropped reply is lost (stock kombu has the same window).
+        wait_for(lambda: blocked_through(broker, proxy) == 0, 10, "Redis to end the BRPOP")
+        broker.publish(30, start=20)
+        conn.collect()  # what the runtime does with a broken connection
+    proxy.resume()
+    with broker.connect(url=proxy.url, **options) as conn:
+        more, _, _ = consume(conn, broker.queue, 30)
+    assert sorted(got + more) == list(range(50))  # count in == count out
+    assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
+
+
+def test_idle_wait_without_timeout_is_quiet_and_wakes_at_once(broker):
+    """The bound on the wait for a reply is no polling: an idle drain_events() sleeps."""
+    with broker.connect() as conn:
+        got = []
+        conn.Consumer(
+            [broker.queue], callbacks=[lambda b, m: (got.append(b), m.ack())], accept=["json"]
+        ).consume()
+        sender = threading.Timer(3.0, broker.publish, args=(1,))
+        cpu, started = time.process_time(), time.monotonic()
+        sender.start()
+        conn.drain_events()
+        sender.join()
+        assert got and 3.0 <= time.monotonic() - started < 4.5
+        assert time.process_time() - cpu < 0.15
 
 
 # -- the scripts, on fakeredis --------------------------------------------------------

@@ -48,6 +48,18 @@ Handing messages back (what the runtime should call)
     * ``message.requeue()`` / ``reject(requeue=True)``: one round trip, to the tail of
       the queue like stock kombu.
 
+Half-open connections
+    Every wait for Redis is bounded, so a connection that went half-open (broker host
+    gone without a reset, a NAT that forgot the flow) ends in a connection error instead
+    of a hang. Socket reads use ``socket_timeout``; where it is unset (stock: wait for
+    ever) it is :data:`REPLY_TIMEOUT`. The wait for a fetch or BRPOP reply happens in
+    the poller, where no socket timeout applies: a reply not there by the time a live
+    Redis sends it (at once for a fetch, after the BRPOP timeout for BRPOP) plus that
+    same timeout ends ``drain_events`` with ``redis.ConnectionError`` and drops the
+    connection, so the next call reconnects. Only a BRPOP told to wait for ever
+    (``brpop_timeout=0``) has no bound. An idle poll still sleeps until the reply or
+    the bound: no polling.
+
 Transport options (on top of stock ones): ``fetch_batch_size`` (cap per fetch, default
 200, also the batch when prefetch is unlimited), ``ack_flush_interval`` (seconds,
 default 0.1) and ``ack_batch_max`` (default 500). ``ack_emulation=False`` falls back to
@@ -60,6 +72,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import select
 import threading
 import typing
 from queue import Empty
@@ -76,6 +89,10 @@ from redis.commands.core import Script
 LOG = get_logger(__name__)
 
 Payload = dict[str, typing.Any]
+
+REPLY_TIMEOUT = 10.0
+"""Seconds a reply may be late before the connection counts as dead, when the
+``socket_timeout`` transport option does not say (consumerd's default there too)."""
 
 # Both scripts start by applying acks: ARGV[ack_at] = count, then that many tags.
 _ACKS_LUA = """
@@ -248,6 +265,7 @@ class Channel(stock.Channel):
         self._queue_empty = False  # the last fetch found nothing: block in BRPOP next
         self._outstanding: tuple[str, list[str], list[str]] | None = None
         self._blocking_id: tuple[object, int] | None = None  # (socket, CLIENT ID)
+        self._reply_due: float | None = None  # monotonic; None: no bound (BRPOP 0)
         self._sync: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         super().__init__(*args, **kwargs)
@@ -274,6 +292,15 @@ class Channel(stock.Channel):
                 "touch": self._sync.register_script(TOUCH_LUA),
             }
         return self._sync
+
+    def reply_timeout(self) -> float:
+        return float(self.socket_timeout or REPLY_TIMEOUT)
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, typing.Any]:
+        params: dict[str, typing.Any] = super()._connparams(asynchronous)
+        # Stock's None lets any read on a half-open connection block for ever.
+        params["socket_timeout"] = self.reply_timeout()
+        return params
 
     def _script(self, name: str) -> Script:
         self.sync_client  # noqa: B018 - (re)builds the scripts with the current pool
@@ -346,6 +373,9 @@ class Channel(stock.Channel):
     # -- fetching ---------------------------------------------------------------------
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        wait = float((self.brpop_timeout if timeout is None else timeout) or 0)
+        # A live Redis replies by then (BRPOP 0 never times out: nothing to bound).
+        self._reply_due = monotonic() + wait + self.reply_timeout() if wait else None
         if not self._fast:
             super()._brpop_start(timeout)
             return None
@@ -357,8 +387,7 @@ class Channel(stock.Channel):
         conn = self.client.connection
         if self._queue_empty and not self._pending_acks:
             self._remember_client_id(conn)
-            wait = self.brpop_timeout if timeout is None else timeout
-            command = ["BRPOP", *map(self._key, keys), wait or 0]
+            command = ["BRPOP", *map(self._key, keys), wait]
             self._outstanding = ("BRPOP", keys, [])
         else:
             acks = self._take_acks()
@@ -371,18 +400,54 @@ class Channel(stock.Channel):
                 *self._fetch_args(max(self._window(), 1), acks),
             ]
             self._outstanding = ("EVALSHA", keys, acks)
+            self._reply_due = monotonic() + self.reply_timeout()  # a script replies at once
         self._in_poll = conn
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # stock does so too
         conn.send_command(*command)
         return None
 
     def _remember_client_id(self, conn: typing.Any) -> None:
-        """Learn the BRPOP connection's id once per socket, so close() can unblock it."""
+        """Learn the BRPOP connection's id once per socket, so close() can unblock it.
+        The read is bounded by the socket timeout :meth:`_connparams` always sets."""
         sock = conn._sock
         if sock is None or self._blocking_id is None or self._blocking_id[0] is not sock:
             conn.send_command("CLIENT", "ID")
             client_id = conn.read_response()
             self._blocking_id = (conn._sock, int(client_id))
+
+    def reply_wait_bound(self, now: float) -> float | None:
+        """How long a poll may wait for this channel's outstanding reply, or for the one
+        it may send next; None: no bound."""
+        if self._in_poll:  # past due and still here: it is readable, the poll sees it
+            due = self._reply_due
+            return None if due is None or due <= now else due - now
+        if not self.active_queues:
+            return None  # sends nothing
+        wait = float(self.brpop_timeout or 0)
+        return wait + self.reply_timeout() if wait else None
+
+    def drop_if_reply_overdue(self, now: float) -> None:
+        """Raise ``redis.ConnectionError`` and drop the connection if the reply to the
+        outstanding fetch or BRPOP is overdue: the connection is half-open."""
+        conn: typing.Any = self._in_poll
+        if not conn or self._reply_due is None or now < self._reply_due:
+            return
+        sock = conn._sock
+        if sock is not None and _readable(sock):
+            return  # arrived just now: the next poll reads it
+        late = now - self._reply_due + self.reply_timeout()
+        command = "BRPOP" if self._outstanding is None else self._outstanding[0]
+        if self._outstanding is not None:
+            # A lost fetch is harmless: what it popped is recorded, the visibility
+            # timeout restores it. Its acks may not have been applied: resend them.
+            self._unsent_acks(self._outstanding[2])
+            self._outstanding = None
+        self._in_poll = None  # type: ignore[assignment]  # stock does so too
+        conn.disconnect()
+        raise redis.exceptions.ConnectionError(
+            f"no reply to {command} from Redis {late:.1f} s after it was due "
+            "(half-open connection?): dropped the connection"
+        )
 
     def _brpop_read(self, **options: typing.Any) -> bool:
         if not self._fast or self._outstanding is None:
@@ -588,6 +653,14 @@ class Channel(stock.Channel):
             self._brpop_read()
 
 
+def _readable(sock: typing.Any) -> bool:
+    """Whether ``sock`` has data (or EOF) to read, without reading it: the poller must
+    still see it readable afterwards."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _redelivered(raw: Payload) -> Payload:
     """A copy of ``raw`` flagged as redelivered the way stock kombu restores do."""
     payload = dict(raw)
@@ -607,7 +680,7 @@ class _Poller(stock.MultiChannelPoller):
         ready = [c for c in self._channels if isinstance(c, Channel) and c.can_deliver_prefetched()]
         if not ready:
             self._flush_waiting_acks()
-            return super().get(callback, timeout)  # type: ignore[no-any-return]
+            return self._wait(callback, timeout)
         self._in_protected_read = True
         try:
             if self._deliver_io_without_waiting():
@@ -620,6 +693,24 @@ class _Poller(stock.MultiChannelPoller):
             while self.after_read:
                 self.after_read.pop()()
         return None
+
+    def _wait(self, callback: typing.Callable[..., typing.Any], timeout: float | None) -> None:
+        """Stock's poll, waiting no longer than a live Redis takes to reply, so a
+        half-open connection raises instead of blocking ``drain_events`` for ever."""
+        ours = [c for c in self._channels if isinstance(c, Channel)]
+        now = monotonic()
+        for channel in ours:
+            channel.drop_if_reply_overdue(now)
+        bounds = [b for b in (c.reply_wait_bound(now) for c in ours) if b is not None]
+        if bounds:
+            timeout = min(bounds) if timeout is None else min(timeout, *bounds)
+        try:
+            super().get(callback, timeout)
+        except Empty:
+            now = monotonic()
+            for channel in ours:
+                channel.drop_if_reply_overdue(now)
+            raise
 
     def on_poll_start(self) -> None:
         if not self._in_protected_read:
