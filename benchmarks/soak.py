@@ -44,6 +44,7 @@ lost.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -144,6 +145,8 @@ class Result:
     left_over: int = 0
     seconds: float = 0.0
     lost_ids: list[int] = dataclasses.field(default_factory=list)
+    lost_in_unacked: int = 0  # Redis: lost ids still in the ``unacked`` hash
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 class Target:
@@ -167,12 +170,13 @@ class Target:
 class OwnRedis(Target):
     kind = "redis"
 
-    def __init__(self, tmp: pathlib.Path) -> None:
+    def __init__(self, tmp: pathlib.Path, options: str) -> None:
         super().__init__()
         self.server = RedisServer(tmp)
         self.server.start()
         url = self.server.url
-        self.consumer_url = f"{url}?visibility_timeout={VISIBILITY_TIMEOUT}"
+        extra = f"&{options}" if options else ""
+        self.consumer_url = f"{url}?visibility_timeout={VISIBILITY_TIMEOUT}{extra}"
         self.publisher_url = self.direct_url = url
 
     def restart(self) -> None:
@@ -422,6 +426,26 @@ class Soak:
                     f"{self.master.logged('SIGTTOU: now')} down")
         r.exit_codes = ", ".join(map(str, self.exit_codes))
         r.left_over = self.left_over()
+        if self.target.kind == "redis":
+            self.redis_diagnosis(missing)
+
+    def redis_diagnosis(self, missing: set[int]) -> None:
+        """Where lost ids are: still in the unacked hash (a sweep would give them back
+        some day) or nowhere on the broker; and whether kombu's sweep lock is held."""
+        r, client = self.result, redis.Redis.from_url(self.target.direct_url)
+        in_unacked = set()
+        for value in client.hvals("unacked"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # not one of ours
+                payload = json.loads(value)[0]
+                in_unacked.add(int(json.loads(base64.b64decode(payload["body"]))["i"]))
+        r.lost_in_unacked = len(missing & in_unacked)
+        if r.lost:
+            r.notes.append(f"{r.lost_in_unacked} of the lost ids are still in the unacked "
+                           f"hash, {r.lost - r.lost_in_unacked} are nowhere on the broker")
+        ttl = client.pttl("unacked_mutex")
+        if ttl > 0:
+            r.notes.append(f"kombu's unacked_mutex (the sweep lock) is held by nobody alive, "
+                           f"expires in {ttl / 1000:.0f}s: no sweep restores anything till then")
 
     def left_over(self) -> int:
         """Messages still in the main or retry queue (or Redis's unacked hash)."""
@@ -475,7 +499,7 @@ def soak_one(kind: str, args: argparse.Namespace) -> Result:
         else:
             stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
         tmp = pathlib.Path(tmp_dir)
-        target: Target = OwnRedis(tmp) if kind == "redis" else ProxiedRabbit()
+        target: Target = OwnRedis(tmp, args.redis_options) if kind == "redis" else ProxiedRabbit()
         soak = Soak(target, tmp, args)
         try:
             return soak.run()
@@ -498,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the temp dirs (records, consumerd.log) and print them")
     parser.add_argument("--verbose", action="store_true", help="log every kill")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument("--redis-options", default="", metavar="K=V&...",
+                        help="more transport options for the consumers' Redis URL, "
+                             "e.g. unacked_mutex_expire=20")
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = 18.0 if args.quick else max(18.0, args.messages / 200)
@@ -515,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r.lost:
             print(f"{r.broker}: LOST {r.lost} ids, first: {r.lost_ids[:20]}")
+        for note in r.notes:
+            print(f"{r.broker}: {note}")
     return 1 if any(r.lost for r in results) else 0
 
 
