@@ -115,6 +115,10 @@ def connect(url: str, **kwargs: object) -> Connection:
         # Blocking reads (BRPOP) return within kombu's brpop_timeout (1 s) anyway.
         options.setdefault("socket_timeout", 10)
         options.setdefault("socket_connect_timeout", 5)
+        # The lock of kombu's restore sweep outlives a worker SIGKILLed while sweeping:
+        # with kombu's 300 s default nothing was restored for 5 minutes (chaos soak).
+        # A lock that expires early can only make two sweeps overlap: duplicates, no loss.
+        options.setdefault("unacked_mutex_expire", 15)
     if _TRANSPORTS[scheme] == "pyamqp":
         # Publisher confirms: a retry copy or dead letter is on the broker before the
         # original is acked, and App.publish returns only once the broker has the message.
