@@ -178,7 +178,7 @@ def test_redact_and_validate():
 def test_query_becomes_transport_options():
     conn = broker.connect("redis://127.0.0.1:6379/0?visibility_timeout=30&x=y")
     assert conn.transport_options == {"visibility_timeout": 30, "x": "y", "socket_timeout": 10,
-                                      "socket_connect_timeout": 5}
+                                      "socket_connect_timeout": 5, "unacked_mutex_expire": 15}
     amqp = broker.connect("amqp://guest:guest@127.0.0.1:5672//")
     assert amqp.transport_options == {"confirm_publish": True}
 
