@@ -292,11 +292,9 @@ def test_global_keyprefix_is_honoured(broker):
         assert broker.r.llen(prefix + broker.name) == 100
         with broker.connect() as conn:
             got, _, _ = consume(conn, broker.queue, 100)
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=0.3)  # idle: sends the last acks, then BRPOP
-            assert conn.default_channel._outstanding[0] == "BRPOP"
+            wait_for(lambda: idle_wait_pending(conn), 5, "the idle wait (after the last acks)")
             broker.publish(1, start=100)
-            conn.drain_events(timeout=5)  # BRPOP hands it over under the prefix too
+            conn.drain_events(timeout=5)  # the wait wakes under the prefix too
         assert sorted(got) == list(range(101))
         assert broker.r.hlen(prefix + broker.options["unacked_key"]) == 0
         assert broker.r.llen(prefix + broker.name) == 0
@@ -367,27 +365,36 @@ def test_requeue_goes_to_the_tail_like_stock(broker):
 
 
 def test_close_of_an_idle_consumer_is_immediate(broker):
-    with broker.connect(polling_interval=5) as conn:  # BRPOP waits 5 s server-side
+    # One key: the idle wait lasts 5 s server-side.
+    with broker.connect(polling_interval=5, priority_steps=[0]) as conn:
         consumer = conn.Consumer([broker.queue], callbacks=[], accept=["json"])
         consumer.consume()
-        with contextlib.suppress(TimeoutError):
-            conn.drain_events(timeout=0.2)  # now blocked in BRPOP, 1 s server timeout
-        assert conn.default_channel._outstanding[0] == "BRPOP"
+        wait_for(lambda: idle_wait_pending(conn), 5, "the idle wait")
         started = time.monotonic()
         conn.default_channel.close()
-        assert time.monotonic() - started < 2  # CLIENT UNBLOCK, not the 5 s BRPOP timeout
+        assert time.monotonic() - started < 2  # CLIENT UNBLOCK, not the 5 s wait
 
 
-def test_message_arriving_while_closing_is_not_lost(broker):
-    """A BRPOP that popped right before close() unblocked it: the message goes back."""
-    with broker.connect(polling_interval=10) as conn:  # BRPOP waits 10 s server-side
+@pytest.mark.parametrize("steps", [[0], [0, 3, 6, 9]])  # one key; several (stock default)
+def test_message_arriving_while_closing_is_not_lost(broker, steps):
+    """The idle wait that a message ended right before close() popped nothing."""
+    with broker.connect(polling_interval=10, priority_steps=steps) as conn:
         consumer = conn.Consumer([broker.queue], callbacks=[], accept=["json"])
         consumer.consume()
-        with contextlib.suppress(TimeoutError):
-            conn.drain_events(timeout=0.2)
+        channel = conn.default_channel
+        wait_for(lambda: idle_wait_pending(conn), 5, "the idle wait")
         broker.publish(1)
-        wait_for(lambda: broker.queued() == 0, 5, "BRPOP to pop the message")
+        sock = channel.client.connection._sock
+        wait_for(lambda: fast._readable(sock), 5, "the wait's reply")
+        assert broker.queued() == 1  # woken, nothing popped
     assert broker.queued() == 1 and broker.unacked() == 0
+
+
+def idle_wait_pending(conn) -> bool:
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=0.05)
+    outstanding = conn.default_channel._outstanding
+    return outstanding is not None and outstanding[0] == fast._WAIT
 
 
 # -- idle behaviour and fairness ------------------------------------------------------
@@ -690,9 +697,10 @@ def test_half_open_connection_raises_in_bounded_time_and_loses_nothing(
                 with contextlib.suppress(TimeoutError):
                     conn.drain_events(timeout=0.2)
                 outstanding = channel._outstanding  # always None on the stock code path
-                return bool(channel._in_poll) and (outstanding is None or outstanding[0] == "BRPOP")
+                waiting = outstanding is None or outstanding[0] == fast._WAIT
+                return bool(channel._in_poll) and waiting
 
-            wait_for(in_brpop, 10, "a BRPOP")
+            wait_for(in_brpop, 10, "an idle wait")
             proxy.drop()
         else:  # a new connection's first BRPOP is preceded by CLIENT ID, once
             proxy.drop(once_sent=b"CLIENT\r\n$2\r\nID")
@@ -772,16 +780,16 @@ def test_fetch_script_pops_in_priority_order_and_records(fake):
     assert r.zscore("z", "t2") == 100.5
 
 
-def test_fetch_script_limit_acks_and_prepopped(fake):
+def test_fetch_script_limit_and_acks(fake):
     r, fetch, _ = fake
     r.hset("h", "old", "x")
     r.zadd("z", {"old": 1})
     r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(5)))
-    out = fetch(keys=["h", "z", "q"], args=[3, "1", 1, "old", 1, kombu_message(9, "t9")])
-    assert len(out) == 9  # the pre-popped one and two more
+    out = fetch(keys=["h", "z", "q"], args=[3, "1", 1, "old"])
+    assert len(out) == 9
     assert r.hget("h", "old") is None and r.zscore("z", "old") is None
-    assert sorted(r.hkeys("h")) == [b"t0", b"t1", b"t9"]
-    assert r.llen("q") == 3
+    assert sorted(r.hkeys("h")) == [b"t0", b"t1", b"t2"]
+    assert r.llen("q") == 2
 
 
 def test_fetch_script_does_not_record_garbage(fake):

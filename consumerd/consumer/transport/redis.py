@@ -19,18 +19,33 @@ Delivery
     ``drain_events`` still hands out one message per call (like stock), from the fetched
     batch, so a loop that checks a stop flag between messages stops after the current
     one. Other channels of the connection are polled (without blocking) before each
-    buffered delivery, so a wake-up queue is not starved by a big batch. When a fetch
-    finds nothing the channel blocks in BRPOP (no polling, no CPU while idle); the one
-    message BRPOP returns is recorded together with the next batch. Between that
-    BRPOP reply and its recording (one round trip) the message exists only in this
-    process: the same window stock kombu has, only shorter. A busy queue never uses it.
+    buffered delivery, so a wake-up queue is not starved by a big batch.
+
+Idle wait: no message ever leaves Redis unrecorded
+    Stock BRPOP pops a message in Redis and records it as unacked one round trip
+    later: a consumer killed in between (or a reply lost with its connection) loses it
+    for good. Here a message leaves its list only inside the fetch script, which
+    records it in the same atomic step. When a fetch finds nothing the channel blocks
+    in ``BLMOVE key key RIGHT RIGHT timeout``: it waits until the list is non-empty,
+    then moves its last element back to where it was (the list is unchanged, nothing
+    is popped), and the fetch script runs next. Another consumer taking the message
+    first is fine: that fetch finds nothing and the channel waits again.
+    BLMOVE watches one key; Redis has no blocking command that watches several lists
+    without popping. So with one key (one queue, ``priority_steps=[0]``) the wait is
+    ``brpop_timeout`` (stock's, 1 s by default; 0: for ever), and with several keys
+    (several queues, or priority sub-queues, which stock has by default) it watches
+    the first key in consume order (the top-priority list of one queue, the queues
+    taking turns) for at most ``rescan_interval`` (default 0.1 s), then fetches from
+    every key: a message on the watched key wakes the channel at once, one on another
+    key within ``rescan_interval`` plus a round trip. An idle channel on several keys
+    makes two cheap round trips per ``rescan_interval`` (no client-side polling).
     Held messages are re-stamped in the index once they reach half the visibility
     timeout (slow handlers, big prefetch), so no sweep restores them while held; one a
     sweep restored anyway is dropped here instead of being delivered twice.
 
 Acks
     ``message.ack()`` only marks the tag; the marked tags are deleted from the unacked
-    hash/zset by the next fetch, or by an explicit flush when: a BRPOP is outstanding
+    hash/zset by the next fetch, or by an explicit flush when: an idle wait is outstanding
     (the app's next ``drain_events``), the oldest mark is ``ack_flush_interval`` old at
     the next delivery or ack, ``ack_batch_max`` marks are waiting, or the channel closes
     or restores. Nothing is ever deleted before the application acked it. A consumer
@@ -52,20 +67,21 @@ Half-open connections
     Every wait for Redis is bounded, so a connection that went half-open (broker host
     gone without a reset, a NAT that forgot the flow) ends in a connection error instead
     of a hang. Socket reads use ``socket_timeout``; where it is unset (stock: wait for
-    ever) it is :data:`REPLY_TIMEOUT`. The wait for a fetch or BRPOP reply happens in
+    ever) it is :data:`REPLY_TIMEOUT`. The wait for a fetch or BLMOVE reply happens in
     the poller, where no socket timeout applies: a reply not there by the time a live
-    Redis sends it (at once for a fetch, after the BRPOP timeout for BRPOP) plus that
+    Redis sends it (at once for a fetch, after its timeout for BLMOVE) plus that
     same timeout ends ``drain_events`` with ``redis.ConnectionError`` and drops the
-    connection, so the next call reconnects. Only a BRPOP told to wait for ever
-    (``brpop_timeout=0``) has no bound. An idle poll still sleeps until the reply or
+    connection, so the next call reconnects. Only a single-key wait told to last for
+    ever (``brpop_timeout=0``) has no bound. An idle poll still sleeps until the reply or
     the bound: no polling.
 
 Transport options (on top of stock ones): ``fetch_batch_size`` (cap per fetch, default
 200, also the batch when prefetch is unlimited), ``ack_flush_interval`` (seconds,
-default 0.1) and ``ack_batch_max`` (default 500). ``ack_emulation=False`` falls back to
+default 0.1), ``ack_batch_max`` (default 500) and ``rescan_interval`` (seconds, default
+0.1, see above). ``ack_emulation=False`` falls back to
 the stock code paths. Fanout (pub/sub) and ``basic_get`` run the stock code; priority
 sub-queues are fetched in stock order and messages go back to the sub-queue they came from.
-Needs Redis >= 6.2 (RPOP with a count, CLIENT UNBLOCK).
+Needs Redis >= 6.2 (RPOP with a count, BLMOVE, CLIENT UNBLOCK).
 """
 
 from __future__ import annotations
@@ -90,6 +106,8 @@ LOG = get_logger(__name__)
 
 Payload = dict[str, typing.Any]
 
+_WAIT = "BLMOVE"
+
 REPLY_TIMEOUT = 10.0
 """Seconds a reply may be late before the connection counts as dead, when the
 ``socket_timeout`` transport option does not say (consumerd's default there too)."""
@@ -107,14 +125,14 @@ end
 """
 
 # KEYS: unacked hash, unacked index zset, queue keys in consume order.
-# ARGV: limit, now, acks..., then optionally (key number, item) popped by BRPOP already.
+# ARGV: limit, now, acks...
 # Returns flat (key number, recorded 0/1, item) triples. The hash value is stock kombu's
 # ``[payload, exchange, routing_key]``, built around the untouched payload text.
 FETCH_LUA = (
     _ACKS_LUA
     + """
 local limit, now = tonumber(ARGV[1]), ARGV[2]
-local nxt = apply_acks(3)
+apply_acks(3)
 local out = {}
 local function take(keyno, item)
   local recorded = 0
@@ -132,10 +150,6 @@ local function take(keyno, item)
   out[#out + 1] = keyno
   out[#out + 1] = recorded
   out[#out + 1] = item
-end
-if ARGV[nxt] then
-  take(tonumber(ARGV[nxt]), ARGV[nxt + 1])
-  limit = limit - 1
 end
 for k = 3, #KEYS do
   if limit <= 0 then break end
@@ -246,12 +260,14 @@ class Channel(stock.Channel):
     fetch_batch_size = 200
     ack_flush_interval = 0.1
     ack_batch_max = 500
+    rescan_interval = 0.1
 
     from_transport_options = (  # type: ignore[assignment]  # kombu types it fixed-length
         *stock.Channel.from_transport_options,
         "fetch_batch_size",
         "ack_flush_interval",
         "ack_batch_max",
+        "rescan_interval",
     )
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
@@ -262,10 +278,11 @@ class Channel(stock.Channel):
         self._acks_lock = threading.Lock()
         self._pending_since = 0.0
         self._no_ack_queues: set[str] = set()
-        self._queue_empty = False  # the last fetch found nothing: block in BRPOP next
+        self._queue_empty = False  # the last fetch found nothing: wait (BLMOVE) next
         self._outstanding: tuple[str, list[str], list[str]] | None = None
         self._blocking_id: tuple[object, int] | None = None  # (socket, CLIENT ID)
-        self._reply_due: float | None = None  # monotonic; None: no bound (BRPOP 0)
+        self._reply_due: float | None = None  # monotonic; None: no bound (wait 0)
+        self._swept_at = 0.0  # monotonic
         self._sync: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         super().__init__(*args, **kwargs)
@@ -274,6 +291,7 @@ class Channel(stock.Channel):
         self.fetch_batch_size = int(self.fetch_batch_size)
         self.ack_flush_interval = float(self.ack_flush_interval)
         self.ack_batch_max = int(self.ack_batch_max)
+        self.rescan_interval = float(self.rescan_interval)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -367,14 +385,14 @@ class Channel(stock.Channel):
         """Whether marked acks would wait for a reply that may take a while."""
         if not self._pending_acks:
             return False
-        blocked = self._outstanding is not None and self._outstanding[0] == "BRPOP"
+        blocked = self._outstanding is not None and self._outstanding[0] == _WAIT
         return blocked or not self.active_queues or not self.qos.can_consume()
 
     # -- fetching ---------------------------------------------------------------------
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        wait = float((self.brpop_timeout if timeout is None else timeout) or 0)
-        # A live Redis replies by then (BRPOP 0 never times out: nothing to bound).
+        wait = self._idle_wait(timeout)
+        # A live Redis replies by then (a wait of 0 never times out: nothing to bound).
         self._reply_due = monotonic() + wait + self.reply_timeout() if wait else None
         if not self._fast:
             super()._brpop_start(timeout)
@@ -387,8 +405,11 @@ class Channel(stock.Channel):
         conn = self.client.connection
         if self._queue_empty and not self._pending_acks:
             self._remember_client_id(conn)
-            command = ["BRPOP", *map(self._key, keys), wait]
-            self._outstanding = ("BRPOP", keys, [])
+            # Moves the last element back where it was: blocks until the list is
+            # non-empty and takes nothing, so no message is ever only in this process.
+            watched = self._key(keys[0])
+            command = [_WAIT, watched, watched, "RIGHT", "RIGHT", wait]
+            self._outstanding = (_WAIT, keys, [])
         else:
             acks = self._take_acks()
             prefixed = [*self._bookkeeping_keys(), *map(self._key, keys)]
@@ -406,8 +427,17 @@ class Channel(stock.Channel):
         conn.send_command(*command)
         return None
 
+    def _idle_wait(self, timeout: float | None = None) -> float:
+        """Seconds the idle wait blocks server-side (0: for ever). It watches one key;
+        with several (queues, priority sub-queues) it ends every ``rescan_interval`` to
+        fetch from all of them, so that is the longest a message on another key waits."""
+        wait = float((self.brpop_timeout if timeout is None else timeout) or 0)
+        if not self._fast or len(self.active_queues) * len(self.priority_steps) < 2:
+            return wait
+        return min(wait, self.rescan_interval) if wait else self.rescan_interval
+
     def _remember_client_id(self, conn: typing.Any) -> None:
-        """Learn the BRPOP connection's id once per socket, so close() can unblock it.
+        """Learn the blocking connection's id once per socket, so close() can unblock it.
         The read is bounded by the socket timeout :meth:`_connparams` always sets."""
         sock = conn._sock
         if sock is None or self._blocking_id is None or self._blocking_id[0] is not sock:
@@ -423,12 +453,12 @@ class Channel(stock.Channel):
             return None if due is None or due <= now else due - now
         if not self.active_queues:
             return None  # sends nothing
-        wait = float(self.brpop_timeout or 0)
+        wait = self._idle_wait()
         return wait + self.reply_timeout() if wait else None
 
     def drop_if_reply_overdue(self, now: float) -> None:
         """Raise ``redis.ConnectionError`` and drop the connection if the reply to the
-        outstanding fetch or BRPOP is overdue: the connection is half-open."""
+        outstanding fetch or wait is overdue: the connection is half-open."""
         conn: typing.Any = self._in_poll
         if not conn or self._reply_due is None or now < self._reply_due:
             return
@@ -436,7 +466,7 @@ class Channel(stock.Channel):
         if sock is not None and _readable(sock):
             return  # arrived just now: the next poll reads it
         late = now - self._reply_due + self.reply_timeout()
-        command = "BRPOP" if self._outstanding is None else self._outstanding[0]
+        command = "BRPOP" if self._outstanding is None else self._outstanding[0]  # None: stock
         if self._outstanding is not None:
             # A lost fetch is harmless: what it popped is recorded, the visibility
             # timeout restores it. Its acks may not have been applied: resend them.
@@ -469,11 +499,16 @@ class Channel(stock.Channel):
             self._in_poll = None  # type: ignore[assignment]  # stock does so too
             self._outstanding = None
             self._flush_brpop_reauth()
-        if command == "BRPOP":
-            if not reply:
+        if command == _WAIT:
+            # The watched key got a message (taken by another consumer, maybe), or the
+            # wait ended: fetch from every key. Nothing was popped yet, nothing to save.
+            if self._closing:
                 raise Empty()
-            popped = bytes_to_str(reply[0])[len(self.global_keyprefix) :]
-            reply = self._fetch_now(keys, keys.index(popped) + 1, reply[1])
+            reply = [] if reply is None and len(keys) == 1 else self._fetch_now(keys)
+            if not reply:
+                self._queue_cycle.rotate(keys[0].rsplit(self.sep, 1)[0])  # watch the next
+                self._sweep_if_idle_long()
+                raise Empty()
         self._queue_empty = not reply
         self._stash(keys, reply)
         if self._closing:
@@ -486,16 +521,24 @@ class Channel(stock.Channel):
             raise Empty()
         return True
 
-    def _fetch_now(self, keys: list[str], keyno: int, item: bytes) -> list[typing.Any]:
-        """Record the message BRPOP returned, and fetch more in the same round trip."""
+    def _sweep_if_idle_long(self) -> None:
+        """Stock sweeps for visibility-timeout restores on a poll that timed out, about
+        every ``brpop_timeout`` when idle; a wait ending every ``rescan_interval`` wakes
+        the poll first, so sweep from here, no more often than stock."""
+        now = monotonic()
+        if now - self._swept_at >= float(self.brpop_timeout or 1):
+            self._swept_at = now
+            self.connection.cycle.maybe_restore_messages()
+
+    def _fetch_now(self, keys: list[str]) -> list[typing.Any]:
+        """Fetch (pop and record, atomically) after the idle wait, on the sync client."""
         acks = self._take_acks()
-        args = [*self._fetch_args(max(self._window(), 1), acks), keyno, item]
+        args = self._fetch_args(max(self._window(), 1), acks)
         prefixed = [*self._bookkeeping_keys(), *map(self._key, keys)]
         try:
             return list(self._script("fetch")(keys=prefixed, args=args))
         except BaseException:
             self._unsent_acks(acks)
-            LOG.critical("Lost a message popped by BRPOP from %r: %r", keys[keyno - 1], item)
             raise
 
     def _stash(self, keys: list[str], flat: list[typing.Any]) -> None:
@@ -641,13 +684,12 @@ class Channel(stock.Channel):
             super().close()
 
     def _finish_outstanding(self) -> None:
-        """Collect an in-flight fetch or BRPOP reply, so nothing popped is dropped."""
+        """Collect an in-flight fetch reply (its messages are handed back like the
+        others), or end the idle wait at once (it pops nothing)."""
         if not self._in_poll or self._outstanding is None:
             return
         sock = self.client.connection._sock
-        if self._outstanding[0] == "BRPOP" and self._blocking_id and self._blocking_id[0] is sock:
-            # Ends the BRPOP at once: it replies nil, or with the message it already
-            # popped, which is then recorded and handed back like the others.
+        if self._outstanding[0] == _WAIT and self._blocking_id and self._blocking_id[0] is sock:
             self.sync_client.client_unblock(self._blocking_id[1])
         with contextlib.suppress(Empty):
             self._brpop_read()
