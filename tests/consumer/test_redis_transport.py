@@ -491,7 +491,7 @@ def test_event_loop_mode_delivers_everything(broker):
 
 CONSUMER = textwrap.dedent("""
     import json, os, signal, sys, time, kombu
-    name, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    names, out, options = sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3])
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     conn = kombu.Connection({url!r}, transport={ours!r}, transport_options=options)
@@ -500,8 +500,8 @@ CONSUMER = textwrap.dedent("""
         os.write(fd, b"%d\\n" % body["n"])  # recorded before the ack: a kill in between
         time.sleep(0.001)                   # makes a duplicate, never a loss
         message.ack()
-    q = kombu.Queue(name, routing_key=name)
-    with conn.Consumer([q], callbacks=[on_message], prefetch_count=50, accept=["json"]):
+    queues = [kombu.Queue(name, routing_key=name) for name in names]
+    with conn.Consumer(queues, callbacks=[on_message], prefetch_count=50, accept=["json"]):
         while not stop:
             try:
                 conn.drain_events(timeout=0.2)
@@ -559,6 +559,84 @@ def test_sigkilled_consumer_loses_nothing(broker, tmp_path):
     # Only what the killed consumer held (prefetch 50 + acks not yet sent) comes twice.
     assert duplicates <= 50 + fast.Channel.ack_batch_max, duplicates
     assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
+
+
+def start_consumer(names: list[str], out, options: dict) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    argv = [sys.executable, "-c", CONSUMER, ",".join(names), str(out), json.dumps(options)]
+    return subprocess.Popen(argv, env=env)
+
+
+def blocked_in_idle_wait(broker: Broker, after_id: int) -> bool:
+    """Whether a client connected after ``after_id`` is blocked in the idle wait."""
+    return any(
+        int(c["id"]) > after_id and "b" in c["flags"] and c["cmd"] == fast._WAIT.lower()
+        for c in broker.r.client_list()
+        if c["db"] == "13"
+    )
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one key", "two queues x 4 priorities"])
+def test_consumer_killed_while_its_idle_wait_is_answered_loses_nothing(broker, tmp_path, several):
+    """Stock BRPOP pops the message when it replies: a consumer frozen (SIGSTOP) in
+    BRPOP, then killed, lost the message published meanwhile. Here it stays queued."""
+    names = [broker.name, f"{broker.name}.b"] if several else [broker.name]
+    queues = [kombu.Queue(name, routing_key=name) for name in names]
+    steps = {} if several else {"priority_steps": [0]}  # stock default [0, 3, 6, 9]
+    options = {**broker.options, **steps, "visibility_timeout": 2, "unacked_restore_throttle": 1}
+    priorities = [None, 9] if several else [None]  # 9: a priority sub-queue key
+
+    def publish(start: int) -> int:
+        n = start
+        with broker.connect(STOCK, **steps) as conn:
+            producer = conn.Producer(serializer="json")
+            for queue in queues:
+                for priority in priorities:
+                    producer.publish(
+                        {"n": n}, routing_key=queue.name, declare=[queue], priority=priority
+                    )
+                    n += 1
+        return n - start
+
+    def handled() -> list[int]:
+        return [n for out in outs if out.exists() for n in read_numbers(out)]
+
+    def in_redis() -> int:
+        keys = [f"{name}\x06\x16{p}" if p else name for name in names for p in (0, 3, 6, 9)]
+        return sum(int(broker.r.llen(k)) for k in keys) + broker.unacked()
+
+    outs = [tmp_path / "frozen.out", tmp_path / "after.out"]
+    before = max(int(c["id"]) for c in broker.r.client_list())
+    procs = [start_consumer(names, outs[0], options)]
+    try:
+        sent = publish(0)
+        wait_for(lambda: len(handled()) == sent, 30, "the first messages")
+        wait_for(lambda: blocked_in_idle_wait(broker, before), 10, "the idle wait")
+        procs[0].send_signal(signal.SIGSTOP)
+        frozen = publish(sent)
+        sent += frozen
+        # The wait was answered, or is about to be (several keys: within 0.1 s), and
+        # its reply sits unread: every message must still be in Redis.
+        wait_for(lambda: not blocked_in_idle_wait(broker, before), 5, "the wait to end")
+        assert in_redis() == frozen
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        assert in_redis() == frozen
+        procs.append(start_consumer(names, outs[1], options))
+        wait_for(lambda: len(set(handled())) == sent, 60, "every message", interval=0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(10) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        broker.r.delete(
+            *(f"{n}\x06\x16{p}" for n in names for p in (3, 6, 9)),
+            *(f"{pre}{n}" for n in names[1:] for pre in ("", "_kombu.binding.")),
+        )
+    assert sorted(handled()) == list(range(sent))  # count in == count out, no duplicate
+    assert in_redis() == 0
 
 
 # -- half-open connections ------------------------------------------------------------
