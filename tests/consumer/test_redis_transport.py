@@ -413,7 +413,7 @@ def test_idle_consumer_does_not_spin_and_wakes_at_once(broker):
         while time.monotonic() - started < 2.0:
             with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=max(0.01, 2.0 - (time.monotonic() - started)))
-        assert time.process_time() - cpu < 0.15  # blocked in BRPOP, not polling
+        assert time.process_time() - cpu < 0.15  # waiting server-side (BLMOVE), not polling
 
         sender = threading.Timer(0.3, broker.publish, args=(1,))
         sender.start()
@@ -727,7 +727,7 @@ def proxy():
 
 
 def blocked_through(broker: Broker, proxy: HalfOpenProxy) -> int:
-    """Clients of the proxy that Redis still has blocked in BRPOP."""
+    """Clients of the proxy that Redis still has blocked (BRPOP, BLMOVE)."""
     return sum(
         1 for c in broker.r.client_list() if c["addr"] in proxy.upstream_addrs and "b" in c["flags"]
     )
@@ -756,8 +756,9 @@ def drain_until_error(conn, within: float) -> tuple[BaseException, float]:
 @pytest.mark.parametrize(
     ("where", "options"),
     [
-        ("waiting in BRPOP", {"socket_timeout": 2}),
-        ("waiting in BRPOP", {"socket_timeout": 2, "ack_emulation": False}),  # stock code
+        # One key: the wait lasts brpop_timeout (1 s), a drain_events(0.2) returns in it.
+        ("waiting idle", {"socket_timeout": 2, "priority_steps": [0]}),
+        ("waiting idle", {"socket_timeout": 2, "ack_emulation": False}),  # stock code: BRPOP
         ("asking the CLIENT ID", {"socket_timeout": 2}),
         ("asking the CLIENT ID", {"socket_timeout": None}),
     ],
@@ -769,7 +770,7 @@ def test_half_open_connection_raises_in_bounded_time_and_loses_nothing(
     with broker.connect(url=proxy.url, **options) as conn:
         got, _, _ = consume(conn, broker.queue, 20)
         channel = conn.default_channel
-        if where == "waiting in BRPOP":
+        if where == "waiting idle":
 
             def in_brpop():
                 with contextlib.suppress(TimeoutError):
@@ -780,18 +781,18 @@ def test_half_open_connection_raises_in_bounded_time_and_loses_nothing(
 
             wait_for(in_brpop, 10, "an idle wait")
             proxy.drop()
-        else:  # a new connection's first BRPOP is preceded by CLIENT ID, once
+        else:  # a new connection's first idle wait is preceded by CLIENT ID, once
             proxy.drop(once_sent=b"CLIENT\r\n$2\r\nID")
         error, after = drain_until_error(conn, within=30)
         assert proxy.dropping()
         assert isinstance(error, conn.connection_errors), repr(error)
-        # A live Redis answers BRPOP within brpop_timeout (1 s), CLIENT ID at once; the
+        # A live Redis answers the idle wait within brpop_timeout (1 s), CLIENT ID at once; the
         # margin for a slow reply is socket_timeout, or the transport's own default.
         print(f"half-open {where}, {options}: {type(error).__name__} after {after:.2f} s")
         assert after <= 1 + (options["socket_timeout"] or fast.REPLY_TIMEOUT) + 3, after
         # Publish only once no BRPOP is pending through the dead flow: a message popped
         # into a dropped reply is lost (stock kombu has the same window).
-        wait_for(lambda: blocked_through(broker, proxy) == 0, 10, "Redis to end the BRPOP")
+        wait_for(lambda: blocked_through(broker, proxy) == 0, 10, "Redis to end the idle wait")
         broker.publish(30, start=20)
         conn.collect()  # what the runtime does with a broken connection
     proxy.resume()
