@@ -282,7 +282,6 @@ class Channel(stock.Channel):
         self._outstanding: tuple[str, list[str], list[str]] | None = None
         self._blocking_id: tuple[object, int] | None = None  # (socket, CLIENT ID)
         self._reply_due: float | None = None  # monotonic; None: no bound (wait 0)
-        self._swept_at = 0.0  # monotonic
         self._sync: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         super().__init__(*args, **kwargs)
@@ -500,15 +499,14 @@ class Channel(stock.Channel):
             self._outstanding = None
             self._flush_brpop_reauth()
         if command == _WAIT:
-            # The watched key got a message (taken by another consumer, maybe), or the
-            # wait ended: fetch from every key. Nothing was popped yet, nothing to save.
-            if self._closing:
-                raise Empty()
-            reply = [] if reply is None and len(keys) == 1 else self._fetch_now(keys)
-            if not reply:
+            # Nothing was popped. The watched key got a message (another consumer may
+            # take it first), or the wait ended: with several keys, any other may have
+            # one. Either way the fetch, sent at the next poll, pops from every key.
+            if reply is not None or len(keys) > 1:
+                self._queue_empty = False
+            if reply is None:
                 self._queue_cycle.rotate(keys[0].rsplit(self.sep, 1)[0])  # watch the next
-                self._sweep_if_idle_long()
-                raise Empty()
+            raise Empty()
         self._queue_empty = not reply
         self._stash(keys, reply)
         if self._closing:
@@ -520,26 +518,6 @@ class Channel(stock.Channel):
         if not self.deliver_prefetched():
             raise Empty()
         return True
-
-    def _sweep_if_idle_long(self) -> None:
-        """Stock sweeps for visibility-timeout restores on a poll that timed out, about
-        every ``brpop_timeout`` when idle; a wait ending every ``rescan_interval`` wakes
-        the poll first, so sweep from here, no more often than stock."""
-        now = monotonic()
-        if now - self._swept_at >= float(self.brpop_timeout or 1):
-            self._swept_at = now
-            self.connection.cycle.maybe_restore_messages()
-
-    def _fetch_now(self, keys: list[str]) -> list[typing.Any]:
-        """Fetch (pop and record, atomically) after the idle wait, on the sync client."""
-        acks = self._take_acks()
-        args = self._fetch_args(max(self._window(), 1), acks)
-        prefixed = [*self._bookkeeping_keys(), *map(self._key, keys)]
-        try:
-            return list(self._script("fetch")(keys=prefixed, args=args))
-        except BaseException:
-            self._unsent_acks(acks)
-            raise
 
     def _stash(self, keys: list[str], flat: list[typing.Any]) -> None:
         queue, now = None, monotonic()
@@ -717,6 +695,7 @@ class _Poller(stock.MultiChannelPoller):
     """Delivers fetched batches one message per ``drain_events`` call, fairly."""
 
     _turn = 0
+    _swept_at = 0.0  # monotonic
 
     def get(self, callback: typing.Callable[..., typing.Any], timeout: float | None = None) -> None:
         ready = [c for c in self._channels if isinstance(c, Channel) and c.can_deliver_prefetched()]
@@ -752,7 +731,17 @@ class _Poller(stock.MultiChannelPoller):
             now = monotonic()
             for channel in ours:
                 channel.drop_if_reply_overdue(now)
+            self._sweep_if_due(now, ours)
             raise
+
+    def _sweep_if_due(self, now: float, ours: list[Channel]) -> None:
+        """Stock sweeps for visibility-timeout restores when a poll times out, about
+        every ``brpop_timeout`` when idle. An idle wait on several keys ends (a readable
+        reply, no time-out) every ``rescan_interval``: sweep from here, no more often."""
+        every = min((float(c.brpop_timeout or 1) for c in ours), default=1.0)
+        if now - self._swept_at >= every:
+            self._swept_at = now
+            self.maybe_restore_messages()
 
     def on_poll_start(self) -> None:
         if not self._in_protected_read:
