@@ -37,8 +37,11 @@ Idle wait: no message ever leaves Redis unrecorded
     the first key in consume order (the top-priority list of one queue, the queues
     taking turns) for at most ``rescan_interval`` (default 0.1 s), then fetches from
     every key: a message on the watched key wakes the channel at once, one on another
-    key within ``rescan_interval`` plus a round trip. An idle channel on several keys
-    makes two cheap round trips per ``rescan_interval`` (no client-side polling).
+    key within ``rescan_interval`` plus Redis's timer resolution (its ``hz``: 100 ms
+    by default), measured 200 ms at most. An idle channel on several keys makes two
+    cheap round trips per wait, about 5 a second (0.4 % of a core measured, stock
+    0.1 %). Finer alternatives (keyspace notifications, client-side caching
+    invalidations) need server configuration or a second connection per channel.
     Held messages are re-stamped in the index once they reach half the visibility
     timeout (slow handlers, big prefetch), so no sweep restores them while held; one a
     sweep restored anyway is dropped here instead of being delivered twice.
