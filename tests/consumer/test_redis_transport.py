@@ -29,22 +29,12 @@ import pytest
 import redis
 
 from consumerd.consumer.transport import redis as fast
+from tests.helpers import wait_for
 
 URL = "redis://127.0.0.1:6379/13"
 OURS = "consumerd.consumer.transport.redis:Transport"
 STOCK = "redis"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Broker:
