@@ -15,7 +15,7 @@ from consumerd.supervisor import Service, ServiceManager
 if typing.TYPE_CHECKING:
     from consumerd.consumer.app import App
 
-__all__ = ["App", "Service", "ServiceManager"]
+__all__ = ["App", "Service", "ServiceManager", "__version__"]
 
 
 def __getattr__(name: str) -> typing.Any:
@@ -23,4 +23,8 @@ def __getattr__(name: str) -> typing.Any:
         from consumerd.consumer.app import App  # noqa: PLC0415 - keeps kombu out of the core
 
         return App
+    if name == "__version__":  # from the installed metadata: one source, pyproject.toml
+        from importlib.metadata import version  # noqa: PLC0415 - only when asked
+
+        return version("consumerd")
     raise AttributeError(f"module 'consumerd' has no attribute {name!r}")

@@ -1,32 +1,56 @@
-"""The ``consumerd`` command: run an app's consumers, publish a message, check an app.
+"""The consumerd command: run an app's consumers, publish messages, check an app, health.
 
-``consumerd --app myapp.consumers --workers 4`` (or ``consumerd run ...``) runs the
-consumers in supervised worker processes; ``consumerd publish NAME BODY`` sends a message;
-``consumerd check --app ...`` prints the consumers, queues and partition → worker map
-without connecting. Any usage error is one line on stderr and exit status 2.
+Every command reads the same configuration (consumerd.config: command line >
+CONSUMERD_* environment > --config file > defaults), so `publish` writes to the broker
+`run` reads. Options may come before or after the positional arguments. A usage error is
+one line on stderr and exit status 2; a command that cannot do its job exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import os
 import sys
 import typing
 
+import consumerd
+from consumerd import config
 from consumerd.consumer import broker, loading, routing
 from consumerd.consumer.app import App
-from consumerd.ops import config, endpoints, logs, metrics
+from consumerd.ops import endpoints, logs, metrics
 
 LOG = logging.getLogger("consumerd")
 EXIT_USAGE = 2
-COMMANDS = ("run", "publish", "check", "health")
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
+
+#: Each command, its one-line help, and the settings it takes on the command line (every
+#: command reads all settings from the environment and the file, and checks them).
+COMMANDS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "run": ("run the app's consumers under a supervisor (the default command)", None),
+    "publish": ("publish JSON messages to a consumer's queue",
+                ("app", "broker", "log_level", "log_format")),
+    "check": ("print the consumers, their queues and the partition to worker map, offline",
+              ("app", "broker", "workers", "member", "queues", "log_level")),
+    "health": ("exit 0 if the master in the pid file and a worker of it run",
+               ("pidfile", "log_level")),
+}
+
+EPILOG = """\
+examples:
+  consumerd --app myapp.consumers --workers 4
+  consumerd publish --app myapp.consumers orders '{"id": 1}' --key customer-7
+  consumerd check --app myapp.consumers --workers 4
+  consumerd health --pidfile /run/consumerd.pid
+
+Run 'consumerd COMMAND --help' for the options of a command."""
 
 
 class UsageError(Exception):
-    """A mistake on the command line: reported as one line, exit status 2."""
+    """A mistake on the command line or in the configuration: one line, exit status 2."""
 
 
 class Failure(Exception):
@@ -38,44 +62,40 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _common(parser: argparse.ArgumentParser, app_required: bool) -> None:
-    parser.add_argument("--app", required=app_required, metavar="MODULE[:ATTR]",
-                        help="the module holding the App (attribute defaults to 'app')")
-    parser.add_argument("--broker", metavar="URL",
-                        help="broker URL (default: $CONSUMERD_BROKER_URL, the app's broker, "
-                             "then the embedded SQLite broker in ./.consumerd/)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                        type=str.upper)
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="consumerd", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
-
-    run = commands.add_parser("run", help="run the app's consumers (the default command)")
-    # Every run option comes from consumerd.ops.config: command line > CONSUMERD_* > TOML.
-    config.add_arguments(run)
-
-    publish = commands.add_parser("publish", help="publish JSON messages")
-    _common(publish, app_required=False)
-    publish.add_argument("name", help="consumer (or plain queue) name")
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = _Parser(
+        prog="consumerd", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"consumerd {consumerd.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands: dict[str, argparse.ArgumentParser] = {}
+    for name, (summary, settings) in COMMANDS.items():
+        commands[name] = sub.add_parser(name, help=summary, description=summary)
+        config.add_arguments(commands[name], settings, reloads=name == "run")
+    publish = commands["publish"]
+    publish.add_argument("name", help="the consumer (or a plain queue) to publish to")
     publish.add_argument("body", nargs="*",
-                         help="JSON bodies; none or '-' reads one JSON body per stdin line")
-    publish.add_argument("--key", help="partition key")
-    publish.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+                         help="JSON bodies; none, or '-', reads one JSON body per stdin line")
+    publish.add_argument("--key", help="partition key (a partitioned consumer's messages "
+                                       "with one key go to one partition, in order)")
+    publish.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                         help="a message header (repeatable)")
+    return parser, commands
 
-    check = commands.add_parser("check", help="print consumers, queues and partition map")
-    _common(check, app_required=True)
-    check.add_argument("--workers", type=config.argument_type("workers"), default=1,
-                       metavar="N")
-    check.add_argument("--member", type=config.argument_type("member"), default=(0, 1),
-                       metavar="I/M")
-    health = commands.add_parser("health", help="exit 0 if the master and its workers run")
-    health.add_argument("--pidfile", required=True, metavar="PATH",
-                        help="the --pidfile the master was started with")
-    health.add_argument("--log-level", default="WARNING", type=str.upper)
-    return parser
+
+def _config(args: argparse.Namespace) -> config.Config:
+    """The configuration from every layer, with logging set up as it says."""
+    try:
+        running = config.Config(vars(args))
+    except config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    logs.configure(running.settings.log_level, running.settings.log_format)
+    return running
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    return _config(args).settings
 
 
 def _broker_url(explicit: str | None, app: App | None) -> str:
@@ -87,11 +107,15 @@ def _broker_url(explicit: str | None, app: App | None) -> str:
     return url
 
 
-def _load(ref: str) -> App:
+def _load(settings: config.Settings) -> App:
+    if settings.app is None:
+        raise UsageError("--app is required (or $CONSUMERD_APP, or app = ... in --config)")
     try:
-        return loading.load_app(ref)
+        app = loading.load_app(settings.app)
+        loading.check_queues(app, settings.queues)
     except loading.AppLoadError as exc:
         raise UsageError(str(exc)) from None
+    return app
 
 
 # -- run ----------------------------------------------------------------------------------
@@ -129,37 +153,21 @@ def _pidfile(path: str | None) -> typing.Iterator[None]:
 
 def _run(args: argparse.Namespace) -> None:
     from consumerd.consumer.service import ConsumerService  # noqa: PLC0415 - keeps check fast
-    from consumerd.consumer.settings import Settings  # noqa: PLC0415
     from consumerd.supervisor import ServiceManager  # noqa: PLC0415
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command",)}
-    try:
-        running = config.Config(options)
-    except config.ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    running = _config(args)
     s = running.settings
-    logs.configure(s.log_level, s.log_format)
-    if s.app is None:
-        raise UsageError("--app is required (or CONSUMERD_APP, or app = ... in --config)")
     # Before the app is imported and before any fork: metrics the app defines count too.
     master_metrics = metrics.enable() if s.metrics_port is not None else None
-    app = _load(s.app)
+    app = _load(s)
     url = _broker_url(s.broker, app)
     if s.broker is None and broker.is_default(url):
         LOG.info("no broker configured: using the embedded broker %s", url)
-    settings = Settings(
-        app_ref=s.app, broker_url=url, workers=s.workers, member=s.member,
-        prefetch=s.prefetch, graceful_timeout=s.graceful_timeout,
-        broker_down_limit=s.broker_down_limit, queues=s.queues,
-        max_messages_per_worker=s.max_messages_per_worker,
-        max_memory_per_worker=s.max_memory_per_worker, options=options,
-    )
     LOG.info("app %s: %d worker(s), consumers %s, broker %s", app.name, s.workers,
-             ", ".join(app.consumers), broker.redact(url))
+             ", ".join(loading.select(app, s.queues).consumers), broker.redact(url))
     with _pidfile(s.pidfile):
         manager = ServiceManager(graceful_shutdown_timeout=s.graceful_timeout)
-        service_id = manager.add(ConsumerService, workers=s.workers,
-                                 kwargs={"settings": settings})
+        service_id = manager.add(ConsumerService, workers=s.workers, args=(running,))
         manager.register_hooks(on_new_worker=logs.on_new_worker)
         if master_metrics is not None:
             master_metrics.name_service(service_id, ConsumerService.name or "consumer")
@@ -173,9 +181,11 @@ def _run(args: argparse.Namespace) -> None:
             )
 
         def on_reload() -> None:
+            # Runs before the workers get their SIGHUP; they re-read the same way, and a
+            # worker forked later starts from these settings.
             try:
-                change = running.reload()
-            except config.ConfigError as exc:
+                change = running.reload(check=lambda s: loading.check_queues(app, s.queues))
+            except (config.ConfigError, loading.AppLoadError) as exc:
                 LOG.error("reload: configuration rejected, the running one stays: %s", exc)
                 return
             fresh = running.settings
@@ -218,8 +228,9 @@ def _headers(pairs: list[str]) -> dict[str, str] | None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    app = _load(args.app) if args.app else App("consumerd-publish")
-    app.configure(broker_url=_broker_url(args.broker, app))
+    s = _settings(args)
+    app = _load(s) if s.app else App("consumerd-publish")
+    app.configure(broker_url=_broker_url(s.broker, app))
     headers = _headers(args.header)
     count = 0
     try:
@@ -235,7 +246,8 @@ def _publish(args: argparse.Namespace) -> None:
         with contextlib.suppress(Exception):
             app.close()
     if count:
-        LOG.info("published %d message(s) to %s", count, queue)
+        LOG.info("published %d message(s) to %s on %s", count, queue,
+                 broker.redact(app.broker_url))
 
 
 # -- health -------------------------------------------------------------------------------
@@ -244,8 +256,12 @@ def _publish(args: argparse.Namespace) -> None:
 def _health(args: argparse.Namespace) -> None:
     from consumerd import health  # noqa: PLC0415 - keeps the other commands lean
 
+    s = _settings(args)
+    if s.pidfile is None:
+        raise UsageError("--pidfile is required (or $CONSUMERD_PIDFILE, or pidfile = ... in "
+                         "--config): the one the master was started with")
     try:
-        print(health.check(args.pidfile))
+        print(health.check(s.pidfile))
     except health.Unhealthy as exc:
         print(f"consumerd: unhealthy: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -255,12 +271,13 @@ def _health(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    app = _load(args.app)
-    url = _broker_url(args.broker, app)
-    index, members = args.member
-    total = members * args.workers
+    s = _settings(args)
+    app = loading.select(_load(s), s.queues)
+    url = _broker_url(s.broker, app)
+    index, members = s.member
+    total = members * s.workers
     out = [f"app {app.name!r}, broker {broker.redact(url)}, "
-           f"{args.workers} worker(s), member {index}/{members}"]
+           f"{s.workers} worker(s), member {index}/{members}"]
     for spec in app.consumers.values():
         retry = spec.retry
         out.append(f"consumer {spec.name}: handler {getattr(spec.handler, '__qualname__', '?')}, "
@@ -270,29 +287,50 @@ def _check(args: argparse.Namespace) -> None:
         out.append(f"  retry: {routing.retry_queue(spec.name)}  "
                    f"dead letters: {routing.dead_letter_queue(spec.name)}")
         if spec.partitions:
-            for worker in range(args.workers):
-                me = routing.global_worker(worker, args.workers, index)
+            for worker in range(s.workers):
+                me = routing.global_worker(worker, s.workers, index)
                 mine = routing.owned_partitions(spec.partitions, me, total)
                 shown = ", ".join(f"p{p}" for p in mine) or "(none)"
                 out.append(f"  worker {worker} (global {me}/{total}): {shown}")
     print("\n".join(out))
 
 
+# -- main ---------------------------------------------------------------------------------
+
+
+def _command(argv: list[str]) -> tuple[str, list[str]]:
+    """The command named first (``run`` when the line starts with an option), and the rest."""
+    if not argv or argv[0].startswith("-"):
+        return "run", argv
+    if argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(f"unknown command {argv[0]!r}{hint}; commands: {', '.join(COMMANDS)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
-        argv.insert(0, "run")  # `consumerd --app x` means `consumerd run --app x`
     try:
-        args = _build_parser().parse_args(argv)
-        logs.configure(getattr(args, "log_level", None) or "INFO")
-        commands = {"run": _run, "publish": _publish, "check": _check, "health": _health}
-        commands[args.command](args)
+        parser, commands = _build_parser()
+        if argv and argv[0] in ("-h", "--help", "--version"):
+            parser.parse_args(argv[:1])  # prints and exits
+        name, rest = _command(argv)
+        # Intermixed: `publish orders --key k '{"a": 1}'` puts options among positionals.
+        args = commands[name].parse_intermixed_args(rest)
+        {"run": _run, "publish": _publish, "check": _check, "health": _health}[name](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
     except UsageError as exc:
         print(f"consumerd: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except Failure as exc:
         print(f"consumerd: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except BrokenPipeError:
+        # `consumerd check | head -1`: the reader left; stop quietly like other Unix tools.
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
 
 
 if __name__ == "__main__":

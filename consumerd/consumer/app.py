@@ -127,7 +127,7 @@ class _Producer:
 class App:
     """A set of consumer declarations plus a producer using the same routing.
 
-    ``broker``: the app's default broker URL; ``--broker`` and ``$CONSUMERD_BROKER_URL``
+    ``broker``: the app's default broker URL; ``--broker`` and ``$CONSUMERD_BROKER``
     win over it. ``prefetch``, ``max_retries``, ``retry_delay`` and ``max_retry_delay``
     are defaults for every consumer.
     """

@@ -2,10 +2,11 @@
 # (kombu's annotations are partial)
 """Broker URL → :class:`kombu.Connection`: the one place that knows the schemes.
 
-Resolution order for the URL: an explicit ``--broker`` (or ``App(broker=...)`` override
-set by the runtime), then ``$CONSUMERD_BROKER_URL``, then the app's own ``broker=``, then
+Resolution order for the URL: the ``broker`` setting (``--broker``, ``$CONSUMERD_BROKER``
+or the config file, see :mod:`consumerd.config`), then the app's own ``broker=``, then
 the embedded default (a SQLite file under ``./.consumerd/`` in the working directory).
-The environment beats the code so one build can be pointed anywhere (12-factor).
+The setting beats the code so one build can be pointed anywhere (12-factor); an App used
+outside the ``consumerd`` command (a web app publishing) reads ``$CONSUMERD_BROKER`` too.
 
 Query parameters become kombu ``transport_options`` (``redis://h/0?visibility_timeout=30``);
 numeric values are converted.
@@ -20,10 +21,12 @@ import os
 import typing
 import urllib.parse
 
+from consumerd import config
+
 if typing.TYPE_CHECKING:
     from kombu.connection import Connection
 
-ENV_VAR = "CONSUMERD_BROKER_URL"
+ENV_VAR = config.env_name("broker")
 DEFAULT_PATH = os.path.join(".consumerd", "broker.db")
 _REDIS_TRANSPORT = "consumerd.consumer.transport.redis:Transport"
 _SQLITE_TRANSPORT = "consumerd.consumer.transport.sqlite:Transport"

@@ -58,6 +58,25 @@ def load_app(ref: str, *, reload: bool = False, require_consumers: bool = True) 
     return found
 
 
+def check_queues(app: App, queues: tuple[str, ...] | None) -> None:
+    """Raise :class:`AppLoadError` if ``--queues`` names a consumer ``app`` does not declare
+    (such a worker would consume nothing, for ever)."""
+    missing = [name for name in queues or () if name not in app.consumers]
+    if missing:
+        raise AppLoadError(
+            f"--queues: app {app.name!r} declares no consumer named {', '.join(missing)} "
+            f"(it declares {', '.join(app.consumers)})"
+        )
+
+
+def select(app: App, queues: tuple[str, ...] | None) -> App:
+    """``app`` with only the consumers ``--queues`` names (all when None)."""
+    check_queues(app, queues)
+    if queues is not None:
+        app.consumers = {n: s for n, s in app.consumers.items() if n in queues}
+    return app
+
+
 def _one_line(exc: BaseException) -> str:
     where = ""
     tb = exc.__traceback__

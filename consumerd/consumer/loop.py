@@ -44,14 +44,16 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
+from consumerd.config import Config, Settings
 from consumerd.consumer import batching, broker, policy, routing
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
-from consumerd.consumer.settings import EX_TEMPFAIL, Settings
 from consumerd.ops import logs, metrics
 
 LOG = logging.getLogger("consumerd.consumer")
 
+EX_TEMPFAIL = 75
+"""Exit code of a worker whose broker stayed unreachable past the limit (sysexits.h)."""
 RETRY_PREFETCH = 1000
 """Retry copies a worker may hold until due (they are not handled, only held)."""
 REBALANCE_EVERY = 1.0
@@ -116,15 +118,14 @@ class Loop:
         self,
         app: App,
         worker_id: int,
-        settings: Settings,
-        reload_app: typing.Callable[[], App] | None = None,
+        config: Config,
     ) -> None:
         self.worker_id = worker_id
-        self.settings = settings
+        self._config = config
+        settings = config.settings
         self._app = app
-        self._reload_app = reload_app
-        app.configure(broker_url=settings.broker_url)
-        self._url = settings.broker_url
+        self._url = broker.resolve_url(settings.broker, app.broker)
+        app.configure(broker_url=self._url)
         self._probe = broker.connect(self._url)  # not connected: only for its error classes
         self._recoverable: tuple[type[BaseException], ...] = (
             *self._probe.connection_errors,
@@ -151,9 +152,10 @@ class Loop:
         self._next_restore = math.inf
         self._next_flush = math.inf  # the earliest deadline of an open batch
         self._stopping = False
-        # Jitter, so that workers started together do not all recycle together.
-        self._recycle_after = int((settings.max_messages_per_worker or 0) * random.uniform(1, 1.1))
-        self._max_rss = (settings.max_memory_per_worker or 0) * random.uniform(1, 1.05)
+        # Jitter, so that workers started together do not all recycle together. The
+        # limits themselves are read at each check: a SIGHUP may have changed them.
+        self._recycle_jitter = random.uniform(1, 1.1)
+        self._rss_jitter = random.uniform(1, 1.05)
         self._handled = 0
         self.recycle = False
         """True once the worker stopped to be replaced (a recycling limit was reached)."""
@@ -161,6 +163,11 @@ class Loop:
         self._interrupt = threading.Event()
         self._stop_requested = threading.Event()
         self._done = threading.Event()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force, read where used: a SIGHUP may replace them."""
+        return self._config.settings
 
     # -- the API for other threads ----------------------------------------------------
 
@@ -178,16 +185,9 @@ class Loop:
                         timeout or 0.0)
             self._hand_back_from_outside()
 
-    def reload(self) -> None:
-        """Re-import the app and have the loop re-bind its queues at the next message
-        boundary; in-flight work is untouched. A broken app is logged and ignored."""
-        if self._reload_app is None:
-            return
-        try:
-            app = self._reload_app()
-        except Exception as exc:
-            LOG.error("reload failed, keeping the current consumers: %s", exc)
-            return
+    def reload(self, app: App) -> None:
+        """Have the loop re-bind to ``app``'s queues (and the live settings in force) at
+        the next message boundary; in-flight work is untouched."""
         self._pending_app = app
         self._poke()
 
@@ -446,10 +446,13 @@ class Loop:
         """Past a recycling limit, take no more messages: the loop hands back what it
         prefetched and returns, the worker exits 0, the master respawns its slot."""
         self._handled += 1
-        if self._recycle_after and self._handled >= self._recycle_after:
+        settings = self.settings
+        recycle_after = int((settings.max_messages_per_worker or 0) * self._recycle_jitter)
+        max_rss = (settings.max_memory_per_worker or 0) * self._rss_jitter
+        if recycle_after and self._handled >= recycle_after:
             reason = f"handled {self._handled} messages"
-        elif self._max_rss and self._handled % 64 == 0 and _rss_mb() > self._max_rss:
-            reason = f"resident memory {_rss_mb():.0f} MB is over {self._max_rss:.0f} MB"
+        elif max_rss and self._handled % 64 == 0 and (rss := _rss_mb()) > max_rss:
+            reason = f"resident memory {rss:.0f} MB is over {max_rss:.0f} MB"
         else:
             return
         LOG.info("recycling worker %d: %s", self.worker_id, reason)

@@ -53,17 +53,3 @@ def owner_of(partition: int, total_workers: int) -> int:
 def owned_partitions(partitions: int, global_id: int, total_workers: int) -> list[int]:
     """The partitions of one consumer that a worker consumes when all workers are up."""
     return list(range(global_id, partitions, total_workers))
-
-
-def parse_member(text: str) -> tuple[int, int]:
-    """``"I/M"`` → ``(I, M)`` with ``0 <= I < M``; raises ValueError otherwise."""
-    index, sep, count = text.partition("/")
-    if not sep:
-        raise ValueError(f"--member must look like I/M (e.g. 0/2), not {text!r}")
-    try:
-        i, m = int(index), int(count)
-    except ValueError:
-        raise ValueError(f"--member must look like I/M (e.g. 0/2), not {text!r}") from None
-    if m < 1 or not 0 <= i < m:
-        raise ValueError(f"--member {text!r}: need M >= 1 and 0 <= I < M")
-    return i, m

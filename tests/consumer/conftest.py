@@ -198,13 +198,13 @@ class Consumerd:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(PYTHONPATH=f"{ROOT}:{self.tmp}", T_OUT=self.out, T_CONFIG=self.config)
-        env.pop("CONSUMERD_BROKER_URL", None)
+        env.pop("CONSUMERD_BROKER", None)
         return env
 
-    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "consumerd.cli", *args], cwd=self.tmp,
-                              env=self.env(), capture_output=True, text=True, timeout=timeout,
-                              check=False)
+                              env={**self.env(), **env}, capture_output=True, text=True,
+                              timeout=timeout, check=False)
 
     def start(self, *args: str, workers: int | None = 2, url: str | None = None) -> None:
         """``workers=None`` leaves the count to the environment or a --config file."""

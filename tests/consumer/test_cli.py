@@ -14,7 +14,7 @@ from tests.consumer.conftest import REDIS_URL, ROOT, check_broker
 
 def run(tmp_path, *args, stdin=None, env=None):
     environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{tmp_path}")
-    environ.pop("CONSUMERD_BROKER_URL", None)
+    environ.pop("CONSUMERD_BROKER", None)
     environ.update(env or {})
     return subprocess.run([sys.executable, "-m", "consumerd.cli", *args], cwd=tmp_path,
                           env=environ, capture_output=True, text=True, timeout=30, input=stdin,
@@ -50,11 +50,18 @@ def apps(tmp_path):
         (["--app", "good", "--broker", "redis://h:99999/0"], "malformed broker URL"),
         (["--app", "good", "--broker", "sqlite://relative.db"], "absolute path"),
         (["--app", "good", "--workers", "0"], "--workers: expected an integer >= 1"),
-        (["--app", "good", "--member", "2/2"], "need M >= 1 and 0 <= I < M"),
-        (["--app", "good", "--graceful-timeout", "soon"], "expected seconds"),
+        (["--app", "good", "--member", "2/2"], "M >= 1 and 0 <= I < M"),
+        (["--app", "good", "--graceful-timeout", "soon"], "expected a finite number of seconds"),
+        (["--app", "good", "--graceful-timeout", "inf"], "expected a finite number of seconds"),
+        (["--app", "good", "--graceful-timeout", "nan"], "expected a finite number of seconds"),
         (["--app", "good", "--bogus"], "unrecognized arguments: --bogus"),
+        (["--app", "good", "--queues", "jobs,nosuch"], "declares no consumer named nosuch"),
+        (["check", "--app", "good", "--queues", "nosuch"], "declares no consumer named nosuch"),
         ([], "--app is required"),
-        (["check"], "the following arguments are required: --app"),
+        (["check"], "--app is required"),
+        (["helth"], "unknown command 'helth' (did you mean 'health'?); commands: run, publish"),
+        (["health"], "--pidfile is required"),
+        (["publish", "jobs", "{}", "--workers", "2"], "unrecognized arguments: --workers"),
         (["check", "--app", "empty"], "declares no consumers"),
         (["publish", "jobs", "{bad json"], "body is not JSON"),
         (["publish", "jobs", "1", "--header", "x"], "--header expects NAME=VALUE"),
@@ -71,9 +78,79 @@ def test_usage_errors_are_one_line_and_exit_2(apps, args, message):
 
 
 def test_env_broker_url_is_validated_too(apps):
-    result = run(apps, "check", "--app", "good", env={"CONSUMERD_BROKER_URL": "bogus://"})
+    result = run(apps, "check", "--app", "good", env={"CONSUMERD_BROKER": "bogus://"})
     assert result.returncode == 2
     assert "unknown broker scheme 'bogus'" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "publish", "check", "health"])
+def test_every_command_reads_and_checks_the_environment(apps, command):
+    # The retired name would have sent messages to another broker without a word.
+    args = {"publish": ["q", "{}"], "health": ["--pidfile", "x.pid"]}.get(
+        command, ["--app", "good"])
+    result = run(apps, command, *args, env={"CONSUMERD_BROKER_URL": "redis://127.0.0.1:6379/0"})
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [
+        "consumerd: error: $CONSUMERD_BROKER_URL: unknown setting "
+        "(did you mean $CONSUMERD_BROKER?)"
+    ]
+
+
+def test_publish_obeys_the_broker_run_reads(apps, name):
+    check_broker(REDIS_URL)
+    import redis
+
+    client = redis.Redis()
+    try:
+        result = run(apps, "publish", name, '{"a": 1}', env={"CONSUMERD_BROKER": REDIS_URL})
+        assert result.returncode == 0, result.stderr
+        assert client.llen(name) == 1
+        assert not (apps / ".consumerd").exists(), "written to the embedded broker"
+        assert f"published 1 message(s) to {name} on {REDIS_URL}" in result.stderr
+    finally:
+        client.delete(name)
+
+
+def test_check_uses_the_environment_s_worker_count(apps):
+    result = run(apps, "check", "--app", "good", env={"CONSUMERD_WORKERS": "3"})
+    assert result.returncode == 0, result.stderr
+    assert "3 worker(s)" in result.stdout
+    assert "worker 2 (global 2/3): p2" in result.stdout
+
+
+def test_check_into_a_closed_pipe_exits_quietly(apps):
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before consumerd writes: `... | head -0`
+    environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}")
+    try:
+        result = subprocess.run([sys.executable, "-m", "consumerd.cli", "check", "--app", "good"],
+                                cwd=apps, env=environ, stdout=write, stderr=subprocess.PIPE,
+                                text=True, timeout=30, check=False)
+    finally:
+        os.close(write)
+    assert result.stderr == ""
+    assert result.returncode == 141  # as a shell reports a tool ended by SIGPIPE
+
+
+def test_version_comes_from_the_package_metadata(apps):
+    from importlib.metadata import version
+
+    import consumerd
+
+    assert consumerd.__version__ == version("consumerd")
+    result = run(apps, "--version")
+    assert (result.returncode, result.stdout) == (0, f"consumerd {version('consumerd')}\n")
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["publish"], ["check"], ["health"]])
+def test_help_is_written_for_a_terminal(apps, command):
+    result = run(apps, *command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: consumerd" in result.stdout
+    assert "`" not in result.stdout  # no reStructuredText markup
+    if command == ["run"]:
+        assert "--max-messages-per-worker N" in result.stdout
+        assert "SIGHUP applies a change" in result.stdout
 
 
 def test_check_prints_consumers_queues_and_map_without_a_broker(apps):
@@ -130,7 +207,7 @@ def test_pidfile_is_written_guarded_and_removed(apps):
 
     pidfile = apps / "consumerd.pid"
     environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}")
-    environ.pop("CONSUMERD_BROKER_URL", None)
+    environ.pop("CONSUMERD_BROKER", None)
     proc = subprocess.Popen([sys.executable, "-m", "consumerd.cli", "--app", "good",
                              "--pidfile", str(pidfile)], cwd=apps, env=environ,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

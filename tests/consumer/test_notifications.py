@@ -288,7 +288,7 @@ class Agent:
     def start(self, workers: int = 1) -> None:
         env = dict(os.environ, PYTHONPATH=f"{ROOT}:{self.tmp}", T_OUT=self.out,
                    T_CONFIG=self.config)
-        env.pop("CONSUMERD_BROKER_URL", None)
+        env.pop("CONSUMERD_BROKER", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "consumerd.cli", "--app", "tagent", "--broker", AMQP_URL,

@@ -11,11 +11,11 @@ import fakeredis
 import pytest
 
 import consumerd
+from consumerd import config
 from consumerd.consumer import broker, loading, policy, routing
 from consumerd.consumer.app import ConsumerSpec, Delivery
 from consumerd.consumer.loop import Loop, _Binding
 from consumerd.consumer.ownership import Leases, Membership
-from consumerd.consumer.settings import Settings
 
 # -- routing ------------------------------------------------------------------------------
 
@@ -48,14 +48,15 @@ def test_owner_is_p_mod_total():
     assert all(routing.owner_of(p, 3) == p % 3 for p in range(8))
 
 
-@pytest.mark.parametrize("text", ["1", "a/b", "2/2", "0/0", "-1/2"])
+@pytest.mark.parametrize("text", ["1", "a/b", "2/2", "0/0", "-1/2", "1/", "/2"])
 def test_bad_member(text):
     with pytest.raises(ValueError):
-        routing.parse_member(text)
+        config.parse_member(text)
 
 
 def test_member():
-    assert routing.parse_member("1/3") == (1, 3)
+    assert config.parse_member("1/3") == (1, 3)
+    assert config.parse_member([1, 3]) == (1, 3)
 
 
 # -- policy -------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def loop(tmp_path, monkeypatch):
         if body.get("fail"):
             raise ValueError("nope")
 
-    loop = Loop(app, 0, Settings(app_ref="x", broker_url="redis://127.0.0.1:1/0", workers=1))
+    loop = Loop(app, 0, config.Config({"app": "x", "broker": "redis://127.0.0.1:1/0"}, {}))
     loop._producer = FakeProducer()
     loop.calls = calls
     loop.binding = _Binding(app.consumers["q"], 10)

@@ -46,7 +46,7 @@ def test_dockerfile_runs_consumerd_as_non_root_in_exec_form() -> None:
 def test_entrypoint_as_pid_1_drains_reaps_and_reports_health(tmp_path) -> None:
     out = tmp_path / "handled.log"
     pidfile = str(tmp_path / "consumerd.pid")
-    env = {k: v for k, v in os.environ.items() if k != "CONSUMERD_BROKER_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "CONSUMERD_BROKER"}
     env.update(T_OUT=str(out), PYTHONPATH=str(ROOT))
 
     def swap_pidfile(argv: list[str]) -> list[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from consumerd.ops import config
-from consumerd.ops.config import Config, ConfigError, Settings
+from consumerd import config
+from consumerd.config import Config, ConfigError, Settings
 
 # name: (TOML literal, environment string, command line string, expected value of each)
 CASES = {
@@ -24,7 +24,7 @@ CASES = {
     "log_level": ('"debug"', "warning", "ERROR", ("DEBUG", "WARNING", "ERROR")),
     "log_format": ('"json"', "TEXT", "json", ("json", "text", "json")),
     "metrics_port": ("9100", "9200", "9300", (9100, 9200, 9300)),
-    "metrics_address": ('"127.0.0.1"', "::1", "10.0.0.1", ("127.0.0.1", "::1", "10.0.0.1")),
+    "metrics_address": ('"0.0.0.0"', "::1", "10.0.0.1", ("0.0.0.0", "::1", "10.0.0.1")),
     "pidfile": ('"/f.pid"', "/e.pid", "/c.pid", ("/f.pid", "/e.pid", "/c.pid")),
     "member": ('"0/2"', "1/3", "2/4", ((0, 2), (1, 3), (2, 4))),
     "max_messages_per_worker": ("100", "200", "300", (100, 200, 300)),
@@ -77,10 +77,30 @@ def test_the_file_can_come_from_the_environment_and_the_option_wins(tmp_path):
     assert config.load(cli("--config", str(tmp_path / "b.toml")), environ).workers == 5
 
 
-def test_the_broker_also_reads_the_older_variable():
-    assert config.load({}, {"CONSUMERD_BROKER_URL": "amqp://old//"}).broker == "amqp://old//"
-    both = {"CONSUMERD_BROKER_URL": "amqp://old//", "CONSUMERD_BROKER": "amqp://new//"}
-    assert config.load({}, both).broker == "amqp://new//"
+def test_one_variable_per_setting_and_an_unknown_one_is_an_error():
+    assert config.load({}, {"CONSUMERD_BROKER": "amqp://new//"}).broker == "amqp://new//"
+    # The retired name would send messages elsewhere without a word: it is refused.
+    with pytest.raises(ConfigError, match=r"\$CONSUMERD_BROKER_URL: unknown setting "
+                                          r"\(did you mean \$CONSUMERD_BROKER\?\)"):
+        config.load({}, {"CONSUMERD_BROKER_URL": "amqp://old//"})
+    with pytest.raises(ConfigError, match=r"\$CONSUMERD_ZZZ: unknown setting$"):
+        config.load({}, {"CONSUMERD_ZZZ": "1"})
+    # Variables consumerd sets for itself, and other programs' variables, are not settings.
+    assert config.load({}, {"CONSUMERD_REEXEC_STATE": "{}", "CONSUMERD_METRICS_OWNER": "1",
+                            "CONSUMERDX": "1", "OTHER": "1"}) == Settings()
+
+
+def test_the_internal_variables_are_the_ones_consumerd_sets():
+    from consumerd.ops import metrics
+    from consumerd.supervisor import reexec
+
+    assert {reexec.ENV_VAR, metrics.OWNER_ENV} == config.INTERNAL_ENV
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "-1"])
+def test_seconds_are_finite(value):
+    with pytest.raises(ConfigError, match="expected a finite number of seconds >= 0"):
+        config.load({}, {"CONSUMERD_GRACEFUL_TIMEOUT": value})
 
 
 @pytest.mark.parametrize(("layer", "message"), [
@@ -168,4 +188,4 @@ def test_readme_example(tmp_path: Path):
     settings = config.load(cli("--config", str(path), "--workers", "8"),
                            {"CONSUMERD_LOG_LEVEL": "debug"})
     assert (settings.workers, settings.prefetch, settings.log_level) == (8, 50, "DEBUG")
-    assert settings.metrics_address == "0.0.0.0"
+    assert settings.metrics_address == "127.0.0.1"

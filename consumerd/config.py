@@ -1,16 +1,23 @@
-"""Settings from four layers, one precedence order: command line > environment > file > defaults.
+"""The one configuration of consumerd: every command and every worker reads it from here.
 
-- command line: ``--workers 4`` (:func:`add_arguments` defines every option, with no
+Four layers, one precedence order: command line > environment > file > defaults.
+
+- command line: ``--workers 4`` (:func:`add_arguments` defines the options, with no
   argparse default, so that an option not given does not hide the layers below);
-- environment: ``CONSUMERD_WORKERS=4`` (``CONSUMERD_`` + the setting's name in capitals);
+- environment: ``CONSUMERD_WORKERS=4`` (``CONSUMERD_`` + the setting's name in capitals,
+  one name per setting; an unknown ``CONSUMERD_*`` variable is an error, as an unknown key
+  in the file is, so a misspelt or retired name never goes unnoticed);
 - file: ``--config consumerd.toml`` (or ``$CONSUMERD_CONFIG``), settings as top-level keys,
   ``workers = 4`` (``-`` and ``_`` are the same in keys);
 - defaults: :class:`Settings`.
 
-:class:`Config` keeps the settings in force and re-reads the layers on SIGHUP
+:class:`Config` holds the settings in force and re-reads the layers on SIGHUP
 (:meth:`Config.reload`): what can change live (:data:`LIVE`) takes effect, the rest waits
-for a restart and is reported; a file that does not parse or holds a bad value raises
-:class:`ConfigError` and the running settings stay.
+for a restart and is reported; a file that does not parse, a bad value or a failed check
+raises :class:`ConfigError` and the running settings stay. The master hands the same
+:class:`Config` to its workers, which read ``config.settings`` where each value is used.
+
+This module is a leaf: it imports nothing else of consumerd, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -19,12 +26,11 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
 from collections.abc import Callable, Mapping
-
-from consumerd.consumer.routing import parse_member
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +40,9 @@ else:  # pragma: no cover - Python 3.10
 
 ENV_PREFIX = "CONSUMERD_"
 CONFIG_ENV = "CONSUMERD_CONFIG"
+#: Variables consumerd sets for its own processes (the master's re-exec state, the
+#: metrics owner's pid): not settings, and not to be reported as unknown ones.
+INTERNAL_ENV = frozenset({"CONSUMERD_REEXEC_STATE", "CONSUMERD_METRICS_OWNER"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
@@ -65,8 +74,13 @@ def _seconds(value: object) -> float:
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"expected seconds >= 0, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"expected a finite number of seconds >= 0, got {value!r}")
     return float(value)
 
 
@@ -85,12 +99,20 @@ def _choice(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[o
     return parse
 
 
-def _member(value: object) -> tuple[int, int]:
+def parse_member(value: object) -> tuple[int, int]:
+    """``"I/M"`` (or ``[I, M]``) → ``(I, M)`` with ``0 <= I < M``; ValueError otherwise."""
     if isinstance(value, list) and len(value) == 2:
         value = f"{value[0]}/{value[1]}"
     if not isinstance(value, str):
         raise ValueError(f"expected I/M (e.g. 0/2), got {value!r}")
-    return parse_member(value.strip())
+    index, sep, count = value.strip().partition("/")
+    try:
+        i, m = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"expected I/M (e.g. 0/2), got {value!r}") from None
+    if not sep or m < 1 or not 0 <= i < m:
+        raise ValueError(f"expected I/M with M >= 1 and 0 <= I < M, got {value!r}")
+    return i, m
 
 
 def _names(value: object) -> tuple[str, ...]:
@@ -113,11 +135,9 @@ def _setting(
     *,
     live: bool = False,
     metavar: str | None = None,
-    env: tuple[str, ...] = (),
 ) -> typing.Any:
     return dataclasses.field(
-        default=default,
-        metadata={"parse": parse, "help": help, "live": live, "metavar": metavar, "env": env},
+        default=default, metadata={"parse": parse, "help": help, "live": live, "metavar": metavar}
     )
 
 
@@ -126,11 +146,13 @@ class Settings:
     """Every setting with its default; ``live`` ones change on SIGHUP without a restart."""
 
     app: str | None = _setting(
-        None, _text, "the module holding the App, module[:attribute]", metavar="MODULE[:ATTR]"
+        None, _text, "the module holding the App, MODULE[:ATTR] (attribute 'app' by default)",
+        metavar="MODULE[:ATTR]",
     )
     broker: str | None = _setting(
-        None, _text, "broker URL (default: the app's broker)", metavar="URL",
-        env=("CONSUMERD_BROKER_URL",),
+        None, _text,
+        "broker URL (default: the app's broker=, else the embedded broker in ./.consumerd/)",
+        metavar="URL",
     )
     workers: int = _setting(1, _int(1), "worker processes", live=True, metavar="N")
     prefetch: int | None = _setting(
@@ -160,12 +182,13 @@ class Settings:
         metavar="PORT",
     )
     metrics_address: str = _setting(
-        "0.0.0.0", _text, "address the metrics port binds (all interfaces: containers)",
+        "127.0.0.1", _text, "address the metrics port binds (0.0.0.0 in a container)",
         metavar="ADDRESS",
     )
-    pidfile: str | None = _setting(None, _text, "write the master's pid here", metavar="PATH")
+    pidfile: str | None = _setting(None, _text, "the master's pid file", metavar="PATH")
     member: tuple[int, int] = _setting(
-        (0, 1), _member, "this host is member I of M sharing the partitions", metavar="I/M"
+        (0, 1), parse_member, "this host is member I of M sharing the partitions",
+        metavar="I/M",
     )
     max_messages_per_worker: int | None = _setting(
         None, _int(1), "recycle a worker after about this many messages", live=True,
@@ -182,9 +205,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 LIVE = frozenset(name for name, f in FIELDS.items() if f.metadata["live"])
 
 
-def env_names(name: str) -> tuple[str, ...]:
-    """The environment variables of a setting, the first one winning."""
-    return (ENV_PREFIX + name.upper(), *FIELDS[name].metadata["env"])
+def env_name(name: str) -> str:
+    """The environment variable of setting ``name``."""
+    return ENV_PREFIX + name.upper()
 
 
 def _parse(name: str, value: object, source: str) -> typing.Any:
@@ -192,6 +215,11 @@ def _parse(name: str, value: object, source: str) -> typing.Any:
         return FIELDS[name].metadata["parse"](value)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _unknown(name: str, known: typing.Iterable[str], shown: Callable[[str], str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {shown(close[0])}?)" if close else ""
 
 
 # -- the layers --------------------------------------------------------------------------
@@ -210,29 +238,34 @@ def read_file(path: str) -> dict[str, typing.Any]:
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = _unknown(name, FIELDS, lambda n: repr(n.replace("_", "-")))
             raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
         found[name] = _parse(name, value, f"config file {path}: {key}")
     return found
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, typing.Any]:
+    """The settings in ``CONSUMERD_*`` variables; an unknown one is a :class:`ConfigError`."""
+    names = {env_name(name): name for name in FIELDS}
     found = {}
-    for name in FIELDS:
-        for var in env_names(name):
-            if environ.get(var, "").strip():
-                found[name] = _parse(name, environ[var], f"${var}")
-                break
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV or var in INTERNAL_ENV:
+            continue
+        if var not in names:
+            setting = var.removeprefix(ENV_PREFIX).lower()
+            hint = _unknown(setting, FIELDS, lambda n: "$" + env_name(n))
+            raise ConfigError(f"${var}: unknown setting{hint}")
+        if value.strip():
+            found[names[var]] = _parse(names[var], value, f"${var}")
     return found
 
 
-def _help(name: str) -> str:
+def _help(name: str, reloads: bool) -> str:
     field = FIELDS[name]
     default = field.default
     shown = "/".join(map(str, default)) if isinstance(default, tuple) else default
-    where = f"${env_names(name)[0]}" + ("" if default is None else f"; default {shown}")
-    live = "" if field.metadata["live"] else "; needs a restart to change"
+    where = f"${env_name(name)}" + ("" if default is None else f"; default {shown}")
+    live = "; SIGHUP applies a change" if reloads and field.metadata["live"] else ""
     return f"{field.metadata['help']} ({where}{live})"
 
 
@@ -249,17 +282,22 @@ def argument_type(name: str) -> Callable[[str], typing.Any]:
     return convert
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and an option per setting, none with a default of its own."""
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    names: typing.Iterable[str] | None = None,
+    *,
+    reloads: bool = False,
+) -> None:
+    """Add ``--config`` and an option for each setting in ``names`` (default: all), none
+    with a default of its own; ``reloads``: the command re-reads its settings on SIGHUP."""
     parser.add_argument(
         "--config", default=argparse.SUPPRESS, metavar="PATH",
-        help=f"a TOML file of settings (default: ${CONFIG_ENV})",
+        help=f"a TOML file of settings (${CONFIG_ENV})",
     )
-    for name, field in FIELDS.items():
+    for name in FIELDS if names is None else names:
         parser.add_argument(
             "--" + name.replace("_", "-"), type=argument_type(name), default=argparse.SUPPRESS,
-            metavar=field.metadata["metavar"],
-            help=_help(name),
+            metavar=FIELDS[name].metadata["metavar"], help=_help(name, reloads),
         )
 
 
@@ -295,20 +333,24 @@ class Reload:
 
 
 class Config:
-    """The settings in force, re-read from the same layers on :meth:`reload`."""
+    """The settings in force, re-read from the same layers on :meth:`reload`.
+
+    Picklable (it keeps the command-line options, not the environment), so it reaches
+    workers started with any multiprocessing start method.
+    """
 
     def __init__(
         self, cli: Mapping[str, typing.Any], environ: Mapping[str, str] | None = None
     ) -> None:
         self._cli = dict(cli)
-        self._environ = environ
-        self.settings = load(self._cli, environ)
+        self._environ = None if environ is None else dict(environ)
+        self.settings = load(self._cli, self._environ)
 
-    def reload(self) -> Reload:
+    def reload(self, check: Callable[[Settings], None] | None = None) -> Reload:
         """Re-read the layers (the file, mostly) and apply the live changes.
 
-        Raises :class:`ConfigError` (log it) if the file or a value is bad; the settings
-        in force are then unchanged.
+        ``check`` may reject the new settings by raising :class:`ConfigError`. On any
+        error (log it) the settings in force are unchanged.
         """
         fresh = load(self._cli, self._environ)
         applied: dict[str, tuple[typing.Any, typing.Any]] = {}
@@ -317,7 +359,10 @@ class Config:
             old, new = getattr(self.settings, name), getattr(fresh, name)
             if old != new:
                 (applied if name in LIVE else waiting)[name] = (old, new)
-        self.settings = dataclasses.replace(
+        updated = dataclasses.replace(
             self.settings, **{name: new for name, (_, new) in applied.items()}
         )
+        if check is not None:
+            check(updated)
+        self.settings = updated
         return Reload(applied, waiting)
