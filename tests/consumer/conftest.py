@@ -18,6 +18,7 @@ import sys
 import textwrap
 import uuid
 
+import amqp.exceptions
 import pytest
 import redis as redis_lib
 from kombu import Connection
@@ -100,8 +101,9 @@ class Broker:
     On Redis every test gets its own kombu ``global_keyprefix``, so the ``unacked``
     bookkeeping it counts (and deletes) is its own even while other suites run."""
 
-    def __init__(self, kind: str, url: str, prefix: str = "") -> None:
+    def __init__(self, kind: str, url: str, prefix: str = "", name: str = "") -> None:
         self.kind = kind
+        self.name = name
         self.prefix = prefix
         self.url = f"{url}?global_keyprefix={prefix}" if prefix else url
         self.created: set[str] = set()
@@ -120,18 +122,30 @@ class Broker:
         return f"{base}?{query}" if query else base
 
     def depth(self, queue: str) -> int:
-        """Ready messages in ``queue`` (not counting unacked ones)."""
+        """Ready messages in ``queue`` (not counting unacked ones); 0 if it does not exist.
+        Any other error fails the test: a broken probe must not read as "nothing left"."""
         if self.kind == "redis":
             return int(self.client().llen(self.prefix + queue))
         with connect(self.url) as conn:
             try:
                 return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
-            except Exception:
+            except amqp.exceptions.NotFound:
                 return 0
 
     def unacked(self) -> int:
-        """Redis only: messages delivered to some consumer and not acked yet."""
-        return int(self.client().hlen(self.prefix + "unacked")) if self.kind == "redis" else 0
+        """Messages of this test delivered to some consumer and not acked yet: Redis's
+        ``unacked`` hash under the test's key prefix; on RabbitMQ, the broker's own count
+        over the test's queues (rabbitmqctl: AMQP itself cannot tell)."""
+        if self.kind == "redis":
+            return int(self.client().hlen(self.prefix + "unacked"))
+        assert self.name, "unacked() on RabbitMQ needs the test's queue name prefix"
+        listed = subprocess.run(
+            ["rabbitmqctl", "list_queues", "name", "messages_unacknowledged",
+             "--no-table-headers", "-q"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
+        return sum(int(count) for queue, count in rows if queue.startswith(self.name))
 
     def publish_raw(self, queue: str, body: bytes, content_type: str, headers=None) -> None:
         from consumerd.consumer.app import declare_queue
@@ -166,7 +180,7 @@ class Broker:
 def broker(request, name):
     url = REDIS_URL if request.param == "redis" else AMQP_URL
     check_broker(url)
-    return Broker(request.param, url, f"{name}:" if request.param == "redis" else "")
+    return Broker(request.param, url, f"{name}:" if request.param == "redis" else "", name)
 
 
 @pytest.fixture
