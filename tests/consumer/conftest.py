@@ -48,13 +48,16 @@ def make(sleep):
         start = time.time()
         if sleep:
             time.sleep(sleep)
-        if body.get("fail_until", 0) >= message.attempt:
-            raise RuntimeError(f"boom at attempt {message.attempt}")
+        failing = body.get("fail_until", 0) >= message.attempt
+        # A failed attempt is an 8-field line ("failed" last); read_records skips it.
         line = (f"{os.getpid()} {message.queue} {body['i']} {message.attempt} "
-                f"{int(message.redelivered)} {start:.6f} {time.time():.6f}\\n")
+                f"{int(message.redelivered)} {start:.6f} {time.time():.6f}"
+                f"{' failed' if failing else ''}\\n")
         fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(fd, line.encode())
         os.close(fd)
+        if failing:
+            raise RuntimeError(f"boom at attempt {message.attempt}")
     return handle
 
 for c in CONFIG["consumers"]:
@@ -74,14 +77,15 @@ class Record:
     end: float
 
 
-def read_records(path: str) -> list[Record]:
+def read_records(path: str, failed: bool = False) -> list[Record]:
+    """The handled messages (or, with ``failed``, the attempts that raised)."""
     if not os.path.exists(path):
         return []
     out = []
     with open(path) as f:
         for line in f:
             parts = line.split()
-            if len(parts) == 7:
+            if len(parts) == (8 if failed else 7):
                 out.append(Record(int(parts[0]), parts[1], int(parts[2]), int(parts[3]),
                                   parts[4] == "1", float(parts[5]), float(parts[6])))
     return out
@@ -274,6 +278,9 @@ class Consumerd:
 
     def records(self) -> list[Record]:
         return read_records(self.out)
+
+    def failures(self) -> list[Record]:
+        return read_records(self.out, failed=True)
 
     def ids(self) -> collections.Counter[int]:
         return collections.Counter(r.id for r in self.records())
