@@ -46,6 +46,10 @@ OUT = os.environ["T_OUT"]
 def make(sleep):
     def handle(body, message):
         start = time.time()
+        # "pid queue id started" (4 fields) as the handler begins: tests can wait on it.
+        fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, f"{os.getpid()} {message.queue} {body['i']} started\\n".encode())
+        os.close(fd)
         if sleep:
             time.sleep(sleep)
         failing = body.get("fail_until", 0) >= message.attempt
@@ -281,6 +285,13 @@ class Consumerd:
 
     def failures(self) -> list[Record]:
         return read_records(self.out, failed=True)
+
+    def started(self) -> list[int]:
+        """The ids whose handler began, in order (a retry counts again)."""
+        if not os.path.exists(self.out):
+            return []
+        with open(self.out) as f:
+            return [int(p[2]) for p in map(str.split, f) if len(p) == 4 and p[3] == "started"]
 
     def ids(self) -> collections.Counter[int]:
         return collections.Counter(r.id for r in self.records())

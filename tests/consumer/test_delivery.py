@@ -52,10 +52,10 @@ def test_sigterm_waits_for_the_handler_in_flight(consumerd, broker, name):
     consumerd.configure([{"name": name, "sleep": 1.5}])
     publish_many(broker.url, name, 3)
     consumerd.start(workers=1)
-    wait_for(lambda: len(consumerd.ids()) == 1, 15, "the first message handled")
-    assert consumerd.stop() == 0  # the second handler (1.5 s) has just started
+    wait_for(lambda: len(consumerd.started()) == 2, 15, "the second handler started")
+    assert consumerd.stop() == 0  # SIGTERM while the second handler (1.5 s) runs
     handled = consumerd.ids()
-    assert len(handled) == 2
+    assert sorted(handled.elements()) == sorted(consumerd.started()[:2])
     assert broker.unacked() == 0
     wait_for(lambda: broker.depth(name) == 1, 5, "the third message back in the queue")
 
@@ -64,8 +64,7 @@ def test_handler_past_graceful_timeout_is_not_acked(consumerd, broker, name):
     consumerd.configure([{"name": name, "sleep": 30}])
     publish_many(broker.url, name, 2)
     consumerd.start("--graceful-timeout", "1", workers=1)
-    wait_for(lambda: consumerd.logged("consuming") >= 1, 15, "worker consuming")
-    time.sleep(0.3)
+    wait_for(lambda: consumerd.started(), 15, "the handler started")
     consumerd.stop()
     assert consumerd.ids() == {}
     # both the stuck message and the prefetched one are handed back, none acked
