@@ -570,3 +570,17 @@ def parse_dockerfile(block: Block, _tmp: Path, _: pytest.FixtureRequest) -> None
         if keyword in ("CMD", "ENTRYPOINT", "HEALTHCHECK") and argument.startswith("["):
             form = json.loads(argument)
             assert isinstance(form, list) and all(isinstance(a, str) for a in form), argument
+    # What the README shows is a Dockerfile of the repository (comments aside), the one
+    # tests/container/ builds and runs, so the two cannot drift apart.
+    shown = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    shown = [line for line in shown if not line.startswith("#")]
+    files = [p for p in ROOT.rglob("Dockerfile*") if ".git" not in p.parts]
+    assert any(dockerfile_lines(p) == shown for p in files), (
+        f"the block is none of {[str(p.relative_to(ROOT)) for p in files]}"
+    )
+
+
+def dockerfile_lines(path: Path) -> list[str]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    return [line for line in lines if not line.startswith("#")]
