@@ -1,5 +1,6 @@
 # consumerd in a container: `docker build -t consumerd .` then
-#   docker run --rm consumerd --app examples.minimal --workers 2
+#   docker run --rm consumerd                       # examples.minimal, 2 workers
+# Your app goes into an image built FROM this one: see deploy/Dockerfile.app.
 # The master runs as PID 1 (exec-form entrypoint, no shell in between): it gets
 # `docker stop`'s SIGTERM itself, drains its workers and reaps any orphaned process.
 FROM python:3.11-slim
@@ -28,4 +29,7 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["consumerd", "health", "--pidfile", "/tmp/consumerd.pid"]
 ENTRYPOINT ["consumerd", "--pidfile", "/tmp/consumerd.pid", "--graceful-timeout", "8"]
-CMD ["--app", "examples.minimal", "--workers", "2"]
+# The app comes from the environment, so that `docker run IMAGE --workers 4` (which
+# replaces the CMD) keeps it; an app image sets its own CONSUMERD_APP.
+ENV CONSUMERD_APP=examples.minimal
+CMD ["--workers", "2"]
