@@ -21,7 +21,9 @@ RUN pip install . \
 # the non-root user a writable one, and a volume so messages survive the container.
 WORKDIR /var/lib/consumerd
 VOLUME ["/var/lib/consumerd"]
-ENV PYTHONPATH=/app
+# With --metrics-port, the probes and the scraper come from outside the container.
+ENV PYTHONPATH=/app \
+    CONSUMERD_METRICS_ADDRESS=0.0.0.0
 USER consumerd
 
 # docker stop waits 10 s before SIGKILL; the graceful timeout must end before that.

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consumerd.consumer.routing import parse_member
+from consumerd.config import parse_member
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

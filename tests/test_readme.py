@@ -526,10 +526,8 @@ def run_consumers(script: str, module: str, repo: Path, env: dict[str, str]) -> 
 
 
 def parse_toml(block: Block, tmp: Path, _: pytest.FixtureRequest) -> None:
-    try:
-        config = importlib.import_module("consumerd.config")
-    except ImportError:
-        config = importlib.import_module("consumerd.ops.config")
+    from consumerd import config
+
     path = tmp / "consumerd.toml"
     path.write_text(block.text)
     settings = config.read_file(str(path))

@@ -64,7 +64,7 @@ def test_handler_past_graceful_timeout_is_not_acked(consumerd, broker, name):
     consumerd.configure([{"name": name, "sleep": 30}])
     publish_many(broker.url, name, 2)
     consumerd.start("--graceful-timeout", "1", workers=1)
-    wait_for(lambda: consumerd.started(), 15, "the handler started")
+    wait_for(consumerd.started, 15, "the handler started")
     consumerd.stop()
     assert consumerd.ids() == {}
     # both the stuck message and the prefetched one are handed back, none acked
