@@ -63,6 +63,7 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import amqp.exceptions  # noqa: E402
 import redis  # noqa: E402
 
 import consumerd  # noqa: E402
@@ -268,6 +269,7 @@ class Soak:
         self.result = Result(target.kind)
         self.first_seen: dict[int, float] = {}
         self.exit_codes: list[int] = []
+        self.master_pids: list[int] = []  # one per start that brought its workers up
         self.rng = random.Random(args.seed)
 
     # -- the run -----------------------------------------------------------------------
@@ -313,7 +315,6 @@ class Soak:
         time.sleep(2)
         log(f"{self.target.kind}: t={time.monotonic() - began:.1f}s master started again")
         self.start_master()
-        r.master_restarts = 1
         publisher.join(window + 120)
         if publisher.error is not None or publisher.is_alive():
             raise RuntimeError(f"publisher failed: {publisher.error!r}")
@@ -327,6 +328,8 @@ class Soak:
     def start_master(self) -> None:
         self.master.start("--graceful-timeout", "10", workers=WORKERS)
         self.master.wait_workers(WORKERS, timeout=30)
+        assert self.master.proc is not None
+        self.master_pids.append(self.master.proc.pid)
 
     def stop_master(self, timeout: float) -> None:
         self.exit_codes.append(self.master.stop(timeout))
@@ -378,9 +381,11 @@ class Soak:
         """Ready messages in queue ``name``."""
         if self.target.kind == "redis":
             return int(redis.Redis.from_url(self.target.direct_url).llen(name))
-        with connect(self.target.direct_url) as conn, contextlib.suppress(Exception):
-            return int(conn.default_channel.queue_declare(name, passive=True).message_count)
-        return 0
+        with connect(self.target.direct_url) as conn:
+            try:
+                return int(conn.default_channel.queue_declare(name, passive=True).message_count)
+            except amqp.exceptions.NotFound:  # never declared: empty; any other error counts
+                return 0
 
     def wait_tail(self) -> None:
         """Until every id is in, or nothing moved for visibility_timeout x 2 + 5 s."""
@@ -425,6 +430,7 @@ class Soak:
         r.scaled = (f"{self.master.logged('SIGTTIN: now')} up, "
                     f"{self.master.logged('SIGTTOU: now')} down")
         r.exit_codes = ", ".join(map(str, self.exit_codes))
+        r.master_restarts = len(set(self.master_pids)) - 1
         r.left_over = self.left_over()
         if self.target.kind == "redis":
             self.redis_diagnosis(missing)
