@@ -14,8 +14,9 @@ from consumerd.supervisor import Service, ServiceManager
 
 if typing.TYPE_CHECKING:
     from consumerd.consumer.app import App
+    from consumerd.consumer.notifications import NotificationResult
 
-__all__ = ["App", "Service", "ServiceManager", "__version__"]
+__all__ = ["App", "NotificationResult", "Service", "ServiceManager", "__version__"]
 
 
 def __getattr__(name: str) -> typing.Any:
@@ -23,6 +24,10 @@ def __getattr__(name: str) -> typing.Any:
         from consumerd.consumer.app import App  # noqa: PLC0415 - keeps kombu out of the core
 
         return App
+    if name == "NotificationResult":
+        from consumerd.consumer.notifications import NotificationResult  # noqa: PLC0415
+
+        return NotificationResult
     if name == "__version__":  # from the installed metadata: one source, pyproject.toml
         from importlib.metadata import version  # noqa: PLC0415 - only when asked
 

@@ -198,6 +198,8 @@ class App:
         durable: bool = False,
         auto_delete: bool = False,
         queue_arguments: dict[str, typing.Any] | None = None,
+        pool: str | None = None,
+        publisher_id: str | None = None,
         prefetch: int | None = None,
         max_retries: int | None = None,
         retry_delay: float | None = None,
@@ -209,17 +211,21 @@ class App:
         It consumes queues ``<topic>.<priority>`` bound to each topic exchange (e.g.
         ``nova``) with that routing key; ``durable``, ``auto_delete`` and
         ``queue_arguments`` must match the notifiers' oslo.messaging settings
-        (``amqp_durable_queues``, ``amqp_auto_delete``, quorum queues). Notifications whose
-        event type matches none of the fnmatch-style ``event_types`` are acked and
+        (``amqp_durable_queues``, ``amqp_auto_delete``, quorum queues). With ``pool``
+        it consumes one queue named ``pool`` bound with all those routing keys, as an
+        oslo.messaging listener pool: every pool gets every notification. Notifications
+        whose event type matches none of the fnmatch-style ``event_types``, or whose
+        publisher id does not :func:`re.match` the ``publisher_id`` regex, are acked and
         dropped. A batch is handled when ``batch_size`` notifications are in or
         ``batch_timeout`` seconds after its first; it is acked, or retried, as a whole.
-        See :mod:`consumerd.consumer.notifications`.
+        A handler returning ``NotificationResult.REQUEUE`` puts its notification (or
+        batch) back on the queue at once. See :mod:`consumerd.consumer.notifications`.
         """
         self._check_new(name)
         retry = self._retry_of(max_retries, retry_delay, max_retry_delay)
         listener = notifications.Listener(
             tuple(exchanges), topic, tuple(priorities), tuple(event_types),
-            durable, auto_delete, queue_arguments,
+            durable, auto_delete, queue_arguments, pool, publisher_id,
         )
         batch = None if batch_size is None else batching.BatchPolicy(batch_size, batch_timeout)
         prefetch = None if prefetch is None else _positive("prefetch", prefetch)

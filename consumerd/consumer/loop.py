@@ -434,9 +434,12 @@ class Loop:
         log_context = logs.message(queue, message.properties.get("message_id"))
         try:
             with meter.handling(), log_context:
-                spec.handler(body, delivery)
+                result = spec.handler(body, delivery)
         except Exception as exc:
             self._failed(spec, message, delivery, exc)
+            return
+        if result is policy.REQUEUE:
+            self._requeue(spec, [delivery])
             return
         message.ack()
         meter.acked()
@@ -475,6 +478,14 @@ class Loop:
         self._republish(message, routing.retry_queue(spec.name), headers)
         message.ack()  # only now: the copy is safely published
         metrics.for_consumer(spec.name).retried()
+
+    def _requeue(self, spec: ConsumerSpec, deliveries: list[Delivery]) -> None:
+        """The handler asked for its messages to go back to their queue now (oslo's
+        ``NotificationResult.REQUEUE``): reject with requeue, no attempt counted."""
+        LOG.debug("%s: requeueing %d message(s) at the handler's request", spec.name,
+                  len(deliveries))
+        for delivery in deliveries:
+            delivery.raw.requeue()
 
     def _dead_letter(self, spec: ConsumerSpec, message: Message, queue: str, error: str) -> None:
         headers = policy.dead_letter_headers(message.headers, error, queue)
@@ -526,12 +537,15 @@ class Loop:
         try:
             with meter.handling(), logs.message(deliveries[0].queue, None):
                 handle_batch = typing.cast(typing.Callable[..., object], spec.handler)
-                handle_batch(items, deliveries)  # spec.batch: it takes lists
+                result = handle_batch(items, deliveries)  # spec.batch: it takes lists
         except Exception as exc:
             LOG.warning("%s: a batch of %d failed (%s): retrying all of it", spec.name,
                         len(items), policy.describe_error(exc))
             for delivery in deliveries:
                 self._failed(spec, delivery.raw, delivery, exc)
+            return
+        if result is policy.REQUEUE:
+            self._requeue(spec, deliveries)
             return
         for delivery in deliveries:
             delivery.raw.ack()

@@ -12,6 +12,23 @@ queues. We declare exchange and queue with the rabbit driver's flags: durable on
 refuses a re-declaration with other flags (``PRECONDITION_FAILED``), so these must match
 the notifier's configuration.
 
+With a *pool* (oslo.messaging's ``get_notification_listener(..., pool=NAME)``) the rabbit
+driver declares one queue named exactly ``NAME`` (not ``<topic>-<pool>``: read in
+``amqpdriver.listen_for_notifications``, which passes ``queue_name=pool`` to
+``declare_topic_consumer``), bound to every exchange once per ``<topic>.<priority>``. So
+each pool gets every notification once, shared among that pool's listeners, whatever the
+other pools and the pool-less listeners (on ``<topic>.<priority>``) do. The notifier only
+declares the pool-less queues: a pool's queue exists once a listener of it has started.
+
+Filters, as oslo.messaging's ``NotificationFilter``: ``publisher_id`` is a regular
+expression matched with :func:`re.match` (from the start, not to the end unless it ends
+with ``$``). ``event_types`` are fnmatch patterns (consumerd's own; write a regex-free
+``compute.instance.*``).
+
+A handler may return :attr:`NotificationResult.REQUEUE` (oslo's value, ``"requeue"``):
+the notification (the whole batch, for a batch handler) goes back to its queue at once,
+as oslo.messaging does with ``allow_requeue=True``; see :func:`adapt`.
+
 The message is either the 2.0 envelope ``{"oslo.version": "2.0", "oslo.message": "<json>"}``
 or, from old notifiers, the plain dict; :func:`decode` accepts both.
 """
@@ -27,11 +44,23 @@ import logging
 import re
 import typing
 
+from consumerd.consumer import policy
+
 LOG = logging.getLogger("consumerd.consumer.notifications")
 
 PRIORITIES = frozenset({"audit", "debug", "info", "warn", "error", "critical", "sample"})
 """The priorities oslo.messaging's notifier sends (``Notifier.warning`` sends ``warn``)."""
 CONTEXT_PREFIX = "_context_"
+
+
+
+class NotificationResult:
+    """What a handler may return, as ``oslo_messaging.NotificationResult`` (same values,
+    so an endpoint returning oslo's constant works unchanged)."""
+
+    HANDLED = "handled"
+    REQUEUE = "requeue"
+
 
 NotificationHandler = typing.Callable[["Notification"], object]
 BatchHandler = typing.Callable[[list["Notification"]], object]
@@ -126,7 +155,13 @@ class Listener:
     """oslo.messaging's ``amqp_auto_delete``."""
     queue_arguments: dict[str, typing.Any] | None = None
     """What oslo.messaging adds, e.g. ``{"x-queue-type": "quorum"}``."""
+    pool: str | None = None
+    """oslo.messaging's listener ``pool``: one queue of that name gets every notification."""
+    publisher_id: str | None = None
+    """A regex the publisher id must :func:`re.match` (``NotificationFilter(publisher_id=)``)."""
     _matches: typing.Callable[[str], bool] = dataclasses.field(
+        init=False, repr=False, compare=False)
+    _publisher: re.Pattern[str] | None = dataclasses.field(
         init=False, repr=False, compare=False)
     _dropped: int = dataclasses.field(default=0, init=False, repr=False, compare=False)
 
@@ -141,31 +176,47 @@ class Listener:
                              f"not {list(self.priorities)!r}")
         if len(set(self.priorities)) != len(self.priorities):
             raise ValueError(f"priorities listed twice in {list(self.priorities)!r}")
+        if self.pool is not None and not _is_word(self.pool):
+            raise ValueError(f"pool must be a non-empty word, not {self.pool!r}")
         self._matches = event_type_matcher(self.event_types)
+        try:
+            self._publisher = None if self.publisher_id is None else re.compile(
+                self.publisher_id)
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"publisher_id {self.publisher_id!r} is not a regex: {exc}") from None
+
+    @property
+    def routing_keys(self) -> list[str]:
+        return [f"{self.topic}.{priority}" for priority in self.priorities]
 
     @property
     def queue_names(self) -> list[str]:
-        return [f"{self.topic}.{priority}" for priority in self.priorities]
+        return [self.pool] if self.pool is not None else self.routing_keys
 
     def queue(self, name: str) -> typing.Any:
-        """Queue ``name`` bound with routing key ``name`` to every exchange (a kombu Queue)."""
+        """Queue ``name`` bound to every exchange with routing key ``name``, or for a pool
+        with every ``<topic>.<priority>`` (a kombu Queue)."""
         from kombu.entity import Exchange, Queue, binding  # noqa: PLC0415 - kombu only in workers
 
+        keys = self.routing_keys if self.pool is not None else [name]
         bindings = [
             binding(Exchange(exchange, "topic", durable=self.durable,
-                             auto_delete=self.auto_delete), routing_key=name)
+                             auto_delete=self.auto_delete), routing_key=key)
             for exchange in self.exchanges
+            for key in keys
         ]
         return Queue(name, bindings=bindings, durable=self.durable,
                      auto_delete=self.auto_delete, queue_arguments=self.queue_arguments)
 
     def prepare(self, body: typing.Any) -> Notification | None:
         notification = decode(body)
-        if self._matches(notification.event_type):
+        if self._matches(notification.event_type) and (
+                self._publisher is None or self._publisher.match(notification.publisher_id)):
             return notification
         self._dropped += 1
-        LOG.debug("dropped %s notification %s (%d dropped so far)",
-                  notification.event_type, notification.message_id, self._dropped)
+        LOG.debug("dropped %s notification %s from %s (%d dropped so far)",
+                  notification.event_type, notification.message_id,
+                  notification.publisher_id, self._dropped)
         return None
 
 
@@ -175,10 +226,19 @@ def _is_word(text: object) -> bool:
 
 def adapt(handler: typing.Callable[..., object]) -> typing.Callable[..., object]:
     """The runtime calls ``handler(body, delivery)`` or, batched, ``handler(bodies,
-    deliveries)``; notification handlers take only the notification (or the list)."""
+    deliveries)``; notification handlers take only the notification (or the list), and
+    their :attr:`NotificationResult.REQUEUE` becomes :data:`policy.REQUEUE`.
+
+    Requeueing is oslo.messaging's (``basic.reject`` with requeue): the message is back
+    at the head of its queue at once, not counted as an attempt, never dead-lettered, so a
+    handler that always requeues it loops on it. Raising instead takes the retry path
+    (back-off, then ``<name>.dlq``); oslo.messaging would requeue it at once, or with its
+    default ``allow_requeue=False`` ack and lose it.
+    """
 
     @functools.wraps(handler)
     def call(notifications: typing.Any, deliveries: typing.Any) -> object:
-        return handler(notifications)
+        result = handler(notifications)
+        return policy.REQUEUE if result == NotificationResult.REQUEUE else result
 
     return call

@@ -27,6 +27,19 @@ _MAX_ERROR_CHARS = 2000
 Headers = dict[str, typing.Any]
 
 
+class Requeue:
+    """The type of :data:`REQUEUE`."""
+
+    def __repr__(self) -> str:
+        return "consumerd.consumer.policy.REQUEUE"
+
+
+REQUEUE = Requeue()
+"""What a handler adapter returns to have its message (or batch) put back on its queue at
+once, unacked and not counted as a failed attempt (oslo.messaging's
+``NotificationResult.REQUEUE``). Only notification handlers are adapted to it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """Exponential back-off: attempt ``n`` (1-based) that fails waits

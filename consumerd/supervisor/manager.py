@@ -116,7 +116,13 @@ class ServiceManager:
     :param graceful_shutdown_timeout: seconds workers get to stop on SIGTERM before they
         are killed; 0 waits for ever. A service may set its own.
     :param mp_context: a :mod:`multiprocessing` context to start workers with (e.g.
-        ``get_context("spawn")``); by default workers are forked directly.
+        ``get_context("spawn")``). The default is ``get_context("fork")`` whatever
+        Python's default start method is (cotyledon 2.2 takes Python's default, which
+        is ``forkserver`` on Linux from Python 3.14 and ``spawn`` on macOS): services,
+        their arguments (an oslo.config ``ConfigOpts``) and hooks need not be picklable,
+        and SIGUSR2 code reload works. With the fork method the master forks the worker
+        itself (``os.fork()`` from its only thread), with any other it uses
+        ``mp_context.Process``. :attr:`mp_context` is the context in use, never None.
     :param respawn_policy: how fast failed workers are respawned.
     """
 
@@ -134,7 +140,8 @@ class ServiceManager:
             raise RuntimeError("Only one instance of ServiceManager per application is allowed")
         ServiceManager._created = True
         self.wait_interval = wait_interval
-        self.mp_context = mp_context
+        self.mp_context: multiprocessing.context.BaseContext = (
+            mp_context or multiprocessing.get_context("fork"))
         self._graceful_shutdown_timeout = graceful_shutdown_timeout
         self._policy = respawn_policy or RespawnPolicy()
         self._services: dict[ServiceId, _ServiceConfig] = {}
@@ -397,7 +404,7 @@ class ServiceManager:
 
     def _spawn(self, service_id: ServiceId, worker_id: int) -> _WorkerProcess:
         config = self._services[service_id]
-        method = self.mp_context.get_start_method() if self.mp_context else "fork"
+        method = self.mp_context.get_start_method()
         spec = worker.WorkerSpec(
             factory=config.factory,
             args=config.args,
@@ -419,7 +426,7 @@ class ServiceManager:
 
             multiprocessing.forkserver.ensure_running()
         with osproc.signals_blocked(osproc.MASTER_SIGNALS):
-            if self.mp_context is None:
+            if method == "fork":
                 pid = os.fork()
                 if pid == 0:
                     worker.main(spec)
@@ -582,7 +589,7 @@ class ServiceManager:
         self._notifier.ready(f"{self._running_count} workers running")
 
     def _reload_code(self) -> None:
-        if self.mp_context is not None and self.mp_context.get_start_method() == "forkserver":
+        if self.mp_context.get_start_method() == "forkserver":
             LOG.error("code reload is not supported with the forkserver start method")
             return
         LOG.info("reloading code: re-executing the master, pid %d is kept", os.getpid())

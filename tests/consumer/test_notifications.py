@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 import consumerd
-from consumerd.consumer import batching, notifications
+from consumerd.consumer import batching, notifications, policy
 from consumerd.consumer.broker import connect
 from tests.consumer.conftest import AMQP_URL, ROOT, check_broker, wait_for
 from tests.helpers import children_of
@@ -126,6 +126,57 @@ def test_listener_declares_like_oslo_messaging():
     assert all(b.exchange.durable for b in queue.bindings)
 
 
+def test_a_pool_is_one_queue_bound_with_every_routing_key():
+    """oslo.messaging's rabbit driver: ``listen_for_notifications`` declares, for each
+    target and priority, a topic consumer with ``queue_name=pool``: one queue named after
+    the pool, bound to each exchange once per ``<topic>.<priority>``."""
+    listener = notifications.Listener(("nova", "glance"), "notifications", ("info", "error"),
+                                      pool="ceilometer")
+    assert listener.queue_names == ["ceilometer"]
+    queue = listener.queue("ceilometer")
+    assert (queue.name, queue.durable, queue.auto_delete) == ("ceilometer", False, False)
+    assert sorted((b.exchange.name, b.routing_key) for b in queue.bindings) == [
+        ("glance", "notifications.error"), ("glance", "notifications.info"),
+        ("nova", "notifications.error"), ("nova", "notifications.info")]
+    app = consumerd.App("agent")
+    app.notifications("default", exchanges=["nova"])(lambda n: None)
+    app.notifications("pool-a", exchanges=["nova"], pool="a")(lambda n: None)
+    app.notifications("pool-b", exchanges=["nova"], pool="b")(lambda n: None)
+    with pytest.raises(ValueError, match="both consume a"):
+        app.notifications("pool-a2", exchanges=["glance"], pool="a")(lambda n: None)
+
+
+def test_publisher_id_filter_is_oslos_regex_match():
+    """``NotificationFilter(publisher_id=...)``: ``re.match``, anchored at the start only."""
+    listener = notifications.Listener(("nova",), publisher_id=r"compute\.",
+                                      event_types=("compute.*",))
+    def kept(publisher_id, event_type="compute.instance.update"):
+        body = oslo_message(publisher_id=publisher_id, event_type=event_type)
+        return listener.prepare(body) is not None
+
+    assert kept("compute.host1") and kept("compute.")
+    assert not kept("xcompute.host1")  # match, not search
+    assert not kept("network.host1") and not kept("")
+    assert not kept("compute.host1", "image.upload")  # both filters apply
+    exact = notifications.Listener(("nova",), publisher_id=r"^compute\.host1$")
+    assert exact.prepare(oslo_message(publisher_id="compute.host1")) is not None
+    assert exact.prepare(oslo_message(publisher_id="compute.host10")) is None
+    with pytest.raises(ValueError, match="not a regex"):
+        notifications.Listener(("nova",), publisher_id="compute.(")
+
+
+def test_requeue_result_is_oslos():
+    import oslo_messaging
+
+    assert notifications.NotificationResult.REQUEUE == oslo_messaging.NotificationResult.REQUEUE
+    assert notifications.NotificationResult.HANDLED == oslo_messaging.NotificationResult.HANDLED
+    results = iter([oslo_messaging.NotificationResult.REQUEUE,
+                    notifications.NotificationResult.HANDLED, None])
+    call = notifications.adapt(lambda n: next(results))
+    assert call("n", "d") is policy.REQUEUE
+    assert call("n", "d") == "handled" and call("n", "d") is None
+
+
 @pytest.mark.parametrize("kwargs", [
     {"exchanges": ()},
     {"exchanges": ("no va",)},
@@ -133,6 +184,8 @@ def test_listener_declares_like_oslo_messaging():
     {"exchanges": ("nova",), "priorities": ()},
     {"exchanges": ("nova",), "priorities": ("info", "info")},
     {"exchanges": ("nova",), "topic": ""},
+    {"exchanges": ("nova",), "pool": ""},
+    {"exchanges": ("nova",), "pool": "a b"},
 ])
 def test_listener_refuses_bad_declarations(kwargs):
     with pytest.raises(ValueError):
@@ -208,6 +261,7 @@ def test_batch_fills_and_times_out():
 AGENT_SOURCE = '''
 import json, os, uuid
 import consumerd
+from consumerd.consumer.notifications import NotificationResult
 
 CONFIG = json.load(open(os.environ["T_CONFIG"]))
 app = consumerd.App("agent", max_retries=3, retry_delay=0.2)
@@ -227,6 +281,14 @@ def record(path, notes):
 @app.notifications(CONFIG["name"], **CONFIG["declare"])
 def handle(notes):
     notes = notes if isinstance(notes, list) else [notes]
+    if any(n.payload.get("requeue_once") for n in notes):
+        try:
+            os.close(os.open(os.environ["T_OUT"] + ".requeued", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            record(os.environ["T_OUT"] + ".requeue", notes)
+            return NotificationResult.REQUEUE
     if any(n.payload.get("poison") for n in notes):
         try:
             os.close(os.open(os.environ["T_OUT"] + ".poisoned", os.O_CREAT | os.O_EXCL))
@@ -541,3 +603,127 @@ def test_sigterm_hands_a_partial_batch_back(rabbit, names, agent, notifiers):
     assert a.stop() == 0
     assert a.received() == collections.Counter(sent)
     assert rabbit.depth(f"{topic}.info") == 0
+
+
+# -- pools and filters, side by side with a real oslo.messaging listener ------------------
+
+
+class OsloListener:
+    """``oslo_messaging.get_notification_listener(..., pool=...)`` in this process, with an
+    endpoint filtered like the consumerd agent and requeueing ``requeue_once`` once."""
+
+    def __init__(self, exchanges, topic: str, pool: str, publisher_id: str) -> None:
+        import threading
+
+        import oslo_messaging
+        from oslo_config import cfg
+
+        self.handled: list[tuple] = []
+        self.requeued: list[tuple] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Endpoint:
+            filter_rule = oslo_messaging.NotificationFilter(publisher_id=publisher_id)
+
+            def info(self, ctxt, publisher_id, event_type, payload, metadata):
+                seen = (event_type, json.dumps(payload, sort_keys=True), publisher_id,
+                        outer.priority_of(payload))
+                with outer.lock:
+                    if payload.get("requeue_once") and not outer.requeued:
+                        outer.requeued.append(seen)
+                        return oslo_messaging.NotificationResult.REQUEUE
+                    outer.handled.append(seen)
+                return oslo_messaging.NotificationResult.HANDLED
+
+            error = info
+
+        self.conf = cfg.ConfigOpts()
+        self.transport = oslo_messaging.get_notification_transport(self.conf, url=OSLO_URL)
+        targets = [oslo_messaging.Target(exchange=e, topic=topic) for e in exchanges]
+        self.listener = oslo_messaging.get_notification_listener(
+            self.transport, targets, [Endpoint()], executor="threading", pool=pool,
+            allow_requeue=True)
+        self.listener.start()
+
+    @staticmethod
+    def priority_of(payload) -> str:
+        return payload["priority"]
+
+    def stop(self) -> None:
+        self.listener.stop()
+        self.listener.wait()
+        self.transport.cleanup()
+
+
+@pytest.mark.parametrize("batch_size", [None, 4], ids=["single", "batches"])
+def test_pools_get_every_notification_like_oslo_listener_pools(rabbit, names, agent,
+                                                               notifiers, batch_size):
+    """One oslo.messaging listener pool and one consumerd pool on the same exchanges, with
+    the same publisher_id filter: each gets every matching notification exactly once, and
+    the pool-less queues ``<topic>.<priority>`` keep their own copy of all of them. One
+    notification is requeued once by each side (NotificationResult.REQUEUE) and comes
+    back; with batches consumerd requeues the whole batch."""
+    name, topic, exchanges = names
+    tag = name.removeprefix("agent")
+    oslo_pool, our_pool = f"oslopool{tag}", f"ourpool{tag}"
+    rabbit.queues.update({oslo_pool, our_pool})
+    publisher_id = r"compute\."
+    senders = [notifiers(exchange, topic) for exchange in exchanges]
+    # The notifier declares the exchanges and the pool-less queues; the pools' queues
+    # exist once their listeners started, as with oslo.messaging.
+    senders[0].send("audit", "setup", {}, "setup")
+    senders[1].send("audit", "setup", {}, "setup")
+    listener = OsloListener(exchanges, topic, oslo_pool, publisher_id)
+    try:
+        declare = {"exchanges": exchanges, "topic": topic, "priorities": ["info", "error"],
+                   "pool": our_pool, "publisher_id": publisher_id}
+        if batch_size:
+            declare.update(batch_size=batch_size, batch_timeout=0.3)
+        a = agent(name, declare)
+        a.start(workers=2)
+        wait_for(lambda: a.logged("consuming") >= 2, 20, "both workers consuming")
+        wait_for(lambda: rabbit.depth(our_pool) == 0, 5, "our pool's queue declared")
+
+        wanted, filtered, other = [], [], []
+        i = 0
+        for sender in senders:
+            for priority in ("info", "error", "warn"):
+                for publisher in ("compute.host1", "compute.host2", "network.host1",
+                                  "xcompute.host1"):
+                    for event_type in ("compute.instance.update", "port.create.end"):
+                        i += 1
+                        payload = {"i": i, "priority": priority, "requeue_once": i == 3}
+                        sent = sender.send(priority, event_type, payload, publisher)
+                        if priority == "warn":
+                            other.append(sent)
+                        elif publisher.startswith("compute."):
+                            wanted.append(sent)
+                        else:
+                            filtered.append(sent)
+        assert any(json.loads(w[1])["requeue_once"] for w in wanted)
+
+        wait_for(lambda: sum(a.received().values()) >= len(wanted), 30, "ours, all of them")
+        wait_for(lambda: len(listener.handled) >= len(wanted), 30, "oslo's, all of them")
+        wait_for(lambda: a.logged(DROPPED) >= len(filtered), 15, "ours dropped the others")
+        wait_for(lambda: rabbit.depth(oslo_pool) == 0, 10, "oslo's pool acked")
+        assert a.stop() == 0
+    finally:
+        listener.stop()
+
+    assert a.received() == collections.Counter(wanted)  # each once, as sent
+    assert collections.Counter(listener.handled) == collections.Counter(wanted)
+    assert len(listener.requeued) == 1 and json.loads(listener.requeued[0][1])["requeue_once"]
+    requeued = a.records(".requeue")
+    assert any(r["n"]["payload"]["requeue_once"] for r in requeued)
+    assert len({r["call"] for r in requeued}) == 1  # one single or batch call, requeued
+    assert len(requeued) == requeued[0]["size"] == (1 if batch_size is None else len(requeued))
+    assert a.logged(DROPPED) == len(filtered)
+    assert rabbit.depth(our_pool) == rabbit.depth(oslo_pool) == 0
+    assert rabbit.depth(f"{name}.dlq") == rabbit.depth(f"{name}.retry") == 0
+    # the pool-less queues were a third, independent consumer group: every one is there
+    infos = sum(1 for s in wanted + filtered if s[3] == "info")
+    assert rabbit.depth(f"{topic}.info") == infos
+    assert rabbit.depth(f"{topic}.error") == len(wanted) + len(filtered) - infos
+    assert rabbit.depth(f"{topic}.warn") == len(other)
+    assert rabbit.depth(f"{topic}.audit") == 2

@@ -116,6 +116,8 @@ for _conf in CONFIG.get("services", []):
 
 
 def main():
+    if CONFIG.get("default_start_method"):  # e.g. forkserver, Python 3.14's default on Linux
+        multiprocessing.set_start_method(CONFIG["default_start_method"])
     kwargs = {"graceful_shutdown_timeout": CONFIG.get("graceful", 10)}
     if CONFIG.get("mp"):
         kwargs["mp_context"] = multiprocessing.get_context(CONFIG["mp"])
@@ -150,7 +152,8 @@ def main():
                 "reader", data=os.read(read_end, 64).decode(), threads=threading.active_count()
             ),
         )
-    record("master", threads=threading.active_count())
+    record("master", threads=threading.active_count(),
+           start_method=manager.mp_context.get_start_method())
     manager.run()
 
 

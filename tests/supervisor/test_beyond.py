@@ -61,10 +61,25 @@ def test_workers_exit_through_terminate_when_the_master_is_killed(master, mp) ->
     assert {r["pid"] for r in m.events("terminated")} == set(live.values())
 
 
+@pytest.mark.parametrize("default", ["fork", "forkserver", "spawn"])
+def test_workers_are_forked_whatever_pythons_default_start_method(master, default) -> None:
+    """mp_context is the context in use, as in cotyledon, but never Python's default:
+    under Python 3.14 (forkserver by default on Linux) the master still forks them."""
+    m = master({"default_start_method": default, "services": [{"name": "A", "workers": 2}]})
+    m.wait_workers({0, 1}, timeout=20)
+    assert [r["start_method"] for r in m.events("master")] == ["fork"]
+    assert {r["ppid"] for r in m.events("init")} == {m.pid}
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+
+
 @pytest.mark.parametrize("mp", ["spawn", "forkserver"])
 def test_multiprocessing_start_methods(master, mp) -> None:
     m = master({"mp": mp, "services": [{"name": "A", "workers": 2}]})
     live = m.wait_workers({0, 1}, timeout=20)
+    assert [r["start_method"] for r in m.events("master")] == [mp]
+    parents = {r["ppid"] for r in m.events("init")}
+    assert parents == {m.pid} if mp == "spawn" else m.pid not in parents  # the fork server's
     time.sleep(1.1)
     os.kill(live[0], signal.SIGKILL)
     wait_for(lambda: not pid_alive(live[0]), 5, "killed")
