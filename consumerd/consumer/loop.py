@@ -480,8 +480,13 @@ class Loop:
         metrics.for_consumer(spec.name).dead_lettered()
 
     def _republish(self, message: Message, queue: str, headers: policy.Headers) -> None:
-        """Publish the message's raw bytes (never re-serialised) to ``queue``."""
+        """Publish the message's raw bytes (never re-serialised) to ``queue``, keeping its
+        message id: a retry or a dead letter is the same message to whoever traces it."""
         assert self._producer is not None
+        properties = {}
+        message_id = message.properties.get("message_id")
+        if message_id is not None:
+            properties["message_id"] = message_id
         self._producer.publish(
             message.body,
             exchange="",
@@ -490,6 +495,7 @@ class Loop:
             content_type=message.content_type or "application/octet-stream",
             content_encoding=message.content_encoding or "binary",
             delivery_mode=2,
+            **properties,
         )
 
     # -- batches ----------------------------------------------------------------------
