@@ -100,3 +100,44 @@ def test_json_logs_carry_worker_fields(consumerd, broker, name) -> None:
         rows = [json.loads(line) for line in f if line.startswith("{")]
     assert rows and all({"time", "level", "message", "pid"} <= row.keys() for row in rows)
     assert any(row.get("worker_id") == 0 for row in rows)
+
+
+def test_restarts_count_replaced_workers_not_a_scale_down(consumerd, broker, name) -> None:
+    port = free_port()
+    consumerd.configure([{"name": name}])
+    consumerd.start("--metrics-port", str(port), "--metrics-address", "127.0.0.1", workers=3)
+    consumerd.wait_workers(3)
+    wait_for(lambda: http_get(port, "/metrics")[0] == 200, 20, "/metrics")
+
+    def restarts() -> float:
+        status, text = http_get(port, "/metrics")
+        assert status == 200
+        return metric(text, "consumerd_worker_restarts_total", service="consumer")
+
+    def gone_after(action) -> int:
+        """Run ``action``; wait until the master has reaped the one worker it ends. The
+        hook runs in the same master loop step as the log line, and that loop serves the
+        scrapes, so a scrape after the line sees the hook's count."""
+        before = set(consumerd.workers())
+        action()
+        (gone,) = wait_for(lambda: before - set(consumerd.workers()), 20, "a worker gone")
+        wait_for(lambda: consumerd.logged(f"(pid {gone}) exited")
+                 + consumerd.logged(f"(pid {gone}) killed"), 20, "the master reaped it")
+        return gone
+
+    assert restarts() == 0
+    victim = consumerd.workers()[0]
+    gone_after(lambda: os.kill(victim, signal.SIGKILL))
+    consumerd.wait_workers(3)
+    assert restarts() == 1
+    gone_after(lambda: consumerd.signal(signal.SIGTTOU))
+    consumerd.wait_workers(2)
+    gone_after(lambda: consumerd.signal(signal.SIGTTOU))
+    consumerd.wait_workers(1)
+    assert consumerd.logged("exited with status 0") == 2  # the scale-downs, gracefully
+    assert restarts() == 1
+    (last,) = consumerd.workers()
+    gone_after(lambda: os.kill(last, signal.SIGKILL))
+    consumerd.wait_workers(1)
+    assert restarts() == 2
+    assert consumerd.stop() == 0
