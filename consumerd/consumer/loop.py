@@ -161,6 +161,9 @@ class Loop:
         self._interrupt = threading.Event()
         self._stop_requested = threading.Event()
         self._done = threading.Event()
+        self.on_consuming: typing.Callable[[], None] = _nothing
+        """Called in the loop's thread after every successful connect, once the queues
+        are bound: the worker is ready then, not when it was built."""
 
     # -- the API for other threads ----------------------------------------------------
 
@@ -328,6 +331,7 @@ class Loop:
             self._abandon_connection()
             raise
         self._rebalance_soon()
+        self.on_consuming()
 
     def _abandon_connection(self) -> None:
         """Drop a broken connection without waiting on it; unacked messages come back
@@ -675,6 +679,10 @@ class Loop:
                 thing.close()
             except Exception as exc:
                 LOG.debug("closing %r: %s", thing, exc)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _rss_mb() -> float:

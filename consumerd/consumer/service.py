@@ -27,6 +27,7 @@ class ConsumerService(Service):
     SIGHUP re-reads the configuration and the app and rebinds without restarting."""
 
     name = "consumer"
+    announces_ready = True  # once the loop consumes, not once built: see __init__
 
     def __init__(self, worker_id: int, settings: Settings) -> None:
         super().__init__(worker_id)
@@ -35,6 +36,7 @@ class ConsumerService(Service):
         # A worker forked after a SIGHUP starts from the file as it is now.
         self.settings = _refreshed(settings)
         self.loop: Loop = Loop(self._load_app(), worker_id, self.settings, self._reload_app)
+        self.loop.on_consuming = self.ready
 
     def _load_app(self, reload: bool = False) -> App:
         app = loading.load_app(self.settings.app_ref, reload=reload)

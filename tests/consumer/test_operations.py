@@ -141,3 +141,58 @@ def test_restarts_count_replaced_workers_not_a_scale_down(consumerd, broker, nam
     consumerd.wait_workers(1)
     assert restarts() == 2
     assert consumerd.stop() == 0
+
+
+def _notify_socket(tmp_path, monkeypatch):
+    """A systemd notify socket the master (started after this) reports to."""
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    received: list[str] = []
+
+    def messages() -> list[str]:
+        while True:
+            try:
+                received.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return received
+
+    return sock, messages
+
+
+def test_all_workers_started_waits_for_a_broker(consumerd, broker, name, tmp_path,
+                                                 monkeypatch) -> None:
+    """Workers that cannot reach the broker are built but not started: no "all workers
+    started", no READY=1; against the real broker both come after every worker consumes."""
+    sock, messages = _notify_socket(tmp_path, monkeypatch)
+    consumerd.configure([{"name": name}])
+    consumerd.start(workers=2, url="redis://127.0.0.1:1/0")
+
+    def retrying() -> set[str]:
+        with open(consumerd.log) as f:
+            return {line.split("[", 1)[1].split("]", 1)[0] for line in f
+                    if "unreachable (" in line}
+
+    wait_for(lambda: len(retrying()) == 2, 30, "both workers retrying")
+    # A barrier: the announcements the workers made before those retries (the master
+    # reads its status pipe before it handles a signal) are handled once this is logged.
+    consumerd.signal(signal.SIGTTIN)
+    consumerd.wait_logged("SIGTTIN: now [3] workers")
+    assert consumerd.logged("all workers started") == 0
+    assert not any("READY=1" in m for m in messages())
+    assert consumerd.stop() == 0
+
+    unreachable_log = consumerd.logged("all workers started")
+    consumerd.start(workers=2)
+    consumerd.wait_logged("all workers started", unreachable_log + 1)
+    with open(consumerd.log) as f:
+        second_run = f.read().rsplit("SIGTTIN: now", 1)[1]
+    started = second_run.index("all workers started")
+    assert second_run[:started].count(f"consuming {name} from") == 2
+    wait_for(lambda: any("READY=1" in m for m in messages()), 10, "READY=1")
+    assert consumerd.stop() == 0
+    sock.close()
