@@ -49,6 +49,7 @@ from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.consumer.settings import EX_TEMPFAIL, Settings
 from consumerd.ops import logs, metrics
+from consumerd.supervisor.osproc import parent_of
 
 LOG = logging.getLogger("consumerd.consumer")
 
@@ -134,6 +135,8 @@ class Loop:
         self._amqp = broker.is_amqp(self._probe)
         root = lease_root(self._url)
         self._leases = Leases(root)
+        self._waiting: dict[tuple[str, int], float] = {}
+        """(consumer, partition) we want but another process holds: since when."""
         self._membership = Membership(
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
         )
@@ -604,6 +607,7 @@ class Loop:
             missing = wanted - binding.owned
             gained = {p for p in missing
                       if self._leases.try_acquire(routing.partition_queue(spec.name, p))}
+            self._note_waits(spec, missing, gained)
             if missing - gained:
                 self._next_rebalance = time.monotonic() + CLAIM_EVERY
             if not lost and not gained:
@@ -616,7 +620,33 @@ class Loop:
             LOG.info("%s: worker %d of %d consumes partitions %s", spec.name,
                      self.worker_id, workers, sorted(binding.owned))
 
+    def _note_waits(self, spec: ConsumerSpec, missing: set[int], gained: set[int]) -> None:
+        """Say once when a wanted partition is held by someone else, and when it comes:
+        retried every CLAIM_EVERY, a wait was silent (e.g. a second instance of the app
+        on this host waits for the first one's leases for as long as that one runs)."""
+        now = time.monotonic()
+        for key in [k for k in self._waiting if k[0] == spec.name and k[1] not in missing]:
+            del self._waiting[key]  # no longer ours to want
+        for p in sorted(missing):
+            key = (spec.name, p)
+            if p in gained:
+                since = self._waiting.pop(key, None)
+                if since is not None:
+                    LOG.info("acquired partition %d of consumer %s after waiting %.1fs",
+                             p, spec.name, now - since)
+            elif key not in self._waiting:
+                self._waiting[key] = now
+                holder = self._leases.holder(routing.partition_queue(spec.name, p))
+                # A sibling handing over during a rebalance lets go within moments;
+                # anyone else (another consumerd on this host) may hold it for ever.
+                sibling = holder is not None and parent_of(holder) == os.getppid()
+                LOG.log(logging.INFO if sibling else logging.WARNING,
+                        "waiting for partition %d of consumer %s: held by another process "
+                        "(%s)", p, spec.name, f"pid {holder}" if holder else "pid unknown")
+
     def _release_leases(self, binding: _Binding) -> None:
+        for key in [k for k in self._waiting if k[0] == binding.spec.name]:
+            del self._waiting[key]
         for p in binding.owned:
             self._leases.release(routing.partition_queue(binding.spec.name, p))
         binding.owned = set()
