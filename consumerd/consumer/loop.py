@@ -472,7 +472,9 @@ class Loop:
                       delivery.attempt, error)
             self._dead_letter(spec, message, delivery.queue, error)
             return
-        LOG.warning("%s: attempt %d failed (%s): retry in %.1fs", delivery.queue,
+        # %g, not %.1f: that showed a 0.04 s retry as "retry in 0.0s". The delay is the
+        # least wait: the copy then goes to the back of its queue, behind any backlog.
+        LOG.warning("%s: attempt %d failed (%s): retry in %gs", delivery.queue,
                     delivery.attempt, error, delay)
         headers = policy.retry_headers(message.headers, delivery.attempt + 1,
                                        time.time() + delay, delivery.queue)
