@@ -35,14 +35,14 @@ def broker(peer: str, folder: str) -> dict[str, Any]:
     poll = {"polling_interval": 0.05}
     if peer == "sqlite":
         return {
-            "hostname": f"sqlite://{folder}/broker.db",
+            "hostname": f"sqlite:///{folder}/broker.db",
             "transport": SQLITE,
             "transport_options": poll,
         }
     if peer == "sqlite-normal":
         options = dict(poll, publish_synchronous="NORMAL")
         return {
-            "hostname": f"sqlite://{folder}/broker.db",
+            "hostname": f"sqlite:///{folder}/broker.db",
             "transport": SQLITE,
             "transport_options": options,
         }

@@ -171,6 +171,8 @@ def _run(args: argparse.Namespace) -> None:
         manager.register_hooks(on_new_worker=logs.on_new_worker)
         if master_metrics is not None:
             master_metrics.name_service(service_id, ConsumerService.name or "consumer")
+            master_metrics.follow(manager)  # restarts: only deaths whose slot respawns
+            master_metrics.follow(manager)
             manager.register_hooks(on_new_worker=metrics.on_new_worker,
                                    on_dead_worker=master_metrics.worker_died,
                                    on_terminate=master_metrics.stopping)

@@ -14,6 +14,7 @@ import itertools
 import os
 import threading
 import typing
+import uuid
 
 from consumerd.consumer import batching, broker, notifications, policy, routing
 
@@ -310,11 +311,14 @@ class App:
         *,
         key: str | bytes | int | None = None,
         headers: dict[str, typing.Any] | None = None,
+        message_id: str | None = None,
     ) -> str:
         """Send ``body`` (JSON-serialisable) to consumer ``name``; returns the queue used.
 
         Persistent delivery; the queue is declared first (once per connection) so a
-        message sent before any worker started is kept.
+        message sent before any worker started is kept. The message carries
+        ``message_id`` (a fresh uuid4 hex if not given): handlers' log records show it,
+        and its retry copies and dead letter keep it.
         """
         queue, partitioned = self.route(name, key)
         with self._lock:
@@ -325,6 +329,7 @@ class App:
                 routing_key=queue,
                 declare=[declare_queue(queue, partitioned)],
                 headers=headers,
+                message_id=message_id or uuid.uuid4().hex,
                 retry=True,
                 retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
             )

@@ -11,12 +11,23 @@ outside the ``consumerd`` command (a web app publishing) reads ``$CONSUMERD_BROK
 Query parameters become kombu ``transport_options`` (``redis://h/0?visibility_timeout=30``);
 numeric values are converted.
 
+SQLite URLs follow SQLAlchemy's convention: what follows ``sqlite:///`` is the path, so
+``sqlite:///relative.db`` is ``relative.db`` in the working directory and
+``sqlite:////var/lib/app/broker.db`` (four slashes) is absolute; a host
+(``sqlite://name.db``) is an error. :func:`resolve_url` turns a relative path into the
+absolute URL once, in the process that reads the configuration, so every worker and
+publisher it starts opens the same file whatever their working directory. Validation,
+:func:`connect` and the embedded transport all read the path with :func:`sqlite_path`.
+(Before, ``sqlite:///relative.db`` silently meant ``/relative.db``; a relative URL whose
+file is missing while the old, absolute reading of it exists is warned about.)
+
 kombu is imported only by :func:`connect`: the master process validates URLs and loads
 apps but never imports kombu, so nothing of it is inherited by forked workers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import typing
 import urllib.parse
@@ -25,6 +36,8 @@ from consumerd import config
 
 if typing.TYPE_CHECKING:
     from kombu.connection import Connection
+
+LOG = logging.getLogger("consumerd.consumer")
 
 ENV_VAR = config.env_name("broker")
 DEFAULT_PATH = os.path.join(".consumerd", "broker.db")
@@ -48,11 +61,63 @@ class BrokerURLError(ValueError):
 
 
 def default_url() -> str:
-    return "sqlite://" + os.path.abspath(DEFAULT_PATH)
+    return sqlite_url(os.path.abspath(DEFAULT_PATH))
 
 
 def resolve_url(explicit: str | None = None, app_default: str | None = None) -> str:
-    return explicit or os.environ.get(ENV_VAR) or app_default or default_url()
+    """The URL to use, a relative SQLite path made absolute against the working directory."""
+    url = explicit or os.environ.get(ENV_VAR) or app_default or default_url()
+    if not url.lower().startswith("sqlite:"):
+        return url
+    try:
+        written = _sqlite_written_path(url)
+    except BrokerURLError:
+        return url  # left for validate() to report
+    path = os.path.abspath(written)
+    if not os.path.isabs(written):
+        _warn_if_moved(url, "/" + written, path)
+    query = url.partition("?")[2]
+    return sqlite_url(path) + (f"?{query}" if query else "")
+
+
+def sqlite_url(path: str) -> str:
+    """The URL of the database file at the absolute ``path``."""
+    return "sqlite:///" + urllib.parse.quote(path)
+
+
+def sqlite_path(url: str) -> str:
+    """The absolute path of the database file of a ``sqlite:`` URL (see the module
+    docstring), relative ones against the working directory; raises
+    :class:`BrokerURLError`."""
+    return os.path.abspath(_sqlite_written_path(url))
+
+
+def _sqlite_written_path(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    rest = rest.partition("?")[0]
+    if not sep or scheme.lower() != "sqlite" or not rest.startswith("/") or rest == "/":
+        raise BrokerURLError(
+            f"sqlite broker URL must name a file, like sqlite:///relative/path.db or "
+            f"sqlite:////absolute/path.db, not {redact(url)!r}"
+        )
+    path = urllib.parse.unquote(rest[1:])
+    if path.startswith("/"):
+        path = "/" + path.lstrip("/")  # sqlite://///x means /x, not the POSIX-special //x
+    return path
+
+
+_warned: set[str] = set()
+
+
+def _warn_if_moved(url: str, old: str, path: str) -> None:
+    """Before SQLAlchemy's convention this URL meant ``old``: if that file exists and the
+    new one does not, its messages would be left behind without a word."""
+    if url in _warned or os.path.exists(path) or not os.path.exists(old):
+        return
+    _warned.add(url)
+    LOG.warning("broker %s is %s, relative to the working directory (as in SQLAlchemy); "
+                "the existing %s is not used: write %s for it", redact(url), path, old,
+                sqlite_url(os.path.normpath(old)))
 
 
 def is_default(url: str) -> bool:
@@ -97,11 +162,8 @@ def validate(url: str) -> str:
         parts.port  # noqa: B018 - raises on a non-numeric or out-of-range port
     except ValueError as exc:
         raise BrokerURLError(f"malformed broker URL {redact(url)!r}: {exc}") from None
-    if scheme == "sqlite" and (parts.netloc or not os.path.isabs(parts.path)):
-        raise BrokerURLError(
-            f"sqlite broker URL needs an absolute path, like sqlite:///var/lib/app/broker.db,"
-            f" not {redact(url)!r}"
-        )
+    if scheme == "sqlite":
+        sqlite_path(url)
     return scheme
 
 
@@ -127,7 +189,7 @@ def connect(url: str, **kwargs: object) -> Connection:
         # original is acked, and App.publish returns only once the broker has the message.
         options.setdefault("confirm_publish", True)
     # Not urlunsplit(): it turns sqlite:///abs/path into sqlite:/abs/path.
-    bare = url.split("?", 1)[0]
+    bare = sqlite_url(sqlite_path(url)) if scheme == "sqlite" else url.split("?", 1)[0]
     return Connection(
         bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs
     )

@@ -49,6 +49,7 @@ from consumerd.consumer import batching, broker, policy, routing
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.ops import logs, metrics
+from consumerd.supervisor.osproc import parent_of
 
 LOG = logging.getLogger("consumerd.consumer")
 
@@ -135,6 +136,8 @@ class Loop:
         self._amqp = broker.is_amqp(self._probe)
         root = lease_root(self._url)
         self._leases = Leases(root)
+        self._waiting: dict[tuple[str, int], float] = {}
+        """(consumer, partition) we want but another process holds: since when."""
         self._membership = Membership(
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
         )
@@ -163,6 +166,9 @@ class Loop:
         self._interrupt = threading.Event()
         self._stop_requested = threading.Event()
         self._done = threading.Event()
+        self.on_consuming: typing.Callable[[], None] = _nothing
+        """Called in the loop's thread after every successful connect, once the queues
+        are bound: the worker is ready then, not when it was built."""
 
     @property
     def settings(self) -> Settings:
@@ -328,6 +334,7 @@ class Loop:
             self._abandon_connection()
             raise
         self._rebalance_soon()
+        self.on_consuming()
 
     def _abandon_connection(self) -> None:
         """Drop a broken connection without waiting on it; unacked messages come back
@@ -471,7 +478,9 @@ class Loop:
                       delivery.attempt, error)
             self._dead_letter(spec, message, delivery.queue, error)
             return
-        LOG.warning("%s: attempt %d failed (%s): retry in %.1fs", delivery.queue,
+        # %g, not %.1f: that showed a 0.04 s retry as "retry in 0.0s". The delay is the
+        # least wait: the copy then goes to the back of its queue, behind any backlog.
+        LOG.warning("%s: attempt %d failed (%s): retry in %gs", delivery.queue,
                     delivery.attempt, error, delay)
         headers = policy.retry_headers(message.headers, delivery.attempt + 1,
                                        time.time() + delay, delivery.queue)
@@ -494,8 +503,13 @@ class Loop:
         metrics.for_consumer(spec.name).dead_lettered()
 
     def _republish(self, message: Message, queue: str, headers: policy.Headers) -> None:
-        """Publish the message's raw bytes (never re-serialised) to ``queue``."""
+        """Publish the message's raw bytes (never re-serialised) to ``queue``, keeping its
+        message id: a retry or a dead letter is the same message to whoever traces it."""
         assert self._producer is not None
+        properties = {}
+        message_id = message.properties.get("message_id")
+        if message_id is not None:
+            properties["message_id"] = message_id
         self._producer.publish(
             message.body,
             exchange="",
@@ -504,6 +518,7 @@ class Loop:
             content_type=message.content_type or "application/octet-stream",
             content_encoding=message.content_encoding or "binary",
             delivery_mode=2,
+            **properties,
         )
 
     # -- batches ----------------------------------------------------------------------
@@ -611,6 +626,7 @@ class Loop:
             missing = wanted - binding.owned
             gained = {p for p in missing
                       if self._leases.try_acquire(routing.partition_queue(spec.name, p))}
+            self._note_waits(spec, missing, gained)
             if missing - gained:
                 self._next_rebalance = time.monotonic() + CLAIM_EVERY
             if not lost and not gained:
@@ -623,7 +639,33 @@ class Loop:
             LOG.info("%s: worker %d of %d consumes partitions %s", spec.name,
                      self.worker_id, workers, sorted(binding.owned))
 
+    def _note_waits(self, spec: ConsumerSpec, missing: set[int], gained: set[int]) -> None:
+        """Say once when a wanted partition is held by someone else, and when it comes:
+        retried every CLAIM_EVERY, a wait was silent (e.g. a second instance of the app
+        on this host waits for the first one's leases for as long as that one runs)."""
+        now = time.monotonic()
+        for key in [k for k in self._waiting if k[0] == spec.name and k[1] not in missing]:
+            del self._waiting[key]  # no longer ours to want
+        for p in sorted(missing):
+            key = (spec.name, p)
+            if p in gained:
+                since = self._waiting.pop(key, None)
+                if since is not None:
+                    LOG.info("acquired partition %d of consumer %s after waiting %.1fs",
+                             p, spec.name, now - since)
+            elif key not in self._waiting:
+                self._waiting[key] = now
+                holder = self._leases.holder(routing.partition_queue(spec.name, p))
+                # A sibling handing over during a rebalance lets go within moments;
+                # anyone else (another consumerd on this host) may hold it for ever.
+                sibling = holder is not None and parent_of(holder) == os.getppid()
+                LOG.log(logging.INFO if sibling else logging.WARNING,
+                        "waiting for partition %d of consumer %s: held by another process "
+                        "(%s)", p, spec.name, f"pid {holder}" if holder else "pid unknown")
+
     def _release_leases(self, binding: _Binding) -> None:
+        for key in [k for k in self._waiting if k[0] == binding.spec.name]:
+            del self._waiting[key]
         for p in binding.owned:
             self._leases.release(routing.partition_queue(binding.spec.name, p))
         binding.owned = set()
@@ -686,6 +728,10 @@ class Loop:
                 thing.close()
             except Exception as exc:
                 LOG.debug("closing %r: %s", thing, exc)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _rss_mb() -> float:

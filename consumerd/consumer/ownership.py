@@ -8,7 +8,8 @@ Design (and its limits):
   stopped consuming it and returned its prefetched messages; the kernel drops the lease
   when the process dies, even on SIGKILL. So two workers on one host never consume one
   partition at the same moment, whatever the broker, and a new owner takes over as soon
-  as the old one has let go.
+  as the old one has let go. The holder writes its pid into the file, so a waiting
+  worker can say whom it waits for.
 * **Membership** (how many workers this host runs now, W) is read from one small file
   per worker slot holding the pid of its current incarnation. W is one more than the
   highest slot whose pid is alive. The supervision core starts and stops workers on
@@ -27,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import tempfile
 import time
 
 from consumerd.supervisor.osproc import pid_exists
+
+LOG = logging.getLogger("consumerd.consumer")
 
 
 def lease_root(broker_url: str) -> str:
@@ -58,7 +62,22 @@ class Leases:
             os.close(fd)
             return False
         self._held[name] = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:  # only the waiters' log line loses the pid
+            LOG.debug("could not write our pid into lease %s: %s", name, exc)
         return True
+
+    def holder(self, name: str) -> int | None:
+        """The pid holding lease ``name`` if it is known and alive (and not us): a
+        holder that has just taken it may not have written its pid yet."""
+        try:
+            with open(os.path.join(self.root, name)) as f:
+                pid = int(f.read() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid > 0 and pid != os.getpid() and pid_exists(pid) else None
 
     def release(self, name: str) -> None:
         fd = self._held.pop(name, None)

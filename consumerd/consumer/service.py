@@ -29,6 +29,7 @@ class ConsumerService(Service):
     """
 
     name = "consumer"
+    announces_ready = True  # once the loop consumes, not once built: see __init__
 
     def __init__(self, worker_id: int, config: Config) -> None:
         super().__init__(worker_id)
@@ -37,6 +38,7 @@ class ConsumerService(Service):
         self.config = config
         app = loading.load_app(typing.cast(str, config.settings.app))
         self.loop: Loop = Loop(loading.select(app, config.settings.queues), worker_id, config)
+        self.loop.on_consuming = self.ready
 
     def run(self) -> None:
         self.loop.run()

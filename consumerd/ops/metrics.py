@@ -376,6 +376,10 @@ def _pid_of(path: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
+class _Supervisor(typing.Protocol):
+    def will_respawn(self, service_id: uuid.UUID, worker_id: int) -> bool: ...
+
+
 class MasterMetrics:
     """The master's view: exposition, readiness, and bookkeeping of dead workers."""
 
@@ -386,6 +390,7 @@ class MasterMetrics:
         self._instruments = instruments
         self._names: dict[uuid.UUID, str] = {}
         self._stopping = False
+        self._supervisor: _Supervisor | None = None
         self._registry = prometheus_client.CollectorRegistry(auto_describe=False)
         _new_collector(self._registry, path=directory)
 
@@ -398,18 +403,28 @@ class MasterMetrics:
         self._instruments.restarts.labels(name)
         self._instruments.backoff.labels(name).set(0)
 
+    def follow(self, supervisor: _Supervisor) -> None:
+        """Count as restarts only the deaths whose slot ``supervisor`` (the
+        ``ServiceManager``) fills again. Without it a scale-down (SIGTTOU) counted as a
+        restart: the hook gets cotyledon's arguments, which do not say."""
+        self._supervisor = supervisor
+
     def service_name(self, service_id: uuid.UUID) -> str:
         return self._names.get(service_id, str(service_id))
 
     def worker_died(
         self, service_id: uuid.UUID, worker_id: int, exit_code: int, pid: int | None = None
     ) -> None:
-        """The ``on_dead_worker`` hook: counts a restart and cleans the dead worker's files.
+        """The ``on_dead_worker`` hook: counts a restart if the worker is to be replaced
+        (see :meth:`follow`) and cleans the dead worker's files.
 
         Without ``pid`` every file of a process that no longer exists is cleaned: the
         manager has reaped the worker before it calls the hook.
         """
-        if not self._stopping:
+        supervisor = self._supervisor
+        if not self._stopping and (
+            supervisor is None or supervisor.will_respawn(service_id, worker_id)
+        ):
             self._instruments.restarts.labels(self.service_name(service_id)).inc()
         if pid is not None:
             self._forget(pid)

@@ -288,6 +288,19 @@ class ServiceManager:
         """How many workers the configuration asks for now, all services together."""
         return sum(config.workers for config in self._services.values())
 
+    def will_respawn(self, service_id: ServiceId, worker_id: int) -> bool:
+        """Whether slot ``worker_id`` of ``service_id`` is to get a new worker if its
+        worker exits now: not while stopping, not once the slot is no longer configured
+        (SIGTTOU, :meth:`reconfigure`), not while a successor already holds it (a code
+        reload's replacement). From an ``on_dead_worker`` hook: was that death a restart?
+        """
+        slot = (service_id, worker_id)
+        return (
+            self._exit_code is None
+            and self._wanted(slot)
+            and not any(p.slot == slot and not p.stopping for p in self._workers.values())
+        )
+
     def respawn_backoff(self) -> dict[ServiceId, float]:
         """Per service, the longest wait before a failed worker slot is respawned."""
         now = time.monotonic()

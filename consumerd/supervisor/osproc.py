@@ -60,6 +60,16 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of a live process, None if it is gone or cannot be read (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name may hold spaces and parentheses: fields resume after the last ')'.
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 

@@ -24,6 +24,12 @@ class Service:
     graceful_shutdown_timeout: typing.ClassVar[int | float | None] = None
     """Seconds :meth:`terminate` may take: ``None`` means the manager's, ``0`` for ever."""
 
+    announces_ready: typing.ClassVar[bool] = False
+    """False (as in cotyledon): the worker counts as started as soon as the service is
+    built. True: only once the service calls :meth:`ready`, e.g. when it reached what it
+    serves. The master says "all workers started" (and systemd READY=1) when every worker
+    has, and a code reload stops an old worker only once its replacement has."""
+
     def __init_subclass__(cls, **kwargs: typing.Any) -> None:
         super().__init_subclass__(**kwargs)
         # Each class is named after itself unless it names itself.
@@ -33,6 +39,16 @@ class Service:
     def __init__(self, worker_id: int) -> None:
         super().__init__()
         self.worker_id = worker_id
+
+    def ready(self) -> None:
+        """Tell the master this worker is started (see :attr:`announces_ready`).
+
+        Safe from any thread and at any time, ``__init__`` included; only the first call
+        counts. Outside a worker process it does nothing.
+        """
+        from consumerd.supervisor import worker  # noqa: PLC0415 - worker imports this module
+
+        worker.ready()
 
     def run(self) -> None:
         """The service's activity, run in a thread of the worker.

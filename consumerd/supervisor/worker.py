@@ -37,6 +37,16 @@ def _fileno(end: PipeEnd) -> int:
     return end.fileno() if isinstance(end, Connection) else end
 
 
+#: How this process tells its master it is started; set in a worker process only.
+_announce: typing.Callable[[], None] | None = None
+
+
+def ready() -> None:
+    """Announce this worker to the master (:meth:`Service.ready`); once, from any thread."""
+    if _announce is not None:
+        _announce()
+
+
 @dataclasses.dataclass
 class WorkerSpec:
     """Everything a worker process needs; picklable for the spawn and forkserver methods."""
@@ -100,7 +110,11 @@ class _Worker:
         self._exit_code: int | None = None
         self._deadline: float | None = None
         self._terminating = False
+        self._announced = threading.Event()
+        self.title = f"worker({spec.worker_id}) [{os.getpid()}]"  # until the service is built
 
+        global _announce
+        _announce = self._announce  # before the factory: a service may be ready in __init__
         self.service = spec.factory(spec.worker_id, *spec.args, **spec.kwargs)
         # Services that forget to call Service.__init__ still get their id.
         self.service.worker_id = spec.worker_id
@@ -117,7 +131,8 @@ class _Worker:
 
     def serve(self) -> int:
         self._spawn(self._run_service, "run")
-        self._announce()
+        if not getattr(self.service, "announces_ready", False):
+            self._announce()  # cotyledon's meaning: built is started
         death_fd = _fileno(self._spec.death_pipe)
         with selectors.DefaultSelector() as selector:
             selector.register(self._wakeup.read_fd, selectors.EVENT_READ)
@@ -144,6 +159,10 @@ class _Worker:
                     return EXIT_FORCED
 
     def _announce(self) -> None:
+        # Two threads may race past this check: a second line only repeats the first.
+        if self._announced.is_set():
+            return
+        self._announced.set()
         try:
             os.write(_fileno(self._spec.status_pipe), f"{os.getpid()}\n".encode())
         except OSError:

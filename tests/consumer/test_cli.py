@@ -48,7 +48,7 @@ def apps(tmp_path):
         (["--app", "good", "--broker", "nope://x"], "unknown broker scheme 'nope'"),
         (["--app", "good", "--broker", "redis//x"], "malformed broker URL"),
         (["--app", "good", "--broker", "redis://h:99999/0"], "malformed broker URL"),
-        (["--app", "good", "--broker", "sqlite://relative.db"], "absolute path"),
+        (["--app", "good", "--broker", "sqlite://relative.db"], "like sqlite:///relative/path.db"),
         (["--app", "good", "--workers", "0"], "--workers: expected an integer >= 1"),
         (["--app", "good", "--member", "2/2"], "M >= 1 and 0 <= I < M"),
         (["--app", "good", "--graceful-timeout", "soon"], "expected a finite number of seconds"),
@@ -168,7 +168,7 @@ def test_check_prints_consumers_queues_and_map_without_a_broker(apps):
 def test_check_names_the_embedded_default(apps):
     result = run(apps, "check", "--app", "good")
     assert result.returncode == 0
-    assert f"sqlite://{apps}/.consumerd/broker.db" in result.stdout
+    assert f"sqlite:///{apps}/.consumerd/broker.db" in result.stdout
 
 
 def test_master_does_not_import_kombu(apps):

@@ -83,3 +83,56 @@ def test_undecodable_and_pickle_go_straight_to_dead_letters(consumerd, broker, n
         assert letter.headers[policy.ATTEMPT] == 1  # never retried
     assert any("ContentDisallowed" in letter.headers[policy.ERROR] for letter in letters)
     assert 666 not in consumerd.ids()  # pickle never loaded
+
+
+RETRY_APP = '''
+import logging, time
+import consumerd
+
+app = consumerd.App("delays", max_retries=3, retry_delay=0.03)
+log = logging.getLogger("tapp")
+
+@app.consumer({name!r})
+def handle(body, delivery):
+    log.info("start %d %d %.6f", body["i"], delivery.attempt, time.time())
+    if body["fail_until"] >= delivery.attempt:
+        raise RuntimeError("boom")
+'''
+
+
+def test_retry_log_states_the_policy_delay_and_the_retry_waits_for_it(consumerd, broker, name):
+    """The log says the delay the policy gives each attempt (0.03 s was "0.0s"), and
+    no attempt starts before the previous one's failure plus that delay."""
+    import datetime
+    import re
+    import textwrap
+
+    (consumerd.tmp / "tapp.py").write_text(textwrap.dedent(RETRY_APP.format(name=name)))
+    publish_many(broker.url, name, 1, fail_until=3)  # attempts 1-3 fail, 4 succeeds
+    consumerd.start("--log-format", "json", workers=1)
+
+    def records() -> list[dict]:
+        with open(consumerd.log) as f:
+            return [json.loads(line) for line in f if line.startswith("{")]
+
+    wait_for(lambda: any(r["message"].startswith("start 0 4 ") for r in records()), 30,
+             "the fourth attempt")
+    assert consumerd.stop() == 0
+    starts, failures = {}, {}
+    for r in records():
+        if r["logger"] == "tapp":
+            _, _, attempt, at = r["message"].split()
+            starts[int(attempt)] = float(at)
+        elif "failed" in r["message"]:
+            attempt, delay = re.search(r"attempt (\d+) failed .*: retry in (\S+)s$",
+                                       r["message"]).groups()
+            # The record's time is before the retry's due time is computed, and is
+            # truncated to the millisecond: a lower bound of when the failure was seen.
+            when = datetime.datetime.fromisoformat(r["time"].replace("Z", "+00:00"))
+            failures[int(attempt)] = (when.timestamp(), float(delay))
+    retry = policy.RetryPolicy(3, 0.03)
+    assert {a: d for a, (_, d) in failures.items()} == {
+        a: retry.delay_after(a) for a in (1, 2, 3)}
+    assert {a: d for a, (_, d) in failures.items()} == {1: 0.03, 2: 0.06, 3: 0.12}
+    for attempt, (failed_at, delay) in failures.items():
+        assert starts[attempt + 1] >= failed_at + delay, attempt

@@ -100,3 +100,99 @@ def test_json_logs_carry_worker_fields(consumerd, broker, name) -> None:
         rows = [json.loads(line) for line in f if line.startswith("{")]
     assert rows and all({"time", "level", "message", "pid"} <= row.keys() for row in rows)
     assert any(row.get("worker_id") == 0 for row in rows)
+
+
+def test_restarts_count_replaced_workers_not_a_scale_down(consumerd, broker, name) -> None:
+    port = free_port()
+    consumerd.configure([{"name": name}])
+    consumerd.start("--metrics-port", str(port), "--metrics-address", "127.0.0.1", workers=3)
+    consumerd.wait_workers(3)
+    wait_for(lambda: http_get(port, "/metrics")[0] == 200, 20, "/metrics")
+
+    def restarts() -> float:
+        status, text = http_get(port, "/metrics")
+        assert status == 200
+        return metric(text, "consumerd_worker_restarts_total", service="consumer")
+
+    def gone_after(action) -> int:
+        """Run ``action``; wait until the master has reaped the one worker it ends. The
+        hook runs in the same master loop step as the log line, and that loop serves the
+        scrapes, so a scrape after the line sees the hook's count."""
+        before = set(consumerd.workers())
+        action()
+        (gone,) = wait_for(lambda: before - set(consumerd.workers()), 20, "a worker gone")
+        wait_for(lambda: consumerd.logged(f"(pid {gone}) exited")
+                 + consumerd.logged(f"(pid {gone}) killed"), 20, "the master reaped it")
+        return gone
+
+    assert restarts() == 0
+    victim = consumerd.workers()[0]
+    gone_after(lambda: os.kill(victim, signal.SIGKILL))
+    consumerd.wait_workers(3)
+    assert restarts() == 1
+    gone_after(lambda: consumerd.signal(signal.SIGTTOU))
+    consumerd.wait_workers(2)
+    gone_after(lambda: consumerd.signal(signal.SIGTTOU))
+    consumerd.wait_workers(1)
+    assert consumerd.logged("exited with status 0") == 2  # the scale-downs, gracefully
+    assert restarts() == 1
+    (last,) = consumerd.workers()
+    gone_after(lambda: os.kill(last, signal.SIGKILL))
+    consumerd.wait_workers(1)
+    assert restarts() == 2
+    assert consumerd.stop() == 0
+
+
+def _notify_socket(tmp_path, monkeypatch):
+    """A systemd notify socket the master (started after this) reports to."""
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    received: list[str] = []
+
+    def messages() -> list[str]:
+        while True:
+            try:
+                received.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return received
+
+    return sock, messages
+
+
+def test_all_workers_started_waits_for_a_broker(consumerd, broker, name, tmp_path,
+                                                 monkeypatch) -> None:
+    """Workers that cannot reach the broker are built but not started: no "all workers
+    started", no READY=1; against the real broker both come after every worker consumes."""
+    sock, messages = _notify_socket(tmp_path, monkeypatch)
+    consumerd.configure([{"name": name}])
+    consumerd.start(workers=2, url="redis://127.0.0.1:1/0")
+
+    def retrying() -> set[str]:
+        with open(consumerd.log) as f:
+            return {line.split("[", 1)[1].split("]", 1)[0] for line in f
+                    if "unreachable (" in line}
+
+    wait_for(lambda: len(retrying()) == 2, 30, "both workers retrying")
+    # A barrier: the announcements the workers made before those retries (the master
+    # reads its status pipe before it handles a signal) are handled once this is logged.
+    consumerd.signal(signal.SIGTTIN)
+    consumerd.wait_logged("SIGTTIN: now [3] workers")
+    assert consumerd.logged("all workers started") == 0
+    assert not any("READY=1" in m for m in messages())
+    assert consumerd.stop() == 0
+
+    unreachable_log = consumerd.logged("all workers started")
+    consumerd.start(workers=2)
+    consumerd.wait_logged("all workers started", unreachable_log + 1)
+    with open(consumerd.log) as f:
+        second_run = f.read().rsplit("SIGTTIN: now", 1)[1]
+    started = second_run.index("all workers started")
+    assert second_run[:started].count(f"consuming {name} from") == 2
+    wait_for(lambda: any("READY=1" in m for m in messages()), 10, "READY=1")
+    assert consumerd.stop() == 0
+    sock.close()

@@ -103,3 +103,43 @@ def test_members_share_the_partitions(tmp_path, consumerd, broker, name):
     for r in consumerd.records():
         queues[r.pid].add(r.queue)
     assert queues == {first: {f"{name}.p0", f"{name}.p2"}, second: {f"{name}.p1", f"{name}.p3"}}
+
+
+def test_a_second_instance_says_it_waits_for_the_partitions(tmp_path, consumerd, broker, name):
+    """Two masters of one app on one host: the second one's worker wants the partitions
+    the first one's holds. It says so once per partition, naming the holder, and again
+    when it gets them after the first one stops."""
+    from tests.consumer.conftest import Consumerd
+
+    consumerd.configure([{"name": name, "partitions": 4}])
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    second = Consumerd(other_dir, name, broker.url)
+    second.out = consumerd.out  # one record file for both
+    second.configure([{"name": name, "partitions": 4}])
+    try:
+        consumerd.start(workers=1)
+        consumerd.wait_logged("of 1 consumes partitions [0, 1, 2, 3]")
+        (holder,) = consumerd.workers()
+        second.start(workers=1)
+        (waiter,) = second.wait_workers(1)
+        for p in range(4):
+            second.wait_logged(f"WARNING [{waiter}] consumerd.consumer: waiting for partition "
+                               f"{p} of consumer {name}: held by another process (pid {holder})")
+        publish_many(broker.url, name, 100, partitions=4)
+        wait_for(lambda: len(consumerd.ids()) == 100, 60, "the first 100 handled")
+        assert {r.pid for r in consumerd.records()} == {holder}
+        assert consumerd.stop() == 0
+        for p in range(4):
+            second.wait_logged(f"acquired partition {p} of consumer {name} after waiting")
+        publish_many(broker.url, name, 100, partitions=4, start=100)
+        wait_for(lambda: len(consumerd.ids()) == 200, 60, "the next 100 handled")
+        assert second.stop() == 0
+    finally:
+        second.kill()
+    # It waited through many claim attempts (every 0.1 s) and said so once per partition.
+    assert second.logged("waiting for partition") == 4
+    assert second.logged("acquired partition") == 4
+    ids = consumerd.ids()
+    assert set(ids) == set(range(200)) and sum(ids.values()) == 200
+    assert {r.pid for r in consumerd.records() if r.id >= 100} == {waiter}

@@ -89,7 +89,7 @@ class ConsumerProcess:
 
 @pytest.fixture
 def url(tmp_path: Path) -> str:
-    return f"sqlite://{tmp_path}/broker.db"
+    return f"sqlite:///{tmp_path}/broker.db"
 
 
 @pytest.fixture
@@ -304,13 +304,14 @@ def test_idle_consumer_does_not_spin(tmp_path, url, consumers):
 
 def test_urls_create_folders_and_relative_paths(tmp_path, monkeypatch):
     nested = tmp_path / "a" / "b" / "broker.db"
-    publish(f"sqlite://{nested}", "q", [1])
+    publish(f"sqlite:///{nested}", "q", [1])
     assert nested.exists()
 
     monkeypatch.chdir(tmp_path)
-    publish("sqlite://rel.db", "q", [1])
+    publish("sqlite:///rel.db", "q", [1])
     assert (tmp_path / "rel.db").exists()
     assert database_path("sqlite:////x/y.db") == "/x/y.db"
+    assert database_path("sqlite:///x/y.db") == str(tmp_path / "x" / "y.db")
 
 
 def test_unusable_path_is_a_clear_error(tmp_path):
@@ -318,10 +319,10 @@ def test_unusable_path_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with (
         pytest.raises(DatabasePathError, match=r"cannot use .*file/broker\.db"),
-        kombu.Connection(f"sqlite://{blocker}/broker.db", transport=TRANSPORT) as conn,
+        kombu.Connection(f"sqlite:///{blocker}/broker.db", transport=TRANSPORT) as conn,
     ):
         conn.connect()
-    with pytest.raises(DatabasePathError, match="expected sqlite:///"):
+    with pytest.raises(DatabasePathError, match=r"like sqlite:///relative/path\.db"):
         database_path("redis://localhost/0")
 
 

@@ -160,7 +160,7 @@ def test_publish_on_fakeredis_uses_the_same_routing(monkeypatch):
 def test_broker_resolution_order(monkeypatch):
     monkeypatch.delenv(broker.ENV_VAR, raising=False)
     assert broker.resolve_url(None, None) == broker.default_url()
-    assert broker.default_url() == "sqlite://" + os.path.abspath(".consumerd/broker.db")
+    assert broker.default_url() == "sqlite:///" + os.path.abspath(".consumerd/broker.db")
     assert broker.resolve_url(None, "redis://app") == "redis://app"
     monkeypatch.setenv(broker.ENV_VAR, "redis://env")
     assert broker.resolve_url(None, "redis://app") == "redis://env"
@@ -170,8 +170,9 @@ def test_broker_resolution_order(monkeypatch):
 def test_redact_and_validate():
     assert broker.redact("amqp://u:secret@h:5672//") == "amqp://u:***@h:5672//"
     assert broker.validate("rediss://h:6380/1") == "rediss"
-    assert broker.validate("sqlite:///tmp/x.db") == "sqlite"
-    for bad in ("nope", "://x", "zmq://h", "redis://h:notaport/0", "sqlite://x.db"):
+    assert broker.validate("sqlite:////tmp/x.db") == "sqlite"
+    assert broker.validate("sqlite:///x.db") == "sqlite"
+    for bad in ("nope", "://x", "zmq://h", "redis://h:notaport/0", "sqlite://x.db", "sqlite:///"):
         with pytest.raises(broker.BrokerURLError):
             broker.validate(bad)
 

@@ -61,6 +61,10 @@ class Worker(cotyledon.Service):
 
     def run(self):
         record("run", svc=self.conf["name"], wid=self.worker_id)
+        if self.conf.get("ready_after"):  # announces_ready: started once that file exists
+            while not os.path.exists(self.conf["ready_after"]) and not self.stop.is_set():
+                self.stop.wait(0.01)
+            self.ready()
         if "READER_FD" in os.environ:
             os.write(int(os.environ["READER_FD"]), f"hello from {self.worker_id}".encode())
         if self.conf.get("run_raises"):
@@ -107,6 +111,8 @@ def make_class(conf):
     cls = type(conf["name"], (base,), {})
     if "graceful" in conf:
         cls.graceful_shutdown_timeout = conf["graceful"]
+    if conf.get("ready_after"):
+        cls.announces_ready = True
     return cls
 
 

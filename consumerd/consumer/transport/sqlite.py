@@ -7,11 +7,12 @@ at-least-once delivery that survives a consumer being SIGKILLed.
 
 Opening it::
 
-    kombu.Connection("sqlite:///var/lib/app/broker.db",
+    kombu.Connection("sqlite:////var/lib/app/broker.db",
                      transport="consumerd.consumer.transport.sqlite:Transport")
 
-``sqlite:///var/lib/app/broker.db`` names an absolute path (scheme, ``//``, then ``/var/...``);
-``sqlite://broker.db`` a path relative to the working directory when the connection is made.
+Paths are read as SQLAlchemy reads them (:func:`consumerd.consumer.broker.sqlite_path`):
+``sqlite:////var/lib/app/broker.db`` (four slashes) is absolute, ``sqlite:///broker.db`` is
+relative to the working directory when the connection is made.
 The transport sets ``can_parse_url``, so kombu hands the URL over untouched as
 ``Connection.hostname`` (``virtual_host`` is unused) and :func:`database_path` reads it.
 Missing folders and the database file are created on ``connect()``; a path that cannot be used
@@ -55,11 +56,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from queue import Empty
 from typing import Any, NamedTuple
-from urllib.parse import unquote
 
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
+from consumerd.consumer import broker
 from consumerd.supervisor.osproc import pid_exists
 
 logger = logging.getLogger(__name__)
@@ -114,18 +115,13 @@ Row = tuple[int, str, int]  # id, payload, deliveries
 
 
 def database_path(url: str | None) -> str:
-    """Absolute database path for a ``sqlite:///abs/path`` or ``sqlite://rel/path`` URL."""
-    scheme, sep, rest = (url or "").partition("://")
-    path = unquote(rest)
-    if not sep or scheme != "sqlite" or not path:
-        raise DatabasePathError(
-            f"expected sqlite:///absolute/path.db or sqlite://relative/path.db, got {url!r}"
-        )
-    if "?" in rest:
+    """Absolute database path for a ``sqlite:////abs/path`` or ``sqlite:///rel/path`` URL."""
+    if url and "?" in url:
         raise DatabasePathError(f"options go in transport_options, not in the URL: {url!r}")
-    if path.startswith("/"):
-        path = "/" + path.lstrip("/")  # sqlite:////x means /x, not the POSIX-special //x
-    return os.path.abspath(path)
+    try:
+        return broker.sqlite_path(url or "")
+    except broker.BrokerURLError as exc:
+        raise DatabasePathError(str(exc)) from None
 
 
 def _proc_stat(pid: int | str) -> list[bytes] | None:
