@@ -34,6 +34,7 @@ import prometheus_client
 from prometheus_client import multiprocess, values
 from prometheus_client.mmap_dict import MmapedDict
 
+from consumerd import deps
 from consumerd.supervisor.osproc import pid_exists
 from consumerd.supervisor.service import Service
 
@@ -68,6 +69,20 @@ class _Archive(typing.Protocol):
 
 
 _open_archive = typing.cast(typing.Callable[[str], _Archive], MmapedDict)
+
+# The internals used here (the value class, a histogram's per-bucket values, the mmap
+# files the archive folds): a prometheus_client without them fails here, in one line.
+deps.require(
+    __name__,
+    {
+        values: "MultiProcessValue ValueClass",
+        _new_value_class(): "_multiprocess",
+        prometheus_client.Histogram: "_buckets _sum",
+        MmapedDict: "read_all_values_from_file read_value write_value close",
+        multiprocess: "MultiProcessCollector mark_process_dead",
+    },
+    "prometheus_client",
+)
 
 #: The longest a worker's counts may wait before they show in a scrape.
 FLUSH_INTERVAL = 0.25

@@ -98,18 +98,48 @@ from queue import Empty
 from time import monotonic, time
 
 import redis
+import redis.connection
 from kombu.log import get_logger
 from kombu.transport import redis as stock
+from kombu.transport import virtual
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.commands.core import Script
 
+from consumerd import deps
+
 LOG = get_logger(__name__)
+
+# Everything below reaches into: a kombu or redis-py release without one of these fails
+# here, in one line, instead of with an AttributeError in the middle of consuming.
+deps.require(
+    __name__,
+    {
+        stock.Channel: """_active_queues _basic_cancel _brpop_read _brpop_start _closing
+            _connparams _in_listen _in_poll _q_for_pri _qos _queue_cycle ack_emulation
+            active_queues brpop_timeout do_restore from_transport_options global_keyprefix
+            priority_steps sep socket_timeout unacked_index_key unacked_key
+            visibility_timeout""",
+        stock.QoS: """_delivered _flush can_consume_max_estimate restore_at_shutdown
+            restore_by_tag restore_unacked_once""",
+        stock.MultiChannelPoller: """_channels _in_protected_read after_read handle_event
+            maybe_restore_messages on_poll_start poller""",
+        stock.Transport: "_deliver cycle",
+        virtual.Message: "_raw",
+        redis.connection.Connection: "_sock read_response send_command",
+        redis.Redis: "client_unblock register_script",
+        Script: "sha",
+    },
+    "kombu",
+    "redis",
+)
 
 Payload = dict[str, typing.Any]
 
 _WAIT = "BLMOVE"
+
+_FLUSH_REAUTH = hasattr(stock.Channel, "_flush_brpop_reauth")
 
 REPLY_TIMEOUT = 10.0
 """Seconds a reply may be late before the connection counts as dead, when the
@@ -500,7 +530,8 @@ class Channel(stock.Channel):
         finally:
             self._in_poll = None  # type: ignore[assignment]  # stock does so too
             self._outstanding = None
-            self._flush_brpop_reauth()
+            if _FLUSH_REAUTH:  # kombu >= 5.7: a re-auth token is sent while nothing waits
+                self._flush_brpop_reauth()
         if command == _WAIT:
             # Nothing was popped. The watched key got a message (another consumer may
             # take it first), or the wait ended: with several keys, any other may have
