@@ -48,7 +48,7 @@ def test_broken_app_on_reload_keeps_consuming(consumerd, broker, name):
     with open(consumerd.config, "w") as f:
         f.write("{ not json")
     consumerd.signal(signal.SIGHUP)
-    consumerd.wait_logged("reload failed, keeping the current consumers")
+    consumerd.wait_logged("reload failed, the running configuration and consumers stay")
     publish_many(broker.url, name, 10)
     wait_for(lambda: len(consumerd.ids()) == 10, 20, "messages handled by the old app")
     assert consumerd.workers() == pids
