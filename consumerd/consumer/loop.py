@@ -144,6 +144,7 @@ class Loop:
         )
         self._flaps = 0
         self._connected_at = 0.0
+        self._without_wake = False  # a full broker refused the wake queue
         self._amqp = broker.is_amqp(self._probe)
         root = lease_root(self._url)
         self._leases = Leases(root)
@@ -293,7 +294,7 @@ class Loop:
     def _timeout(self) -> float | None:
         """Until the next chore; None (block until a message or a poke) if there is none."""
         deadline = min(self._next_rebalance, self._next_restore, self._next_flush)
-        if self._wake_channel is None:
+        if self._without_wake:
             deadline = min(deadline, time.monotonic() + FULL_POLL)
         if self._timers:
             deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
@@ -347,6 +348,7 @@ class Loop:
             self._conn = conn
             self._producer = Producer(conn.default_channel, serializer="json")
             self._connected_at = time.monotonic()
+            self._without_wake = False
             try:
                 self._bind_wake()
             except Exception as exc:
@@ -356,6 +358,7 @@ class Loop:
                 # free space); a stop or reload is noticed within FULL_POLL instead.
                 LOG.warning("broker full (%s); consuming without a wake queue", exc)
                 self._wake_channel = None
+                self._without_wake = True
             self._schedule_restore()
             self._bind_retry()
             LOG.info("consuming %s from %s", ", ".join(self._app.consumers),
