@@ -93,10 +93,11 @@ def test_one_variable_per_setting_and_an_unknown_one_is_an_error():
 
 
 def test_the_internal_variables_are_the_ones_consumerd_sets():
+    from consumerd import cli
     from consumerd.ops import metrics
     from consumerd.supervisor import reexec
 
-    assert {reexec.ENV_VAR, metrics.OWNER_ENV} == config.INTERNAL_ENV
+    assert {reexec.ENV_VAR, metrics.OWNER_ENV, cli.PREFLIGHT_ENV} == config.INTERNAL_ENV
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "-1"])
