@@ -88,10 +88,14 @@ class AnyBroker(Broker):
             self.client().lpush(self.prefix + queue, entry)
             return
         assert self.path is not None
+        try:
+            text: str | bytes = entry.decode("utf-8")
+        except UnicodeDecodeError:
+            text = entry  # sqlite3 stores it as a BLOB
         store = Store(self.path, {})
         store.open()
         try:
-            store.put([queue], entry.decode("utf-8", "surrogateescape"))
+            store._write("INSERT INTO messages (queue, payload) VALUES (?, ?)", (queue, text))
         finally:
             store.close()
 
@@ -221,20 +225,24 @@ def test_no_content_type_is_json_or_dead_lettered(runner, any_broker, name):
 def test_retry_copy_with_nan_due_time_stalls_nothing(runner, any_broker, name):
     """A retry copy due at NaN used to sit at the top of the timer heap, holding every
     later retry; now it is a dead letter and the retries around it are released."""
-    def retry_copy(i: int, due: float) -> None:
+    def retry_copy(i: int, due: float | str) -> None:
         headers = {policy.TARGET: name, policy.RETRY_AT: due, policy.ATTEMPT: 2}
         any_broker.publish_raw(f"{name}.retry", json.dumps({"i": i}).encode(),
                                "application/json", headers=headers)
 
     for i in range(5):
         retry_copy(i, time.time() + 0.5)
-    retry_copy(99, float("nan"))
+    # RabbitMQ closes the connection (541 INTERNAL_ERROR) on a NaN float in a header
+    # table; a string is the closest a publisher can get there.
+    nan = "nan" if any_broker.kind == "amqp" else float("nan")
+    retry_copy(99, nan)
     for i in range(5, 10):
         retry_copy(i, time.time() + 0.5)
     letter = _run(runner, any_broker, name, max_deaths=0)
     assert json.loads(letter.body) == {"i": 99}
     assert letter.headers[policy.ERROR] == (
-        "undecodable: header consumerd-retry-at is nan: not a finite number")
+        f"undecodable: header consumerd-retry-at is {nan!r}: not a "
+        + ("number" if any_broker.kind == "amqp" else "finite number"))
     assert {r.attempt for r in runner.records()} == {2}
 
 
@@ -302,6 +310,8 @@ def test_entry_that_is_not_an_envelope_is_moved_raw_to_the_dead_letter_queue(
     if any_broker.kind == "amqp":
         pytest.skip("AMQP messages are frames, not stored envelopes")  # by design, not a gap
     entry, reason = ENVELOPE_CASES[case]
+    if case == "no-delivery-tag" and any_broker.kind == "sqlite":
+        pytest.skip("an SQLite row's delivery tag is its row id: none is needed")
     _good(any_broker, name, 0)
     any_broker.push_entry(name, entry)
     _good(any_broker, name, 5)

@@ -177,6 +177,8 @@ local function take(k, item)
   local ok, msg = pcall(cjson.decode, item)
   if not ok or type(msg) ~= 'table' then
     dead_letter(k, item, 'the entry is not a JSON object')
+  elseif msg[1] ~= nil then
+    dead_letter(k, item, 'the entry is a JSON array, not an object')
   elseif type(msg['properties']) ~= 'table' then
     dead_letter(k, item, 'properties is not an object')
   else
@@ -594,7 +596,7 @@ class Channel(stock.Channel):
                 payload = loads(bytes_to_str(item))
                 reason = envelope.error_of(payload)
             except Exception as exc:
-                reason = f"the entry does not parse ({type(exc).__name__}: {exc})"
+                reason = f"the entry is not a JSON object ({type(exc).__name__}: {exc})"
             if reason is None:
                 tag = payload["properties"]["delivery_tag"]
                 self.fetched_keys[tag] = key

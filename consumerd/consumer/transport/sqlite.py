@@ -489,7 +489,7 @@ class Channel(virtual.Channel):
                     payload["properties"]["delivery_tag"] = message_id
                 reason = envelope.error_of(payload)
             except Exception as exc:
-                reason = f"the entry does not parse ({type(exc).__name__}: {exc})"
+                reason = f"the entry is not a JSON object ({type(exc).__name__}: {exc})"
             if reason is None:
                 break
             self._dead_letter_row(queue, message_id, raw, reason)
