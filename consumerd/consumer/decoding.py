@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import typing
 
+from kombu.serialization import loads as kombu_loads
 from kombu.utils.json import loads
 
 from consumerd.consumer import policy
 
 RAW_CONTENT_TYPES = frozenset({"application/data", "application/text"})
 """kombu's "trusted" types, which it would hand over undecoded: decoded as JSON here."""
+ACCEPT = frozenset({"application/json"})
+"""The only content type decoded, whatever the message's own ``accept`` says."""
 
 
 class Undecodable(ValueError):
@@ -56,7 +59,7 @@ def body_of(message: typing.Any) -> typing.Any:
             raise Undecodable(f"{what}, and the body is not JSON in UTF-8 "
                               f"({policy.describe_error(exc)})") from None
     try:
-        return message.decode()
+        return kombu_loads(body, content_type, message.content_encoding, accept=ACCEPT)
     except Exception as exc:
         raise Undecodable(policy.describe_error(exc)) from None
 
