@@ -160,7 +160,8 @@ local function b64(s)
 end
 local function dead_letter(k, item, why)
   local queue, dlq = ARGV[names + 2 * (k - 1)], ARGV[names + 2 * (k - 1) + 1]
-  local props = {delivery_tag = redis.sha1hex(now .. ':' .. k .. ':' .. #out .. ':' .. item),
+  local seed = now .. ':' .. k .. ':' .. #out .. ':' .. #item
+  local props = {delivery_tag = redis.sha1hex and redis.sha1hex(seed .. item) or seed,
     delivery_mode = 2, priority = 0, delivery_info = {exchange = '', routing_key = dlq}}
   local msg = {['content-type'] = 'application/octet-stream', properties = props,
     headers = {['consumerd-error'] = 'undecodable: not a kombu message envelope: ' .. why,
