@@ -65,6 +65,9 @@ class ConsumerSpec:
     """Turns the decoded body into what the handler gets; None means ack and skip it."""
     batch: batching.BatchPolicy | None = None
     """Set: the handler gets lists, ``handler(bodies, deliveries)``."""
+    max_deaths: int = policy.MAX_DEATHS
+    """Deliveries of one message that may end with the worker's death; at the limit it is
+    dead-lettered without calling the handler (see :mod:`consumerd.consumer.deaths`)."""
 
     @property
     def queue_names(self) -> list[str]:
@@ -129,8 +132,8 @@ class App:
     """A set of consumer declarations plus a producer using the same routing.
 
     ``broker``: the app's default broker URL; ``--broker`` and ``$CONSUMERD_BROKER``
-    win over it. ``prefetch``, ``max_retries``, ``retry_delay`` and ``max_retry_delay``
-    are defaults for every consumer.
+    win over it. ``prefetch``, ``max_retries``, ``retry_delay``, ``max_retry_delay`` and
+    ``max_deaths`` are defaults for every consumer.
     """
 
     def __init__(
@@ -142,10 +145,12 @@ class App:
         max_retries: int = 3,
         retry_delay: float = 1.0,
         max_retry_delay: float = 300.0,
+        max_deaths: int = policy.MAX_DEATHS,
     ) -> None:
         self.name = name
         self.broker = broker
         self.prefetch = _positive("prefetch", prefetch)
+        self.max_deaths = _positive("max_deaths", max_deaths)
         self.retry = policy.RetryPolicy(max_retries, retry_delay, max_retry_delay)
         self.consumers: dict[str, ConsumerSpec] = {}
         self._broker_override: str | None = None
@@ -167,21 +172,25 @@ class App:
         max_retries: int | None = None,
         retry_delay: float | None = None,
         max_retry_delay: float | None = None,
+        max_deaths: int | None = None,
     ) -> typing.Callable[[_HandlerT], _HandlerT]:
         """Declare ``handler(body, delivery)`` as the consumer of queue ``name``.
 
         ``partitions=P`` splits the queue into P partition queues, each consumed by
         exactly one worker; publish with ``key=`` to keep per-key order.
+        ``max_deaths=N``: a message whose handling ended with the worker's death N times
+        is dead-lettered without calling the handler again.
         """
         self._check_new(name)
         retry = self._retry_of(max_retries, retry_delay, max_retry_delay)
         prefetch = None if prefetch is None else _positive("prefetch", prefetch)
         parts = 0 if partitions is None else _positive("partitions", partitions)
+        deaths = self._max_deaths_of(max_deaths)
 
         def register(handler: _HandlerT) -> _HandlerT:
             if not callable(handler):
                 raise TypeError(f"consumer {name!r}: {handler!r} is not callable")
-            self._add(ConsumerSpec(name, handler, prefetch, parts, retry))
+            self._add(ConsumerSpec(name, handler, prefetch, parts, retry, max_deaths=deaths))
             return handler
 
         return register
@@ -205,6 +214,7 @@ class App:
         max_retries: int | None = None,
         retry_delay: float | None = None,
         max_retry_delay: float | None = None,
+        max_deaths: int | None = None,
     ) -> typing.Callable[[_NotificationHandlerT], _NotificationHandlerT]:
         """Declare an OpenStack notification listener: ``handler(notification)``, or with
         ``batch_size`` ``handler([notification, …])``.
@@ -224,6 +234,7 @@ class App:
         """
         self._check_new(name)
         retry = self._retry_of(max_retries, retry_delay, max_retry_delay)
+        deaths = self._max_deaths_of(max_deaths)
         listener = notifications.Listener(
             tuple(exchanges), topic, tuple(priorities), tuple(event_types),
             durable, auto_delete, queue_arguments, pool, publisher_id,
@@ -239,7 +250,7 @@ class App:
                 raise TypeError(f"notifications {name!r}: {handler!r} is not callable")
             self._add(ConsumerSpec(
                 name, notifications.adapt(handler), prefetch, 0, retry,
-                source=listener, prepare=listener.prepare, batch=batch,
+                source=listener, prepare=listener.prepare, batch=batch, max_deaths=deaths,
             ))
             return handler
 
@@ -267,6 +278,9 @@ class App:
             self.retry.delay if retry_delay is None else retry_delay,
             self.retry.max_delay if max_retry_delay is None else max_retry_delay,
         )
+
+    def _max_deaths_of(self, max_deaths: int | None) -> int:
+        return self.max_deaths if max_deaths is None else _positive("max_deaths", max_deaths)
 
     def prefetch_of(self, spec: ConsumerSpec, override: int | None = None) -> int:
         """``@consumer(prefetch=)`` wins, then ``--prefetch``, then ``App(prefetch=)``;

@@ -45,7 +45,7 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
 from consumerd.config import Config, Settings
-from consumerd.consumer import batching, broker, policy, routing
+from consumerd.consumer import batching, broker, deaths, decoding, policy, routing
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.ops import logs, metrics
@@ -86,6 +86,10 @@ class _Binding:
     channel: typing.Any = None
     consumer: Consumer | None = None
     batch: batching.Batch | None = None
+    names: frozenset[str] = frozenset()
+    """The queues consumed now: a delivery naming another (a foreign envelope on Redis)
+    counts as one of the first."""
+    first: str = ""
 
     def queue_names(self) -> list[str]:
         if not self.spec.partitions:
@@ -96,7 +100,11 @@ class _Binding:
         names = self.queue_names()
         if not names:
             return
+        self.names, self.first = frozenset(names), names[0]
         self.channel = connection.channel()
+        # Our Redis and SQLite transports move what is not a message at all there.
+        dead_letters = routing.dead_letter_queue(self.spec.name)
+        self.channel.dead_letter_queues = dict.fromkeys(names, dead_letters)
         # RabbitMQ's per-consumer prefetch would multiply by the number of partition
         # queues; a channel-wide limit keeps "prefetch" meaning messages per consumer.
         self.channel.basic_qos(0, self.prefetch, len(names) > 1)
@@ -107,6 +115,9 @@ class _Binding:
             queues=queues,
             accept=["json"],
             on_message=functools.partial(on_message, self),
+            # kombu re-raises a decode error (an unknown compression, say) out of
+            # drain_events without this: the worker would crash on it for ever.
+            on_decode_error=functools.partial(_undecodable, functools.partial(on_message, self)),
             auto_declare=False,
         )
         self.consumer.consume()
@@ -154,6 +165,7 @@ class Loop:
         self._membership = Membership(
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
         )
+        self._deaths = deaths.DeathCounter(root, f"{app.name}.{settings.member[0]}")
         self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
         self._conn: Connection | None = None
         self._producer: Producer | None = None
@@ -202,6 +214,7 @@ class Loop:
         if not self._done.wait(timeout):
             LOG.warning("a handler is still running after %.1fs: leaving its message unacked",
                         timeout or 0.0)
+            self._deaths.settled()  # the runtime stops it: not a death of the message
             self._hand_back_from_outside()
 
     def reload(self, app: App) -> None:
@@ -238,6 +251,7 @@ class Loop:
 
     def run(self) -> None:
         self._membership.join()
+        self._deaths.collect()  # a predecessor may have died handling a message
         try:
             while not self._stopping:
                 if self._conn is None:
@@ -424,10 +438,16 @@ class Loop:
             self._declare(self._conn.default_channel, spec)
         names = [routing.retry_queue(name) for name in self._app.consumers]
         self._retry_channel = self._conn.channel()
+        self._retry_channel.dead_letter_queues = {
+            routing.retry_queue(name): routing.dead_letter_queue(name)
+            for name in self._app.consumers
+        }
         self._retry_channel.basic_qos(0, RETRY_PREFETCH, len(names) > 1)
+        on_copy = functools.partial(self._receive, None)
         Consumer(
             self._retry_channel, queues=[declare_queue(n) for n in names],
-            on_message=functools.partial(self._receive, None), auto_declare=False,
+            on_message=on_copy, on_decode_error=functools.partial(_undecodable, on_copy),
+            auto_declare=False,
         ).consume()
 
     def _bind_wake(self) -> None:
@@ -436,7 +456,8 @@ class Loop:
         queue = Queue(self._wake_queue, routing_key=self._wake_queue,
                       durable=False, exclusive=self._amqp, auto_delete=True)
         Consumer(self._wake_channel, queues=[queue], no_ack=True,
-                 on_message=self._on_wake).consume()
+                 on_message=self._on_wake,
+                 on_decode_error=lambda message, exc: None).consume()
 
     def _restore_visible(self) -> None:
         """Give back messages a dead worker took: on Redis they sit in the ``unacked``
@@ -468,19 +489,44 @@ class Loop:
         self._inbox.append((binding, message))
 
     def _on_message(self, binding: _Binding, message: Message) -> None:
+        """Settle one delivery: handled and acked, retried, or dead-lettered — whatever
+        its headers, body or encoding, and whatever the handler raises."""
         spec = binding.spec
         meter = metrics.for_consumer(spec.name)
         meter.received()
-        queue = message.delivery_info.get("routing_key") or spec.name
+        queue = message.delivery_info.get("routing_key")
+        if type(queue) is not str or queue not in binding.names:
+            queue = binding.first or spec.name
+        identity = deaths.identity_of(message)
+        if binding.batch is None and _redelivered(message):
+            died = self._deaths.deaths_of(identity)
+            if died >= spec.max_deaths:
+                LOG.error("%s: the worker died while handling message %s %d times: "
+                          "dead-lettering it", queue, identity, died)
+                self._dead_letter(spec, message, queue,
+                                  f"worker died while handling this message, {died} times")
+                self._deaths.forget(identity)
+                return
+        self._deaths.handling(identity)  # decoding may kill it too (a body too big)
         try:
-            body = message.decode()
+            self._handle(binding, spec, meter, message, queue)
+        finally:
+            self._deaths.settled()
+
+    def _handle(self, binding: _Binding, spec: ConsumerSpec, meter: typing.Any,
+                message: Message, queue: str) -> None:
+        try:
+            decoding.check_headers(message)
+            body = decoding.body_of(message)
             if spec.prepare is not None:
                 body = spec.prepare(body)
         except Exception as exc:
-            self._dead_letter(spec, message, queue, f"undecodable: {policy.describe_error(exc)}")
+            reason = str(exc) if isinstance(exc, decoding.Undecodable) else (
+                policy.describe_error(exc))
+            self._dead_letter(spec, message, queue, f"undecodable: {reason}")
             return
         if body is None and spec.prepare is not None:
-            message.ack()  # filtered out
+            _ack(message)  # filtered out
             meter.acked()
             return
         delivery = Delivery(message, queue)
@@ -491,13 +537,15 @@ class Loop:
         try:
             with meter.handling(), log_context:
                 result = spec.handler(body, delivery)
-        except Exception as exc:
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt and the like from a handler are its failures:
+            # the runtime never stops a worker by raising into the handler's thread.
             self._failed(spec, message, delivery, exc)
             return
         if result is policy.REQUEUE:
             self._requeue(spec, [delivery])
             return
-        message.ack()
+        _ack(message)
         meter.acked()
         self._count_for_recycling()
 
@@ -519,7 +567,7 @@ class Loop:
         self._stopping = True
 
     def _failed(self, spec: ConsumerSpec, message: Message, delivery: Delivery,
-                exc: Exception) -> None:
+                exc: BaseException) -> None:
         error = policy.describe_error(exc)
         delay = spec.retry.delay_after(delivery.attempt)
         if delay is None:
@@ -534,7 +582,7 @@ class Loop:
         headers = policy.retry_headers(message.headers, delivery.attempt + 1,
                                        time.time() + delay, delivery.queue)
         self._republish(message, routing.retry_queue(spec.name), headers)
-        message.ack()  # only now: the copy is safely published
+        _ack(message)  # only now: the copy is safely published
         metrics.for_consumer(spec.name).retried()
 
     def _requeue(self, spec: ConsumerSpec, deliveries: list[Delivery]) -> None:
@@ -546,26 +594,55 @@ class Loop:
             delivery.raw.requeue()
 
     def _dead_letter(self, spec: ConsumerSpec, message: Message, queue: str, error: str) -> None:
-        headers = policy.dead_letter_headers(message.headers, error, queue)
-        self._republish(message, routing.dead_letter_queue(spec.name), headers)
-        message.ack()
+        self._dead_letter_to(routing.dead_letter_queue(spec.name), message, queue, error)
         metrics.for_consumer(spec.name).dead_lettered()
 
-    def _republish(self, message: Message, queue: str, headers: policy.Headers) -> None:
-        """Publish the message's raw bytes (never re-serialised) to ``queue``, keeping its
-        message id: a retry or a dead letter is the same message to whoever traces it."""
+    def _dead_letter_to(self, dead_letters: str, message: Message, queue: str,
+                        error: str) -> None:
+        """Copy ``message`` to ``dead_letters`` with ``error``, then ack it. Headers the
+        broker cannot take back (or an odd type) are dropped rather than stop the queue."""
+        headers = message.headers if isinstance(message.headers, dict) else None
+        try:
+            self._republish(message, dead_letters,
+                            policy.dead_letter_headers(headers, error, queue))
+        except self._recoverable:
+            raise
+        except Exception as exc:
+            LOG.error("%s: could not dead-letter a message with its headers (%s): "
+                      "dead-lettering it without them", queue, policy.describe_error(exc))
+            error = f"{error}; its headers were dropped ({policy.describe_error(exc)})"
+            self._republish(message, dead_letters, policy.dead_letter_headers(None, error, queue),
+                            plain=True)
+        _ack(message)
+
+    def _republish(self, message: Message, queue: str, headers: policy.Headers,
+                   plain: bool = False) -> None:
+        """Publish the message's raw bytes (never re-serialised) to ``queue``. ``plain``:
+        the body as bytes whatever the content type said (a last resort)."""
         assert self._producer is not None
+        if "compression" in headers and not message.errors:
+            # kombu decompressed the body: it goes out plain.
+            headers = {k: v for k, v in headers.items() if k != "compression"}
+        body = message.body
+        content_type = message.content_type
+        content_encoding = message.content_encoding
+        if plain or not isinstance(content_type, str) or not isinstance(content_encoding, str):
+            content_type, content_encoding = "application/data", "binary"
+        if not isinstance(body, bytes | str):
+            body = b"" if body is None else bytes(body)
+        # The message id is kept: a retry or a dead letter is the same message to whoever
+        # traces it.
         properties = {}
         message_id = message.properties.get("message_id")
         if message_id is not None:
             properties["message_id"] = message_id
         self._producer.publish(
-            message.body,
+            body,
             exchange="",
             routing_key=queue,
             headers=headers,
-            content_type=message.content_type or "application/octet-stream",
-            content_encoding=message.content_encoding or "binary",
+            content_type=content_type or "application/data",
+            content_encoding=content_encoding or "binary",
             delivery_mode=2,
             **properties,
         )
@@ -602,7 +679,7 @@ class Loop:
             with meter.handling(), logs.message(deliveries[0].queue, None):
                 handle_batch = typing.cast(typing.Callable[..., object], spec.handler)
                 result = handle_batch(items, deliveries)  # spec.batch: it takes lists
-        except Exception as exc:
+        except BaseException as exc:
             LOG.warning("%s: a batch of %d failed (%s): retrying all of it", spec.name,
                         len(items), policy.describe_error(exc))
             for delivery in deliveries:
@@ -612,7 +689,7 @@ class Loop:
             self._requeue(spec, deliveries)
             return
         for delivery in deliveries:
-            delivery.raw.ack()
+            _ack(delivery.raw)
             meter.acked()
             self._count_for_recycling()
 
@@ -621,22 +698,41 @@ class Loop:
     def _on_retry_copy(self, message: Message) -> None:
         if message.channel is not self._retry_channel:
             return  # the channel was closed: the broker has it back
-        headers = message.headers or {}
-        if not isinstance(headers.get(policy.TARGET), str):
-            name = str(message.delivery_info.get("routing_key", ""))
-            name = name.removesuffix(routing.RETRY_SUFFIX)
-            self._republish(message, routing.dead_letter_queue(name),
-                            policy.dead_letter_headers(headers, "retry copy without target", name))
-            message.ack()
-            return
+        name = message.delivery_info.get("routing_key")
+        name = name.removesuffix(routing.RETRY_SUFFIX) if isinstance(name, str) else ""
         try:
-            due = float(headers.get(policy.RETRY_AT, 0.0))
-        except (TypeError, ValueError):
-            due = 0.0
+            due = self._check_retry_copy(name, message)
+        except decoding.Undecodable as exc:
+            LOG.error("%s: dead-lettering a retry copy: %s", name or "?", exc)
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            target = headers.get(policy.TARGET)
+            self._dead_letter_to(routing.dead_letter_queue(name or "consumerd"), message,
+                                 target if isinstance(target, str) else name,
+                                 f"undecodable: {exc}")
+            return
         if due <= time.time():
             self._release_retry(message)
         else:
             heapq.heappush(self._timers, (due, next(self._seq), message))
+
+    def _check_retry_copy(self, name: str, message: Message) -> float:
+        """When a retry copy is due; :class:`decoding.Undecodable` if it cannot go back."""
+        spec = self._app.consumers.get(name)
+        if spec is None:
+            raise decoding.Undecodable(f"retry copy on a queue of no consumer ({name!r})")
+        headers = message.headers
+        if not isinstance(headers, dict):
+            raise decoding.Undecodable(f"headers are a {type(headers).__name__}, not a table")
+        target = headers.get(policy.TARGET)
+        if not isinstance(target, str):
+            raise decoding.Undecodable("retry copy without target")
+        if not target or target.endswith(routing.RETRY_SUFFIX):
+            # a retry copy sent back to a retry queue would circle for ever
+            raise decoding.Undecodable(f"retry copy for {policy.short_repr(target)}")
+        try:
+            return policy.read_retry_at(headers)
+        except policy.BadHeader as exc:
+            raise decoding.Undecodable(str(exc)) from None
 
     def _release_due_retries(self) -> None:
         now = time.time()
@@ -650,7 +746,7 @@ class Loop:
         target = headers.pop(policy.TARGET)
         headers.pop(policy.RETRY_AT, None)
         self._republish(message, target, headers)
-        message.ack()
+        _ack(message)
 
     # -- partitions -------------------------------------------------------------------
 
@@ -767,6 +863,7 @@ class Loop:
             self._conn = None
         self._leases.release_all()  # after the channels: their messages are back
         self._membership.leave()
+        self._deaths.close()
         metrics.set_connected(False)
         metrics.flush()
 
@@ -781,6 +878,32 @@ class Loop:
 
 def _nothing() -> None:
     pass
+
+
+def _ack(message: Message) -> None:
+    """Ack, unless a handler already acked, rejected or requeued it itself."""
+    if not message.acknowledged:
+        message.ack()
+
+
+def _redelivered(message: Message) -> bool:
+    """Whether the broker delivered this message before (a worker may have died on it)."""
+    headers = message.headers
+    return bool(message.delivery_info.get("redelivered")) or (
+        isinstance(headers, dict)
+        and bool(headers.get("redelivered") or headers.get("x-delivery-count")))
+
+
+def _undecodable(on_message: typing.Callable[[Message], None], message: Message,
+                 exc: BaseException) -> None:
+    """kombu's ``on_decode_error``: the message goes on like any other, its error noted in
+    ``message.errors``, so it is dead-lettered (or, a retry copy, sent on raw)."""
+    errors = getattr(message, "errors", None)
+    if errors is None:
+        raise exc  # not a kombu message: nothing here can settle it
+    if not errors:
+        errors.append((type(exc), exc, exc.__traceback__))
+    on_message(message)
 
 
 def _rss_mb() -> float:

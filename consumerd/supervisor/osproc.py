@@ -142,3 +142,31 @@ def flush_and_exit(code: int) -> typing.NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """Fields of /proc/<pid>/stat from the state on (index 0 = state), None if no such pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may contain spaces and parentheses; fields resume after the last ')'.
+    return data.rpartition(b")")[2].split()
+
+
+def start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot; 0 where /proc cannot say): with the
+    pid, it names one process even after the pid is reused."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else 0
+
+
+def running(pid: int, started: int = 0) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, given ``started``, is still that process."""
+    fields = _proc_stat(pid)
+    if fields is None:
+        return pid_exists(pid) if not os.path.exists("/proc/self/stat") else False
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return not started or int(fields[19]) == started

@@ -915,7 +915,8 @@ def test_fetch_script_pops_in_priority_order_and_records(fake):
     r, fetch, _ = fake
     r.lpush("q", kombu_message(0, "t0"), kombu_message(1, "t1"))
     r.lpush("q\x06\x163", kombu_message(2, "t2"))
-    out = fetch(keys=["h", "z", "q", "q\x06\x163"], args=[10, "100.5", 0])
+    out = fetch(keys=["h", "z", "q", "q\x06\x163", "q.dlq", "q.dlq"],
+                args=[10, "100.5", 0, "q", "q.dlq", "q", "q.dlq"])
     assert [out[i] for i in range(0, len(out), 3)] == [1, 1, 2]
     assert [json.loads(out[i])["properties"]["delivery_tag"] for i in range(2, len(out), 3)] == [
         "t0",
@@ -931,7 +932,7 @@ def test_fetch_script_limit_and_acks(fake):
     r.hset("h", "old", "x")
     r.zadd("z", {"old": 1})
     r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(5)))
-    out = fetch(keys=["h", "z", "q"], args=[3, "1", 1, "old"])
+    out = fetch(keys=["h", "z", "q", "q.dlq"], args=[3, "1", 1, "old", "q", "q.dlq"])
     assert len(out) == 9
     assert r.hget("h", "old") is None and r.zscore("z", "old") is None
     assert sorted(r.hkeys("h")) == [b"t0", b"t1", b"t2"]
@@ -941,8 +942,14 @@ def test_fetch_script_limit_and_acks(fake):
 def test_fetch_script_does_not_record_garbage(fake):
     r, fetch, _ = fake
     r.lpush("q", b"not json")
-    out = fetch(keys=["h", "z", "q"], args=[10, "1", 0])
-    assert out == [1, 0, b"not json"] and r.hlen("h") == 0
+    out = fetch(keys=["h", "z", "q", "q.dlq"], args=[10, "1", 0, "q", "q.dlq"])
+    # not recorded (no tag to record it under): dead-lettered, byte for byte, at once
+    assert out == [1, 2, b"not json"] and r.hlen("h") == 0
+    (letter,) = [json.loads(x) for x in r.lrange("q.dlq", 0, -1)]
+    assert letter["body"] == "not json" and letter["properties"]["delivery_info"] == {
+        "exchange": "", "routing_key": "q.dlq"}
+    assert letter["headers"]["consumerd-error"] == (
+        "undecodable: not a kombu message envelope: the entry is not a JSON object")
 
 
 def test_touch_script_restamps_only_indexed_tags(fake):
@@ -956,7 +963,7 @@ def test_touch_script_restamps_only_indexed_tags(fake):
 def test_restore_script_pushes_only_what_it_removed(fake):
     r, fetch, restore = fake
     r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(3)))
-    fetch(keys=["h", "z", "q"], args=[10, "1", 0])
+    fetch(keys=["h", "z", "q", "q.dlq"], args=[10, "1", 0, "q", "q.dlq"])
     r.hdel("h", "t1")  # someone else (a visibility-timeout sweep) restored t1 already
     r.zrem("z", "t1")
     args = ["RPUSH", 0]

@@ -244,6 +244,11 @@ class FakeMessage:
         self.properties = {"message_id": "m-1"}
         self.acked = False
         self.channel = None
+        self.errors = []
+
+    @property
+    def acknowledged(self):
+        return self.acked
 
     def decode(self):
         if self.content_type != "application/json":

@@ -108,6 +108,7 @@ from kombu.utils.json import dumps, loads
 from redis.commands.core import Script
 
 from consumerd import deps
+from consumerd.consumer.transport import envelope
 
 LOG = get_logger(__name__)
 
@@ -157,38 +158,82 @@ local function apply_acks(at)
 end
 """
 
-# KEYS: unacked hash, unacked index zset, queue keys in consume order.
-# ARGV: limit, now, acks...
-# Returns flat (key number, recorded 0/1, item) triples. The hash value is stock kombu's
+# KEYS: unacked hash, unacked index zset, N queue keys in consume order, then the N
+# dead-letter queue keys of those queues.
+# ARGV: limit, now, acks..., then (queue name, dead-letter queue name) for each queue key.
+# Returns flat (key number, recorded, item) triples; recorded is 1 for a message recorded
+# as unacked, 2 for an entry that is not a kombu message at all (no delivery tag to record
+# it under): it went, in the same atomic step, to the dead-letter queue inside an envelope
+# whose body is the entry byte for byte (as text if it is ASCII, else in base64), so no
+# entry is ever lost nor fetched again. The hash value is stock kombu's
 # ``[payload, exchange, routing_key]``, built around the untouched payload text.
 FETCH_LUA = (
     _ACKS_LUA
     + """
 local limit, now = tonumber(ARGV[1]), ARGV[2]
-apply_acks(3)
+local names = apply_acks(3)
+local nq = (#KEYS - 2) / 2
 local out = {}
-local function take(keyno, item)
-  local recorded = 0
+local B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
+local function b64(s)
+  local parts = {}
+  for i = 1, #s, 3 do
+    local a, b, c = string.byte(s, i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local c1, c2 = math.floor(n / 262144) % 64, math.floor(n / 4096) % 64
+    local c3, c4 = math.floor(n / 64) % 64, n % 64
+    parts[#parts + 1] = B64:sub(c1 + 1, c1 + 1) .. B64:sub(c2 + 1, c2 + 1)
+      .. (b and B64:sub(c3 + 1, c3 + 1) or '=') .. (c and B64:sub(c4 + 1, c4 + 1) or '=')
+  end
+  return table.concat(parts)
+end
+local function dead_letter(k, item, why)
+  local queue, dlq = ARGV[names + 2 * (k - 1)], ARGV[names + 2 * (k - 1) + 1]
+  local seed = now .. ':' .. k .. ':' .. #out .. ':' .. #item
+  local props = {delivery_tag = redis.sha1hex and redis.sha1hex(seed .. item) or seed,
+    delivery_mode = 2, priority = 0, delivery_info = {exchange = '', routing_key = dlq}}
+  local msg = {['content-type'] = 'application/octet-stream', properties = props,
+    headers = {['consumerd-error'] = 'undecodable: not a kombu message envelope: ' .. why,
+      ['consumerd-queue'] = queue, ['consumerd-attempt'] = 1}}
+  if string.find(item, '[\\128-\\255]') then
+    msg['body'], msg['content-encoding'], props['body_encoding'] = b64(item), 'binary', 'base64'
+  else
+    msg['body'], msg['content-encoding'] = item, 'utf-8'  -- ASCII: exact as JSON text
+  end
+  redis.call('LPUSH', KEYS[2 + nq + k], cjson.encode(msg))
+end
+local function take(k, item)
+  local recorded = 2
   local ok, msg = pcall(cjson.decode, item)
-  if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
+  if not ok or type(msg) ~= 'table' then
+    dead_letter(k, item, 'the entry is not a JSON object')
+  elseif msg[1] ~= nil then
+    dead_letter(k, item, 'the entry is a JSON array, not an object')
+  elseif type(msg['properties']) ~= 'table' then
+    dead_letter(k, item, 'properties is not an object')
+  else
     local props = msg['properties']
     local tag, info = props['delivery_tag'], props['delivery_info']
-    if type(tag) == 'string' and type(info) == 'table' then
+    if type(tag) ~= 'string' then
+      dead_letter(k, item, 'delivery_tag is not a string')
+    elseif type(info) ~= 'table' then
+      dead_letter(k, item, 'delivery_info is not an object')
+    else
       redis.call('ZADD', KEYS[2], now, tag)
       redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
         .. ',' .. cjson.encode(info['routing_key']) .. ']')
       recorded = 1
     end
   end
-  out[#out + 1] = keyno
+  out[#out + 1] = k
   out[#out + 1] = recorded
   out[#out + 1] = item
 end
-for k = 3, #KEYS do
+for k = 1, nq do
   if limit <= 0 then break end
-  local items = redis.call('RPOP', KEYS[k], limit)
+  local items = redis.call('RPOP', KEYS[2 + k], limit)
   if items then
-    for _, item in ipairs(items) do take(k - 2, item) end
+    for _, item in ipairs(items) do take(k, item) end
     limit = limit - #items
   end
 end
@@ -317,6 +362,8 @@ class Channel(stock.Channel):
         self._reply_due: float | None = None  # monotonic; None: no bound (wait 0)
         self._sync: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
+        #: queue → its dead-letter queue, for entries that are not messages (the runtime's)
+        self.dead_letter_queues: dict[str, str] = {}
         super().__init__(*args, **kwargs)
         self._fast = bool(self.ack_emulation)
         # Transport options may arrive as strings (URL query parameters).
@@ -444,13 +491,16 @@ class Channel(stock.Channel):
             self._outstanding = (_WAIT, keys, [])
         else:
             acks = self._take_acks()
-            prefixed = [*self._bookkeeping_keys(), *map(self._key, keys)]
+            queues = [self._queue_of(key) for key in keys]
+            dead = [self.dead_letter_queue_of(queue) for queue in queues]
+            prefixed = [*self._bookkeeping_keys(), *map(self._key, keys), *map(self._key, dead)]
             command = [
                 "EVALSHA",
                 self._script("fetch").sha,
                 len(prefixed),
                 *prefixed,
                 *self._fetch_args(max(self._window(), 1), acks),
+                *(name for pair in zip(queues, dead, strict=True) for name in pair),
             ]
             self._outstanding = ("EVALSHA", keys, acks)
             self._reply_due = monotonic() + self.reply_timeout()  # a script replies at once
@@ -553,21 +603,51 @@ class Channel(stock.Channel):
             raise Empty()
         return True
 
+    def _queue_of(self, key: str) -> str:
+        """The queue a Redis key (maybe a priority sub-queue) belongs to."""
+        return key.rsplit(self.sep, 1)[0]
+
+    def dead_letter_queue_of(self, queue: str) -> str:
+        """Where an entry of ``queue`` that is not a message goes: the runtime names it in
+        ``dead_letter_queues``; ``<queue>.dlq`` otherwise."""
+        return self.dead_letter_queues.get(queue) or queue + ".dlq"
+
     def _stash(self, keys: list[str], flat: list[typing.Any]) -> None:
         queue, now = None, monotonic()
+        bad: list[_Restore] = []
         for i in range(0, len(flat), 3):
             key, recorded, item = keys[int(flat[i]) - 1], int(flat[i + 1]), flat[i + 2]
+            queue = self._queue_of(key)
+            if recorded == 2:  # the script moved it to the dead-letter queue already
+                LOG.error("Dead-lettered an entry of %r that is not a kombu message: %r",
+                          queue, item[:200])
+                continue
+            payload: typing.Any = None
             try:
                 payload = loads(bytes_to_str(item))
+                reason = envelope.error_of(payload)
+            except Exception as exc:
+                reason = f"the entry is not a JSON object ({type(exc).__name__}: {exc})"
+            if reason is None:
                 tag = payload["properties"]["delivery_tag"]
-            except Exception:
-                recorded = 0
-            if not recorded:  # not a kombu message: stock would raise and lose it too
-                LOG.error("Dropped an undecodable message from %r: %r", key, item[:4096])
+                self.fetched_keys[tag] = key
+                self._prefetched.append(_Prefetched(queue, key, tag, item, payload, now))
                 continue
-            queue = key.rsplit(self.sep, 1)[0]
-            self.fetched_keys[tag] = key
-            self._prefetched.append(_Prefetched(queue, key, tag, item, payload, now))
+            tag = _recorded_tag(payload)
+            if tag is not None:
+                # Recorded as unacked: moved from there to the dead-letter queue in one
+                # atomic step below, so a death in between loses nothing.
+                LOG.error("Dead-lettering a message of %r that kombu cannot read: %s",
+                          queue, reason)
+                dlq = self.dead_letter_queue_of(queue)
+                bad.append(_Restore(tag, dlq, dumps(envelope.dead_letter(
+                    item if isinstance(item, bytes) else item.encode(), queue, dlq, reason))))
+                continue
+            # Cannot happen (the script found a tag Python does not): left to the sweep.
+            LOG.error("Left an unreadable entry of %r in the unacked hash: %s: %r",
+                      queue, reason, item[:200])
+        if bad:
+            self._restore_many(bad, head=False)
         if queue is not None:
             self._queue_cycle.rotate(queue)  # fair turns between queues, as stock
 
@@ -705,6 +785,15 @@ class Channel(stock.Channel):
             self.sync_client.client_unblock(self._blocking_id[1])
         with contextlib.suppress(Empty):
             self._brpop_read()
+
+
+def _recorded_tag(payload: typing.Any) -> str | None:
+    """The delivery tag the fetch script recorded a bad envelope under, if Python sees it."""
+    with contextlib.suppress(Exception):
+        tag = payload["properties"]["delivery_tag"]
+        if isinstance(tag, str):
+            return tag
+    return None
 
 
 def _readable(sock: typing.Any) -> bool:

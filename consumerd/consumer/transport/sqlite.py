@@ -62,6 +62,7 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
 from consumerd.consumer import broker
+from consumerd.consumer.transport import envelope
 from consumerd.supervisor.osproc import pid_exists
 
 logger = logging.getLogger(__name__)
@@ -289,6 +290,15 @@ class Store:
         rows.sort()  # RETURNING gives no order
         return rows
 
+    def move(self, message_id: int, owner: Owner, queue: str, payload: str) -> bool:
+        """Replace one claimed message by ``payload`` on ``queue``, in one transaction."""
+        with self._transaction(self.publish_synchronous) as db:
+            gone = db.execute("DELETE FROM messages WHERE id = ? AND owner = ?",
+                              (message_id, owner.token)).rowcount
+            if gone == 1:
+                db.execute("INSERT INTO messages (queue, payload) VALUES (?, ?)", (queue, payload))
+        return gone == 1
+
     def settle(self, message_id: int, owner: Owner, *, delete: bool) -> bool:
         """Delete (ack) or release (requeue) one claimed message; False if no longer ours."""
         where = " WHERE id = ? AND owner = ?"
@@ -440,6 +450,8 @@ class Channel(virtual.Channel):
         self._owner: Owner | None = None
         self._buffers: dict[str, deque[Row]] = {}
         self._auto_ack: set[str] = set()
+        #: queue → its dead-letter queue, for rows that are not messages (the runtime's)
+        self.dead_letter_queues: dict[str, str] = {}
 
     @property
     def owner(self) -> Owner:
@@ -456,22 +468,40 @@ class Channel(virtual.Channel):
         return int(room) - sum(map(len, self._buffers.values()))
 
     def _take(self, queue: str, window: int) -> dict[str, Any]:
-        buffer = self._buffers.get(queue)
-        if not buffer:
-            if window <= 0:
-                raise Empty()
-            self.store.maybe_sweep()
-            rows = self.store.claim(queue, self.owner, window)
-            if not rows:
-                raise Empty()
-            buffer = self._buffers[queue] = deque(rows)
-        message_id, raw, deliveries = buffer.popleft()
-        payload: dict[str, Any] = loads(raw)
-        properties = payload["properties"]
-        properties["delivery_tag"] = message_id  # unique per row, even for fanout copies
+        while True:
+            buffer = self._buffers.get(queue)
+            if not buffer:
+                if window <= 0:
+                    raise Empty()
+                self.store.maybe_sweep()
+                rows = self.store.claim(queue, self.owner, window)
+                if not rows:
+                    raise Empty()
+                buffer = self._buffers[queue] = deque(rows)
+            message_id, raw, deliveries = buffer.popleft()
+            try:
+                payload: dict[str, Any] = loads(raw)
+                if isinstance(payload, dict) and isinstance(payload.get("properties"), dict):
+                    # unique per row, even for fanout copies
+                    payload["properties"]["delivery_tag"] = message_id
+                reason = envelope.error_of(payload)
+            except Exception as exc:
+                reason = f"the entry is not a JSON object ({type(exc).__name__}: {exc})"
+            if reason is None:
+                break
+            self._dead_letter_row(queue, message_id, raw, reason)
         if deliveries > 1:
-            properties["delivery_info"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
         return payload
+
+    def _dead_letter_row(self, queue: str, message_id: int, raw: Any, reason: str) -> None:
+        """A row kombu could not make a message of goes, as it was, to the queue's
+        dead-letter queue (``<queue>.dlq`` unless the runtime named another)."""
+        dead_letters = self.dead_letter_queues.get(queue) or queue + ".dlq"
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+        logger.error("Dead-lettering a message of %r that kombu cannot read: %s", queue, reason)
+        self.store.move(message_id, self.owner, dead_letters,
+                        dumps(envelope.dead_letter(data, queue, dead_letters, reason)))
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         payload = self._take(queue, self._window())
