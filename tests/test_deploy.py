@@ -181,7 +181,7 @@ def test_pod_runs_and_its_probes_answer(tmp_path) -> None:
     shutil.copy(ROOT / "examples" / "partitioned.py", app / "myapp" / "consumers.py")
     local = free_port()
     argv = [str(local) if a == str(port) else a for a in argv]
-    broker = f"sqlite://{tmp_path}/broker.db"
+    broker = f"sqlite:///{tmp_path}/broker.db"
     proc = subprocess.Popen(
         [CONSUMERD, *argv],
         cwd=app,

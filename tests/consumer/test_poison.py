@@ -68,7 +68,7 @@ class AnyBroker(Broker):
 
     def __init__(self, kind: str, url: str, prefix: str = "") -> None:
         super().__init__(kind, url, prefix)
-        self.path = url.removeprefix("sqlite://") if kind == "sqlite" else None
+        self.path = url.removeprefix("sqlite:///") if kind == "sqlite" else None
 
     def cleanup(self, names: list[str]) -> None:
         if self.kind != "sqlite":
@@ -119,7 +119,7 @@ class AnyBroker(Broker):
 @pytest.fixture(params=["redis", "amqp", "sqlite"])
 def any_broker(request, name, tmp_path):
     if request.param == "sqlite":
-        return AnyBroker("sqlite", f"sqlite://{tmp_path}/broker.db")
+        return AnyBroker("sqlite", f"sqlite:///{tmp_path}/broker.db")
     url = REDIS_URL if request.param == "redis" else AMQP_URL
     check_broker(url)
     return AnyBroker(request.param, url, f"{name}:" if request.param == "redis" else "")
