@@ -14,6 +14,7 @@ import itertools
 import os
 import threading
 import typing
+import uuid
 
 from consumerd.consumer import batching, broker, notifications, policy, routing
 
@@ -319,6 +320,7 @@ class App:
                 routing_key=queue,
                 declare=[declare_queue(queue, partitioned)],
                 headers=headers,
+                message_id=uuid.uuid4().hex,  # what `consumerd dlq` names a message by
                 retry=True,
                 retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
             )

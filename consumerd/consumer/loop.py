@@ -493,6 +493,7 @@ class Loop:
             content_type=message.content_type or "application/octet-stream",
             content_encoding=message.content_encoding or "binary",
             delivery_mode=2,
+            message_id=message.properties.get("message_id"),  # a retry or dead letter keeps it
         )
 
     # -- batches ----------------------------------------------------------------------

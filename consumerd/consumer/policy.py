@@ -11,6 +11,7 @@ message we cannot decode, the message goes to ``<name>.dlq`` with the error in h
 from __future__ import annotations
 
 import dataclasses
+import time
 import typing
 
 ATTEMPT = "consumerd-attempt"
@@ -21,6 +22,8 @@ TARGET = "consumerd-queue"
 """The queue a retry copy returns to, or the queue a dead letter came from."""
 ERROR = "consumerd-error"
 """``ExceptionType: message`` of the last failure, on dead letters."""
+DEAD_AT = "consumerd-dead-at"
+"""Unix time a message was dead-lettered (``consumerd dlq`` shows its age)."""
 
 _MAX_ERROR_CHARS = 2000
 
@@ -67,5 +70,6 @@ def retry_headers(headers: Headers | None, attempt: int, due: float, queue: str)
 
 def dead_letter_headers(headers: Headers | None, error: str, queue: str) -> Headers:
     out = {k: v for k, v in (headers or {}).items() if k != RETRY_AT}
-    out.update({ERROR: error, TARGET: queue, ATTEMPT: attempt_of(headers)})
+    out.update({ERROR: error, TARGET: queue, ATTEMPT: attempt_of(headers),
+                DEAD_AT: round(time.time(), 3)})
     return out
