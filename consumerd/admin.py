@@ -144,7 +144,8 @@ def _rows(app: App, inspector: inspection.Inspector) -> list[_Row]:
     for spec in app.consumers.values():
         retry = depths[routing.retry_queue(spec.name)]
         dead = depths[routing.dead_letter_queue(spec.name)]
-        # Nobody consumes a dead-letter queue but `consumerd dlq`, while it runs.
+        # Nobody consumes a dead-letter queue; `consumerd dlq` holds some while it runs
+        # (on RabbitMQ unseen: basic.get makes no consumer).
         dead_count = dead.ready + (dead.unacked or 0)
         mine = [depths[q] for q in spec.queue_names]
         parts = [_Row(spec.name, q, d.ready, d.unacked, d.consumers)
