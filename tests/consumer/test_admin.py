@@ -383,3 +383,50 @@ def test_errors_are_one_line_with_the_right_status(tmp_path, name):
         assert (result.returncode, result.stdout) == (status, ""), (args, result)
         assert result.stderr.startswith("consumerd: error: "), (args, result.stderr)
         assert result.stderr.count("\n") == 1, (args, result.stderr)
+
+
+def test_metrics_export_queue_depths_and_the_monitoring_files_use_real_names(tmp_path, name):
+    import re
+    import urllib.request
+    from pathlib import Path
+
+    from tests.consumer.conftest import free_port
+
+    check_broker(REDIS_URL)
+    c = Consumerd(tmp_path, name, f"{REDIS_URL}?global_keyprefix={name}:")
+    (tmp_path / "tapp.py").write_text(textwrap.dedent(APP))
+    c.configure([], name=name)
+    try:
+        _fill(c.url, routing.dead_letter_queue(name), 2, name)
+        publish(c, name, [{"i": i, "fail": i == 0} for i in range(3)])
+        publish(c, f"{name}-r", [{"i": 0}])
+        port = free_port()
+        c.start("--queues", f"{name},{name}-r", "--metrics-port", str(port), workers=2)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.read().decode()
+
+        def sampled():
+            with contextlib.suppress(OSError):
+                text = scrape()
+                want = [f'consumerd_queue_messages{{consumer="{name}",state="dead"}} 3.0',
+                        f'consumerd_queue_messages{{consumer="{name}-r",state="retry"}} 1.0',
+                        f'consumerd_queue_messages{{consumer="{name}",state="ready"}} 0.0',
+                        f'consumerd_queue_messages{{consumer="{name}",state="unacked"}} 0.0']
+                # The first sample comes at start, the next within the sampling period.
+                return text if all(w in text for w in want) else None
+            return None
+
+        text = wait_for(sampled, 40, "the sampled depths in /metrics", interval=0.5)
+    finally:
+        c.kill()
+        _cleanup("redis", name)
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                if line and not line.startswith("#")}
+    exported |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+    for path in sorted(deploy.iterdir()):
+        referenced = set(re.findall(r"\bconsumerd_[a-z_]+", path.read_text()))
+        assert referenced, path
+        assert referenced <= exported, (path.name, sorted(referenced - exported))
