@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...] | None]] = {
               ("app", "broker", "workers", "member", "queues", "log_level")),
     "health": ("exit 0 if the master in the pid file and a worker of it run",
                ("pidfile", "log_level")),
+    "queues": ("per consumer: messages ready, unacked, waiting to retry, dead-lettered",
+               ("app", "broker", "queues", "log_level")),
+    "dlq": ("list, show, replay or purge a consumer's dead letters",
+            ("app", "broker", "log_level")),
 }
 
 EPILOG = """\
@@ -51,6 +55,8 @@ examples:
   consumerd publish --app myapp.consumers orders '{"id": 1}' --key customer-7
   consumerd check --app myapp.consumers --workers 4
   consumerd health --pidfile /run/consumerd.pid
+  consumerd queues --app myapp.consumers --watch
+  consumerd dlq replay orders --app myapp.consumers --match 'Timeout'
 
 Run 'consumerd COMMAND --help' for the options of a command."""
 
@@ -87,6 +93,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                                        "with one key go to one partition, in order)")
     publish.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
                          help="a message header (repeatable)")
+    from consumerd import admin  # noqa: PLC0415 - it imports this module
+
+    admin.add_arguments(commands)
     return parser, commands
 
 
@@ -382,7 +391,10 @@ def main(argv: list[str] | None = None) -> None:
         name, rest = _command(argv)
         # Intermixed: `publish orders --key k '{"a": 1}'` puts options among positionals.
         args = commands[name].parse_intermixed_args(rest)
-        {"run": _run, "publish": _publish, "check": _check, "health": _health}[name](args)
+        from consumerd import admin  # noqa: PLC0415 - it imports this module
+
+        {"run": _run, "publish": _publish, "check": _check, "health": _health,
+         "queues": admin.queues, "dlq": admin.dlq}[name](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
     except UsageError as exc:
         print(f"consumerd: error: {exc}", file=sys.stderr)
@@ -398,4 +410,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m consumerd.cli`: run the importable module, so that commands defined in
+    # other modules (consumerd.admin) raise the errors main() catches.
+    from consumerd.cli import main as _main
+
+    _main()

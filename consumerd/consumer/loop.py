@@ -839,6 +839,9 @@ class Loop:
             self._bind_retry()
         for name, spec in app.consumers.items():
             if name not in self._bindings:
+                # New queues (a new consumer, a higher partition count) exist only once
+                # declared: RabbitMQ refuses to consume an undeclared one (NOT_FOUND).
+                self._declare(self._conn.default_channel, spec)
                 self._bind(spec, None)
         self._rebalance_soon()
         LOG.info("reloaded: consuming %s", ", ".join(

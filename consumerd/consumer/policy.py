@@ -23,6 +23,8 @@ TARGET = "consumerd-queue"
 """The queue a retry copy returns to, or the queue a dead letter came from."""
 ERROR = "consumerd-error"
 """``ExceptionType: message`` of the last failure, on dead letters."""
+DEAD_AT = "consumerd-dead-at"
+"""Unix time a message was dead-lettered (``consumerd dlq`` shows its age)."""
 
 MAX_ATTEMPT = 1_000_000
 """The largest ``consumerd-attempt`` accepted; a larger one is a decode error."""
@@ -148,5 +150,6 @@ def dead_letter_headers(headers: Headers | None, error: str, queue: str) -> Head
     """The headers of a dead letter: the original ones (minus the retry time), and why.
     An unusable ``consumerd-attempt`` is replaced by 1 (the error names the value)."""
     out = {k: v for k, v in (headers or {}).items() if k != RETRY_AT}
-    out.update({ERROR: error, TARGET: queue, ATTEMPT: attempt_of(headers)})
+    out.update({ERROR: error, TARGET: queue, ATTEMPT: attempt_of(headers),
+                DEAD_AT: round(time.time(), 3)})
     return out

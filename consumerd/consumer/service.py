@@ -41,7 +41,12 @@ class ConsumerService(Service):
         self.loop.on_consuming = self.ready
 
     def run(self) -> None:
-        self.loop.run()
+        sampler = _depth_sampler(self.worker_id, self.loop, self.config)
+        try:
+            self.loop.run()
+        finally:
+            if sampler is not None:
+                sampler.stop()
         if self.loop.recycle:
             raise SystemExit(0)  # the master replaces this worker with the same worker_id
 
@@ -67,3 +72,16 @@ class ConsumerService(Service):
         if {"log_level", "log_format"} & change.applied.keys():
             logs.configure(settings.log_level, settings.log_format)
         self.loop.reload(loading.select(app, settings.queues))
+
+
+def _depth_sampler(worker_id: int, loop: Loop, config: Config) -> typing.Any:
+    """Worker 0 samples queue depths for /metrics (see consumerd.consumer.sampling)."""
+    from consumerd.consumer import sampling  # noqa: PLC0415
+    from consumerd.ops import metrics  # noqa: PLC0415
+
+    if worker_id != 0 or not metrics.enabled():
+        return None
+    # The loop's app: the one a SIGHUP reload put there, with the URL the loop uses.
+    sampler = sampling.DepthSampler(lambda: loop._app, loop._url)
+    sampler.start()
+    return sampler

@@ -130,6 +130,12 @@ class _Instruments:
             _CONSUMING, "1 while the worker consumes its queues.", per_worker,
             multiprocess_mode="liveall", registry=None,
         )
+        self.queue_messages = prometheus_client.Gauge(
+            "consumerd_queue_messages",
+            "Messages in a consumer's queues by state (ready, unacked, retry, dead), "
+            "sampled by worker 0 (consumerd.consumer.sampling).", ("consumer", "state"),
+            multiprocess_mode="livemax", registry=None,
+        )
         per_service = ("service",)
         self.restarts = prometheus_client.Counter(
             "consumerd_worker_restarts", "Workers that died and were replaced.", per_service,
@@ -371,6 +377,18 @@ def set_consuming(consuming: bool) -> None:
     instruments = _get()
     if instruments is not None:
         instruments.consuming.labels(*_worker_labels).set(1 if consuming else 0)
+
+
+def enabled() -> bool:
+    """True in a worker of a master that serves metrics."""
+    return _get() is not None
+
+
+def set_queue_messages(consumer: str, state: str, value: float) -> None:
+    """Report a sampled queue depth (see :mod:`consumerd.consumer.sampling`)."""
+    instruments = _get()
+    if instruments is not None:
+        instruments.queue_messages.labels(consumer, state).set(value)
 
 
 # -- master side ------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class SqliteBroker:
 @pytest.fixture(params=["redis", "amqp", "sqlite"])
 def anybroker(request, name, tmp_path):
     if request.param == "sqlite":
-        yield SqliteBroker(f"sqlite://{tmp_path}/broker.db")
+        yield SqliteBroker(f"sqlite:///{tmp_path}/broker.db")
         return
     url = REDIS_URL if request.param == "redis" else AMQP_URL
     check_broker(url)
@@ -271,15 +271,9 @@ def test_max_memory_per_worker_recycles_with_the_same_worker_id_and_loses_nothin
 # -- 11. a partition-count change on SIGHUP ---------------------------------------------
 
 
-def test_sighup_applies_a_new_partition_count(app, anybroker, name, request):
-    if anybroker.kind == "amqp":
-        # Found by this test: the reload binds the new partition queues without declaring
-        # them (Loop._apply_reload never calls _declare for a changed consumer), so on
-        # RabbitMQ basic_consume fails NOT_FOUND, both workers die (status 2) and come back
-        # with the start-time app: the new partitions are never consumed. Declaring before
-        # _bind in _apply_reload makes this pass. strict: remove the mark with the fix.
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="reload does not declare new partition queues on RabbitMQ"))
+def test_sighup_applies_a_new_partition_count(app, anybroker, name):
+    # Found by this test: on RabbitMQ the reload consumed the new partition queues without
+    # declaring them (NOT_FOUND: both workers died and came back with the old app).
     app.configure([{"name": name, "partitions": 2}])
     app.start(workers=2)
     pids = app.wait_workers(2)
@@ -499,7 +493,7 @@ def read_all(url: str, queue: str) -> list:
 def test_embedded_publish_is_fsynced_before_it_returns(tmp_path):
     """The publisher is SIGKILLed right after publish() returned: the message is in the
     database; and strace shows the WAL fsynced between the call and its return."""
-    url = f"sqlite://{tmp_path}/broker.db"
+    url = f"sqlite:///{tmp_path}/broker.db"
     script = tmp_path / "publish.py"
     script.write_text(PUBLISH_THEN_DIE)
     trace = tmp_path / "trace.txt"
@@ -522,7 +516,7 @@ def test_embedded_publish_is_fsynced_before_it_returns(tmp_path):
 def test_claims_of_a_sigkilled_embedded_consumer_are_released_within_seconds(tmp_path):
     from tests.consumer.test_sqlite_transport import ConsumerProcess, publish, rows
 
-    url = f"sqlite://{tmp_path}/broker.db"
+    url = f"sqlite:///{tmp_path}/broker.db"
     publish(url, "work", range(30))
     stuck = ConsumerProcess(tmp_path, "stuck", url, "work", prefetch=10, delay=3600)
     others = []

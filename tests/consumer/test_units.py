@@ -78,6 +78,7 @@ def test_attempt_header_parsing():
 def test_dead_letter_headers_keep_the_user_headers():
     headers = policy.dead_letter_headers(
         {"trace": "x", policy.RETRY_AT: 1.0, policy.ATTEMPT: 4}, "E: boom", "q.p1")
+    assert time.time() - headers.pop(policy.DEAD_AT) < 5
     assert headers == {"trace": "x", policy.ATTEMPT: 4, policy.ERROR: "E: boom",
                        policy.TARGET: "q.p1"}
     assert len(policy.describe_error(ValueError("x" * 5000))) == 2000
