@@ -12,6 +12,7 @@ import dataclasses
 import os
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -129,9 +130,22 @@ class Broker:
         query = "&".join(f"{k}={v}" for k, v in options.items())
         return f"{base}?{query}" if query else base
 
+    def _sqlite_count(self, where: str, *args: str) -> int:
+        """Rows of the embedded broker's database matching ``where``."""
+        from consumerd.consumer.transport.sqlite import database_path
+
+        path = database_path(self.url)
+        if not os.path.exists(path):
+            return 0
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            return int(db.execute(f"SELECT count(*) FROM messages WHERE {where}", args)
+                       .fetchone()[0])
+
     def depth(self, queue: str) -> int:
         """Ready messages in ``queue`` (not counting unacked ones); 0 if it does not exist.
         Any other error fails the test: a broken probe must not read as "nothing left"."""
+        if self.kind == "sqlite":
+            return self._sqlite_count("owner IS NULL AND queue = ?", queue)
         if self.kind == "redis":
             return int(self.client().llen(self.prefix + queue))
         with connect(self.url) as conn:
@@ -144,6 +158,8 @@ class Broker:
         """Messages of this test delivered to some consumer and not acked yet: Redis's
         ``unacked`` hash under the test's key prefix; on RabbitMQ, the broker's own count
         over the test's queues (rabbitmqctl: AMQP itself cannot tell)."""
+        if self.kind == "sqlite":  # claimed by a consumer, not deleted by an ack yet
+            return self._sqlite_count("owner IS NOT NULL")
         if self.kind == "redis":
             return int(self.client().hlen(self.prefix + "unacked"))
         assert self.name, "unacked() on RabbitMQ needs the test's queue name prefix"
@@ -171,6 +187,8 @@ class Broker:
             return message
 
     def cleanup(self, names: list[str]) -> None:
+        if self.kind == "sqlite":
+            return  # the database lives in the test's own directory
         if self.kind == "redis":
             client = self.client()
             keys = list(client.scan_iter(match=self.prefix + "*")) if self.prefix else []

@@ -18,7 +18,7 @@ from kombu.utils.json import dumps
 
 from consumerd.consumer import policy
 from consumerd.consumer.broker import connect
-from consumerd.consumer.transport.sqlite import Store
+from consumerd.consumer.transport.sqlite import Store, database_path
 from tests.consumer.conftest import (
     AMQP_URL,
     REDIS_URL,
@@ -66,13 +66,9 @@ _DEATH = re.compile(r"worker \d+ \(pid \d+\) .* after")
 class AnyBroker(Broker):
     """:class:`Broker` for the embedded SQLite broker too, and raw entries for all."""
 
-    def __init__(self, kind: str, url: str, prefix: str = "") -> None:
-        super().__init__(kind, url, prefix)
-        self.path = url.removeprefix("sqlite:///") if kind == "sqlite" else None
-
-    def cleanup(self, names: list[str]) -> None:
-        if self.kind != "sqlite":
-            super().cleanup(names)
+    def __init__(self, kind: str, url: str, prefix: str = "", name: str = "") -> None:
+        super().__init__(kind, url, prefix, name)
+        self.path = database_path(url) if kind == "sqlite" else None
 
     def get(self, queue: str):
         """Take one message off ``queue`` as it is stored, undecoded (a dead letter keeps
@@ -122,7 +118,7 @@ def any_broker(request, name, tmp_path):
         return AnyBroker("sqlite", f"sqlite:///{tmp_path}/broker.db")
     url = REDIS_URL if request.param == "redis" else AMQP_URL
     check_broker(url)
-    return AnyBroker(request.param, url, f"{name}:" if request.param == "redis" else "")
+    return AnyBroker(request.param, url, f"{name}:" if request.param == "redis" else "", name)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,6 @@ import kombu
 import pytest
 
 from consumerd.consumer.broker import connect
-from consumerd.consumer.transport.sqlite import database_path
 from tests.consumer.conftest import (
     AMQP_URL,
     REDIS_URL,
@@ -72,36 +70,10 @@ for c in CONFIG["consumers"]:
 '''
 
 
-class SqliteBroker:
-    """The embedded broker, inspected the way :class:`Broker` inspects the others."""
-
-    kind = "sqlite"
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def _count(self, where: str, *args: str) -> int:
-        path = database_path(self.url)
-        if not os.path.exists(path):
-            return 0
-        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
-            return int(db.execute(f"SELECT count(*) FROM messages WHERE {where}", args)
-                       .fetchone()[0])
-
-    def depth(self, queue: str) -> int:
-        return self._count("owner IS NULL AND queue = ?", queue)
-
-    def unacked(self) -> int:
-        return self._count("owner IS NOT NULL")
-
-    def cleanup(self, names: list[str]) -> None:
-        pass  # the database lives in the test's own directory
-
-
 @pytest.fixture(params=["redis", "amqp", "sqlite"])
 def anybroker(request, name, tmp_path):
     if request.param == "sqlite":
-        yield SqliteBroker(f"sqlite:///{tmp_path}/broker.db")
+        yield Broker("sqlite", f"sqlite:///{tmp_path}/broker.db")
         return
     url = REDIS_URL if request.param == "redis" else AMQP_URL
     check_broker(url)
