@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 import typing
 
@@ -58,6 +60,51 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
+
+_HAS_PROC = os.path.exists("/proc/self/stat")
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """Fields of /proc/<pid>/stat from the state on (index 0 = state), None if no such pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may contain spaces and parentheses; fields resume after the last ')'.
+    return data.rpartition(b")")[2].split()
+
+
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" where /proc is missing):
+    with the pid it names one process incarnation, so a reused pid is told apart."""
+    fields = _proc_stat(pid) if _HAS_PROC else None
+    return fields[19].decode() if fields else ""
+
+
+@functools.cache
+def host_id() -> str:
+    """Names the pid namespace this process lives in, the same for every process of it
+    and different on another host or container: the kernel's boot id plus the
+    namespace's inode (hostnames repeat across hosts, namespace inodes across kernels)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def process_alive(pid: int, started: str = "") -> bool:
+    """Whether process ``pid`` of this pid namespace still runs: a zombie (exited, not
+    reaped yet) does not, nor a new process that reuses the pid (``started`` differs)."""
+    if not _HAS_PROC:
+        return pid_exists(pid)
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
+        return False
+    return not started or fields[19].decode() == started
 
 
 def set_title(title: str) -> None:

@@ -105,6 +105,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.commands.core import Script
 
+from consumerd.consumer.transport import holders
+
 LOG = get_logger(__name__)
 
 Payload = dict[str, typing.Any]
@@ -116,18 +118,20 @@ REPLY_TIMEOUT = 10.0
 ``socket_timeout`` transport option does not say (consumerd's default there too)."""
 
 # Both scripts start by applying acks: ARGV[ack_at] = count, then that many tags.
+# Their last key is the holder's hash (tag -> source key, see holders.py).
 _ACKS_LUA = """
 local function apply_acks(at)
   local n = tonumber(ARGV[at])
   for i = at + 1, at + n do
     redis.call('ZREM', KEYS[2], ARGV[i])
     redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[#KEYS], ARGV[i])
   end
   return at + n + 1
 end
 """
 
-# KEYS: unacked hash, unacked index zset, queue keys in consume order.
+# KEYS: unacked hash, unacked index zset, queue keys in consume order, holder hash.
 # ARGV: limit, now, acks...
 # Returns flat (key number, recorded 0/1, item) triples. The hash value is stock kombu's
 # ``[payload, exchange, routing_key]``, built around the untouched payload text.
@@ -147,6 +151,7 @@ local function take(keyno, item)
       redis.call('ZADD', KEYS[2], now, tag)
       redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
         .. ',' .. cjson.encode(info['routing_key']) .. ']')
+      redis.call('HSET', KEYS[#KEYS], tag, KEYS[keyno + 2])
       recorded = 1
     end
   end
@@ -154,7 +159,7 @@ local function take(keyno, item)
   out[#out + 1] = recorded
   out[#out + 1] = item
 end
-for k = 3, #KEYS do
+for k = 3, #KEYS - 1 do
   if limit <= 0 then break end
   local items = redis.call('RPOP', KEYS[k], limit)
   if items then
@@ -166,7 +171,7 @@ return out
 """
 )
 
-# KEYS: unacked hash, unacked index zset, destination queue keys.
+# KEYS: unacked hash, unacked index zset, destination queue keys, holder hash.
 # ARGV: 'RPUSH' (head of the queue) or 'LPUSH' (tail), acks..., then (tag, key number,
 # payload) triples in push order. A message is pushed only if this call removed its
 # unacked entry, so a concurrent visibility-timeout restore cannot duplicate it.
@@ -176,6 +181,7 @@ RESTORE_LUA = (
 local push = ARGV[1]
 local restored = 0
 for i = apply_acks(2), #ARGV, 3 do
+  redis.call('HDEL', KEYS[#KEYS], ARGV[i])
   if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
     redis.call('ZREM', KEYS[2], ARGV[i])
     redis.call(push, KEYS[2 + tonumber(ARGV[i + 1])], ARGV[i + 2])
@@ -264,6 +270,8 @@ class Channel(stock.Channel):
     ack_flush_interval = 0.1
     ack_batch_max = 500
     rescan_interval = 0.1
+    holder_sweep_interval = holders.SWEEP_INTERVAL
+    holder_timeout = holders.TIMEOUT
 
     from_transport_options = (  # type: ignore[assignment]  # kombu types it fixed-length
         *stock.Channel.from_transport_options,
@@ -271,6 +279,8 @@ class Channel(stock.Channel):
         "ack_flush_interval",
         "ack_batch_max",
         "rescan_interval",
+        "holder_sweep_interval",
+        "holder_timeout",
     )
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
@@ -287,6 +297,7 @@ class Channel(stock.Channel):
         self._reply_due: float | None = None  # monotonic; None: no bound (wait 0)
         self._sync: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
+        self._holder: holders.Holder | None = None
         super().__init__(*args, **kwargs)
         self._fast = bool(self.ack_emulation)
         # Transport options may arrive as strings (URL query parameters).
@@ -294,6 +305,12 @@ class Channel(stock.Channel):
         self.ack_flush_interval = float(self.ack_flush_interval)
         self.ack_batch_max = int(self.ack_batch_max)
         self.rescan_interval = float(self.rescan_interval)
+        if self._fast:
+            keys = holders.Keys(self._key(self.unacked_key), self._key(self.unacked_index_key))
+            self._holder = holders.attach(
+                self, self._connparams(), keys,
+                float(self.holder_sweep_interval), float(self.holder_timeout),
+            )
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -331,6 +348,11 @@ class Channel(stock.Channel):
 
     def _bookkeeping_keys(self) -> list[str]:
         return [self._key(self.unacked_key), self._key(self.unacked_index_key)]
+
+    def _holder_key(self) -> str:
+        """The scripts' last key: this process's holder hash (see holders.py)."""
+        assert self._holder is not None
+        return self._holder.key
 
     def _consume_keys(self) -> list[str]:
         """Queue keys in stock BRPOP order: every queue's top priority first."""
@@ -378,7 +400,10 @@ class Channel(stock.Channel):
         if not acks:
             return
         try:
-            self._script("fetch")(keys=self._bookkeeping_keys(), args=self._fetch_args(0, acks))
+            self._script("fetch")(
+                keys=[*self._bookkeeping_keys(), self._holder_key()],
+                args=self._fetch_args(0, acks),
+            )
         except BaseException:
             self._unsent_acks(acks)
             raise
@@ -414,7 +439,7 @@ class Channel(stock.Channel):
             self._outstanding = (_WAIT, keys, [])
         else:
             acks = self._take_acks()
-            prefixed = [*self._bookkeeping_keys(), *map(self._key, keys)]
+            prefixed = [*self._bookkeeping_keys(), *map(self._key, keys), self._holder_key()]
             command = [
                 "EVALSHA",
                 self._script("fetch").sha,
@@ -643,7 +668,7 @@ class Channel(stock.Channel):
         acks = self._take_acks()
         try:
             restored = self._script("restore")(
-                keys=[*self._bookkeeping_keys(), *map(self._key, keys)],
+                keys=[*self._bookkeeping_keys(), *map(self._key, keys), self._holder_key()],
                 args=["RPUSH" if head else "LPUSH", len(acks), *acks, *triples],
             )
         except BaseException:
@@ -662,7 +687,11 @@ class Channel(stock.Channel):
                 if self._qos is not None or self._prefetched or self._pending_acks:
                     self.qos.restore_unacked_once()
         finally:
-            super().close()
+            try:
+                super().close()
+            finally:
+                if self._holder is not None:
+                    self._holder.remove_user(self)
 
     def _finish_outstanding(self) -> None:
         """Collect an in-flight fetch reply (its messages are handed back like the
