@@ -264,3 +264,93 @@ def test_whole_host_loss_gives_messages_back_via_another_instance(tmp_path, name
     assert again is not None and again < 30, again
     assert redis_broker.depth(name) == 0 and redis_broker.unacked() == 0
     assert not redis_lib.Redis.from_url(REDIS_URL).exists(keys.holder(a_holders[0]))
+
+
+# -- the holder sweep itself (real Redis, no consumer processes) -----------------------
+
+
+@pytest.fixture
+def sweeper(name):
+    check_broker(REDIS_URL)
+    r = redis_lib.Redis.from_url(REDIS_URL)
+    keys = holders.Keys(f"{name}:unacked", f"{name}:unacked_index")
+    holder = holders.Holder(redis_lib.ConnectionPool.from_url(REDIS_URL), keys, 0.5, 15.0)
+    yield r, keys, holder
+    leftover = list(r.scan_iter(match=f"{name}:*"))
+    if leftover:
+        r.delete(*leftover)
+
+
+def hold(r, keys: holders.Keys, holder: str, queue: str, n: int, *, beat_age: float) -> None:
+    """Record ``n`` messages of ``queue`` as held by ``holder``, last heard of
+    ``beat_age`` seconds ago."""
+    now = float(r.time()[0])
+    for i in range(n):
+        tag = f"{holder}-{i}"
+        payload = {"body": str(i), "headers": {}, "properties": {
+            "delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+        r.hset(keys.unacked, tag, json.dumps([payload, "", queue]))
+        r.zadd(keys.index, {tag: now})
+        r.hset(keys.holder(holder), tag, queue)
+    r.zadd(keys.registry, {holder: now - beat_age})
+    r.sadd(keys.host_set(holder.rsplit(":", 3)[1]), holder)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_gives_back_a_dead_local_process_at_once_and_spares_live_ones(sweeper, name):
+    r, keys, me = sweeper
+    host = me.host
+    queue = f"{name}:q"
+    gone = f"h:{host}:{dead_pid()}:1"
+    reused = f"h:{host}:{os.getpid()}:1"  # our pid, another start time: pid reuse
+    alive = f"h:{host}:{os.getppid()}:{holders.osproc.start_time(os.getppid())}"
+    for holder in (gone, reused, alive):
+        hold(r, keys, holder, queue, 3, beat_age=0)
+    assert me.sweep() == 6
+    assert r.llen(queue) == 6 and r.hlen(keys.unacked) == 3 and r.zcard(keys.index) == 3
+    assert not r.exists(keys.holder(gone)) and not r.exists(keys.holder(reused))
+    assert r.hlen(keys.holder(alive)) == 3
+    assert {m.decode() for m in r.zrange(keys.registry, 0, -1)} == {alive, me.id}
+    restored = json.loads(r.lindex(queue, -1))
+    assert restored["headers"]["redelivered"] is True
+    assert restored["properties"]["delivery_info"]["redelivered"] is True
+    assert me.sweep() == 0  # nothing twice
+
+
+def test_sweep_gives_back_a_silent_holder_of_another_host_after_the_timeout(sweeper, name):
+    r, keys, me = sweeper
+    queue = f"{name}:q"
+    hold(r, keys, "far:otherhost:7:1", queue, 2, beat_age=16)
+    hold(r, keys, "near:otherhost:8:1", queue, 2, beat_age=10)
+    assert me.sweep() == 2
+    assert r.hlen(keys.holder("near:otherhost:8:1")) == 2
+    assert not r.exists(keys.holder("far:otherhost:7:1"))
+
+
+def test_a_holder_that_beats_again_is_not_swept(sweeper, name):
+    r, keys, me = sweeper
+    hold(r, keys, "far:otherhost:7:1", f"{name}:q", 2, beat_age=16)
+    stale_before = repr(float(r.time()[0]) - 20)  # it beat after this
+    assert me.reclaim("far:otherhost:7:1", stale_before) == 0
+    assert r.hlen(keys.holder("far:otherhost:7:1")) == 2 and r.hlen(keys.unacked) == 2
+
+
+def test_after_a_redis_outage_silent_holders_get_time_to_beat_again(sweeper, name):
+    r, keys, me = sweeper
+    hold(r, keys, "far:otherhost:7:1", f"{name}:q", 2, beat_age=60)
+    r.hset(f"{keys.registry}:clock", "beat", float(r.time()[0]) - 60)  # nobody beat for 60 s
+    assert me.sweep() == 0
+    assert r.hlen(keys.unacked) == 2
+
+
+def test_a_message_acked_meanwhile_is_not_given_back(sweeper, name):
+    r, keys, me = sweeper
+    queue = f"{name}:q"
+    hold(r, keys, f"h:{me.host}:{dead_pid()}:1", queue, 3, beat_age=0)
+    r.hdel(keys.unacked, next(iter(r.hkeys(keys.unacked))))  # acked, holder entry left
+    assert me.sweep() == 2 and r.llen(queue) == 2
