@@ -12,6 +12,9 @@ is one round trip per batch instead of three per message.
 Data layout, wire format and the unacked bookkeeping are exactly stock kombu's, so stock
 producers and consumers interoperate both ways, and a crashed consumer's messages are
 restored by the stock ``visibility_timeout`` sweep of any consumer (stock or this one).
+On top, the scripts record which process holds each message (the last key of each script,
+see :mod:`.holders`), and a thread per process gives back a dead holder's messages within
+``holder_sweep_interval`` (0.5 s) if it ran on this host, ``holder_timeout`` (15 s) if not.
 
 Use: ``kombu.Connection(url, transport="consumerd.consumer.transport.redis:Transport")``.
 
@@ -81,7 +84,8 @@ Half-open connections
 Transport options (on top of stock ones): ``fetch_batch_size`` (cap per fetch, default
 200, also the batch when prefetch is unlimited), ``ack_flush_interval`` (seconds,
 default 0.1), ``ack_batch_max`` (default 500) and ``rescan_interval`` (seconds, default
-0.1, see above). ``ack_emulation=False`` falls back to
+0.1, see above), ``holder_sweep_interval`` and ``holder_timeout`` (seconds, 0.5 and 15,
+see :mod:`.holders`). ``ack_emulation=False`` falls back to
 the stock code paths. Fanout (pub/sub) and ``basic_get`` run the stock code; priority
 sub-queues are fetched in stock order and messages go back to the sub-queue they came from.
 Needs Redis >= 6.2 (RPOP with a count, BLMOVE, CLIENT UNBLOCK).
