@@ -309,12 +309,6 @@ class Channel(stock.Channel):
         self.ack_flush_interval = float(self.ack_flush_interval)
         self.ack_batch_max = int(self.ack_batch_max)
         self.rescan_interval = float(self.rescan_interval)
-        if self._fast:
-            keys = holders.Keys(self._key(self.unacked_key), self._key(self.unacked_index_key))
-            self._holder = holders.attach(
-                self, self._connparams(), keys,
-                float(self.holder_sweep_interval), float(self.holder_timeout),
-            )
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -354,8 +348,15 @@ class Channel(stock.Channel):
         return [self._key(self.unacked_key), self._key(self.unacked_index_key)]
 
     def _holder_key(self) -> str:
-        """The scripts' last key: this process's holder hash (see holders.py)."""
-        assert self._holder is not None
+        """The scripts' last key: this process's holder hash (see holders.py). A channel
+        joins the holder (registered, beating) before its first fetch, so a process that
+        only publishes runs no heartbeat thread."""
+        if self._holder is None:
+            keys = holders.Keys(self._key(self.unacked_key), self._key(self.unacked_index_key))
+            self._holder = holders.attach(
+                self, self._connparams(), keys,
+                float(self.holder_sweep_interval), float(self.holder_timeout),
+            )
         return self._holder.key
 
     def _consume_keys(self) -> list[str]:
