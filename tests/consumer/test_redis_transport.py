@@ -854,6 +854,7 @@ def test_fetch_script_limit_and_acks(fake):
     r, fetch, _ = fake
     r.hset("h", "old", "x")
     r.zadd("z", {"old": 1})
+    r.hset("held", "old", "q")
     r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(5)))
     out = fetch(keys=["h", "z", "q", "held"], args=[3, "1", 1, "old"])
     assert len(out) == 9
@@ -862,6 +863,18 @@ def test_fetch_script_limit_and_acks(fake):
     assert r.llen("q") == 2
     fetch(keys=["h", "z", "held"], args=[0, "1", 1, "t1"])  # an ack alone
     assert sorted(r.hkeys("held")) == [b"t0", b"t2"] and r.hget("h", "t1") is None
+
+
+def test_an_ack_deletes_only_what_this_holder_still_holds(fake):
+    """A sweep that took this holder for dead gave "gone" back, and another consumer
+    fetched it again (same tag): a late ack must not delete that consumer's entry.
+    A NUL-prefixed tag was recorded without a holder (basic_get): deleted as stock."""
+    r, fetch, _ = fake
+    for tag in ("gone", "stock"):
+        r.hset("h", tag, "x")
+        r.zadd("z", {tag: 1})
+    fetch(keys=["h", "z", "held"], args=[0, "1", 2, "gone", "\0stock"])
+    assert r.hkeys("h") == [b"gone"] and r.zrange("z", 0, -1) == [b"gone"]
 
 
 def test_fetch_script_does_not_record_garbage(fake):

@@ -122,14 +122,22 @@ REPLY_TIMEOUT = 10.0
 ``socket_timeout`` transport option does not say (consumerd's default there too)."""
 
 # Both scripts start by applying acks: ARGV[ack_at] = count, then that many tags.
-# Their last key is the holder's hash (tag -> source key, see holders.py).
+# Their last key is the holder's hash (tag -> source key, see holders.py). A tag this
+# holder fetched is deleted only if it still holds it: if a sweep gave it back meanwhile
+# (this process was taken for dead), the unacked entry may now be another consumer's
+# fetch of the same message, and deleting it would lose the message if that one dies.
+# A tag starting with NUL was recorded without a holder (basic_get): deleted as stock.
 _ACKS_LUA = """
 local function apply_acks(at)
   local n = tonumber(ARGV[at])
   for i = at + 1, at + n do
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    redis.call('HDEL', KEYS[#KEYS], ARGV[i])
+    local tag = ARGV[i]
+    local unheld = string.byte(tag, 1) == 0
+    if unheld then tag = string.sub(tag, 2) end
+    if unheld or redis.call('HDEL', KEYS[#KEYS], tag) == 1 then
+      redis.call('ZREM', KEYS[2], tag)
+      redis.call('HDEL', KEYS[1], tag)
+    end
   end
   return at + n + 1
 end
@@ -178,15 +186,16 @@ return out
 # KEYS: unacked hash, unacked index zset, destination queue keys, holder hash.
 # ARGV: 'RPUSH' (head of the queue) or 'LPUSH' (tail), acks..., then (tag, key number,
 # payload) triples in push order. A message is pushed only if this call removed its
-# unacked entry, so a concurrent visibility-timeout restore cannot duplicate it.
+# holder entry and its unacked entry, so neither a concurrent visibility-timeout restore
+# nor a holder sweep (see holders.py) can duplicate it, nor clobber a later fetch of it.
 RESTORE_LUA = (
     _ACKS_LUA
     + """
 local push = ARGV[1]
 local restored = 0
 for i = apply_acks(2), #ARGV, 3 do
-  redis.call('HDEL', KEYS[#KEYS], ARGV[i])
-  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+  if redis.call('HDEL', KEYS[#KEYS], ARGV[i]) == 1
+      and redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
     redis.call('ZREM', KEYS[2], ARGV[i])
     redis.call(push, KEYS[2 + tonumber(ARGV[i + 1])], ARGV[i + 2])
     restored = restored + 1
@@ -386,11 +395,11 @@ class Channel(stock.Channel):
 
     def ack_later(self, tag: str) -> None:
         """Mark ``tag`` acked; it is deleted from Redis with the next batch."""
-        self.fetched_keys.pop(tag, None)
+        held = self.fetched_keys.pop(tag, None) is not None
         with self._acks_lock:  # kombu allows acks from other threads
             if not self._pending_acks:
                 self._pending_since = monotonic()
-            self._pending_acks.append(tag)
+            self._pending_acks.append(tag if held else "\0" + tag)  # see _ACKS_LUA
         if len(self._pending_acks) >= self.ack_batch_max or self._acks_overdue():
             self.flush_acks()
 
