@@ -31,7 +31,8 @@ What is left to the stock ``visibility_timeout`` sweep: messages recorded by sto
 consumers (no holder), and a holder process that lives on but is stuck for good (its
 thread still beats). A holder judged dead by its heartbeat while it still runs (paused
 more than ``holder_timeout``, or cut off from Redis that long) gets its messages delivered
-again elsewhere: at-least-once, as with the visibility timeout.
+again elsewhere: at-least-once, as with the visibility timeout; its late acks skip them
+(the transport's ack script deletes an ``unacked`` entry only while its holder holds it).
 
 This module uses redis-py only (no kombu): the sweep thread has its own connection pool,
 so it never shares a socket with the consuming thread.
