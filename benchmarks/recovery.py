@@ -51,12 +51,31 @@ READY = {"consumerd": "consuming", "dramatiq": "is ready for action", "celery": 
 def command(runner: str, name: str) -> list[str]:
     py = sys.executable
     if runner == "consumerd":
-        return [py, "-m", "consumerd.cli", "--app", "benchmarks.peers.recovery_app:app",
-                "--workers", "1", "--log-level", "INFO"]
+        return [
+            py,
+            "-m",
+            "consumerd.cli",
+            "--app",
+            "benchmarks.peers.recovery_app:app",
+            "--workers",
+            "1",
+            "--log-level",
+            "INFO",
+        ]
     if runner == "dramatiq":
         return [py, "-m", "dramatiq", "benchmarks.peers.recovery_app", "--processes", "1"]
-    return [py, "-m", "celery", "-A", "benchmarks.peers.recovery_app", "worker", "-l", "INFO",
-            "-n", f"{name}@%h"]
+    return [
+        py,
+        "-m",
+        "celery",
+        "-A",
+        "benchmarks.peers.recovery_app",
+        "worker",
+        "-l",
+        "INFO",
+        "-n",
+        f"{name}@%h",
+    ]
 
 
 def children(pid: int) -> list[int]:
@@ -75,16 +94,18 @@ def tree(pid: int) -> list[int]:
 
 
 class Instance:
-    def __init__(self, runner: str, name: str, tmp: str, env: dict[str, str],
-                 own_namespace: bool) -> None:
+    def __init__(
+        self, runner: str, name: str, tmp: str, env: dict[str, str], own_namespace: bool
+    ) -> None:
         self.runner = runner
         self.log = os.path.join(tmp, f"{name}.log")
         argv = command(runner, name)
         if own_namespace:
             argv = ["unshare", "--pid", "--fork", "--mount-proc", *argv]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.own_namespace = own_namespace
 
     @property
@@ -115,8 +136,9 @@ class Instance:
             self.proc.wait(10)
 
 
-def wait_for(condition: typing.Callable[[], bool], timeout: float, what: str,
-             interval: float = 0.05) -> None:
+def wait_for(
+    condition: typing.Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -156,16 +178,31 @@ def run_once(runner: str, scenario: str, args: argparse.Namespace) -> float | No
     r = redis.Redis.from_url(url)
     tmp = tempfile.mkdtemp(prefix="recovery-")
     out, flag = os.path.join(tmp, "out"), os.path.join(tmp, "flag")
-    env = {**os.environ, "PYTHONPATH": ROOT, "BENCH_RUNNER": runner, "BENCH_BROKER_URL": url,
-           "BENCH_QUEUE": queue, "BENCH_OUT": out, "BENCH_FLAG": flag}
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "BENCH_RUNNER": runner,
+        "BENCH_BROKER_URL": url,
+        "BENCH_QUEUE": queue,
+        "BENCH_OUT": out,
+        "BENCH_FLAG": flag,
+    }
     env.pop("CONSUMERD_BROKER", None)
     a = b = None
     try:
         # Published first, so A's first fetch takes them all (an idle consumer that
         # fetched one message and blocks in its handler would fetch no more).
-        subprocess.run([sys.executable, "-c", "from benchmarks.peers import "
-                        f"recovery_app; recovery_app.fill({args.messages})"],
-                       env=env, cwd=ROOT, check=True, timeout=60)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from benchmarks.peers import recovery_app; recovery_app.fill({args.messages})",
+            ],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            timeout=60,
+        )
         a = Instance(runner, "a", tmp, {**env, "BENCH_HOLD": "1"}, scenario == "host")
         wait_for(a.ready, 60, "A ready")
         wait_for(lambda: ready_depth(r, runner, queue) == 0, 30, "A to take every message")
@@ -230,8 +267,10 @@ def main() -> None:
     def each(values: list[float | None]) -> str:
         return ", ".join("cap" if v is None else f"{v:.2f}" for v in values)
 
-    print(f"\nSIGKILL → last of the {args.messages} held messages handled again "
-          f"(Redis, defaults, median of {args.repeats}; cap {args.cap:.0f} s)\n")
+    print(
+        f"\nSIGKILL → last of the {args.messages} held messages handled again "
+        f"(Redis, defaults, median of {args.repeats}; cap {args.cap:.0f} s)\n"
+    )
     print("| runner | worker SIGKILL | runs | whole host SIGKILL | runs |")
     print("|---|---:|---|---:|---|")
     for runner in args.runners.split(","):

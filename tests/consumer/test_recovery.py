@@ -81,8 +81,9 @@ class Measured:
         """Seconds from the kill until the holder's hash is gone (all given back)."""
         r = self.broker.client()
         key = keys_of(self.broker).holder(self.holder)
-        wait_for(lambda: not r.exists(key), timeout, "the dead holder's messages back",
-                 interval=0.01)
+        wait_for(
+            lambda: not r.exists(key), timeout, "the dead holder's messages back", interval=0.01
+        )
         self.back_at = time.time()
         return self.back_at - self.killed_at
 
@@ -122,13 +123,18 @@ def test_worker_sigkill_gives_its_messages_back_within_seconds(tmp_path, name, r
             back = m.poll_back(10)
             wait_for(lambda m=m: m.handled_again(c) is not None, 30, "the held ones handled")
             measures.append((len(ids), back, m.handled_again(c)))
-            print(f"worker SIGKILL holding {len(ids)}: back in the queue after {back:.2f} s, "
-                  f"all handled again after {m.handled_again(c):.2f} s")
+            print(
+                f"worker SIGKILL holding {len(ids)}: back in the queue after {back:.2f} s, "
+                f"all handled again after {m.handled_again(c):.2f} s"
+            )
             c.wait_workers(3)
         c.stop()
         c.start(workers=3)
-        wait_for(lambda: len(c.ids()) == total, 90 - (time.time() - started),
-                 "every message within 90 s of the first publish")
+        wait_for(
+            lambda: len(c.ids()) == total,
+            90 - (time.time() - started),
+            "every message within 90 s of the first publish",
+        )
         elapsed = time.time() - started
         assert c.stop() == 0
     finally:
@@ -160,8 +166,11 @@ def test_a_live_slow_handler_is_not_redelivered_while_sweeps_give_back_a_dead_on
         c.wait_workers(3)
         c.wait_logged("consuming", 3)
         publish_many(redis_broker.url, slow, 2, start=0)
-        wait_for(lambda: redis_broker.unacked() == 2 and redis_broker.depth(slow) == 0, 15,
-                 "both slow messages taken")
+        wait_for(
+            lambda: redis_broker.unacked() == 2 and redis_broker.depth(slow) == 0,
+            15,
+            "both slow messages taken",
+        )
         slow_started = time.time()
         by_pid = holders_by_pid(redis_broker)
         busy = {p for p, h in by_pid.items() if held_ids(redis_broker, h)}
@@ -174,8 +183,10 @@ def test_a_live_slow_handler_is_not_redelivered_while_sweeps_give_back_a_dead_on
         os.kill(free, signal.SIGKILL)
         m = Measured(redis_broker, by_pid[free], ids, time.time())
         back = m.poll_back(10)
-        print(f"SIGKILLed worker's {len(ids)} messages back after {back:.2f} s, "
-              f"while both other workers ran 17 s handlers")
+        print(
+            f"SIGKILLed worker's {len(ids)} messages back after {back:.2f} s, "
+            f"while both other workers ran 17 s handlers"
+        )
         assert back < 3.0, back
         wait_for(lambda: len(c.ids()) == 1002, 60, "everything handled")
         assert c.stop() == 0
@@ -196,11 +207,24 @@ def _start_in_own_pid_namespace(c: Consumerd, workers: int) -> None:
     SIGKILL of its master kills every process in it at once, as a lost host or a deleted
     pod."""
     c.logf = open(c.log, "ab")  # noqa: SIM115 - the child writes to it
-    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
-            "consumerd.cli", "--app", "tapp", "--broker", c.url, "--workers", str(workers),
-            "--log-level", "INFO"]
-    c.proc = subprocess.Popen(argv, cwd=c.tmp, env=c.env(), stdout=c.logf,
-                              stderr=subprocess.STDOUT)
+    argv = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        sys.executable,
+        "-m",
+        "consumerd.cli",
+        "--app",
+        "tapp",
+        "--broker",
+        c.url,
+        "--workers",
+        str(workers),
+        "--log-level",
+        "INFO",
+    ]
+    c.proc = subprocess.Popen(argv, cwd=c.tmp, env=c.env(), stdout=c.logf, stderr=subprocess.STDOUT)
 
 
 def _children(pid: int) -> list[int]:
@@ -211,8 +235,10 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                    reason="needs unshare(1) and root for a pid namespace")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare(1) and root for a pid namespace",
+)
 def test_whole_host_loss_gives_messages_back_via_another_instance(tmp_path, name, redis_broker):
     """Instance A (2 workers, its own pid namespace: another host) and instance B consume
     the same queue; A's master and workers are SIGKILLed together. B gives A's messages
@@ -227,8 +253,11 @@ def test_whole_host_loss_gives_messages_back_via_another_instance(tmp_path, name
     try:
         _start_in_own_pid_namespace(a, 2)
         b.start(workers=2)
-        wait_for(lambda: a.logged("consuming") >= 2 and b.logged("consuming") >= 2, 30,
-                 "both instances consuming")
+        wait_for(
+            lambda: a.logged("consuming") >= 2 and b.logged("consuming") >= 2,
+            30,
+            "both instances consuming",
+        )
         publish_many(redis_broker.url, name, total)
         wait_for(lambda: len(a.ids()) >= 200, 30, "A mid-stream")
         assert a.proc is not None
@@ -245,14 +274,20 @@ def test_whole_host_loss_gives_messages_back_via_another_instance(tmp_path, name
         a.proc.wait(10)
         r = redis_broker.client()
         keys = keys_of(redis_broker)
-        wait_for(lambda: not any(r.exists(keys.holder(h)) for h in a_holders), 30,
-                 "A's messages back", interval=0.05)
+        wait_for(
+            lambda: not any(r.exists(keys.holder(h)) for h in a_holders),
+            30,
+            "A's messages back",
+            interval=0.05,
+        )
         back = time.time() - killed_at
         m = Measured(redis_broker, a_holders[0], ids, killed_at)
         wait_for(lambda: m.handled_again(b) is not None, 30, "A's messages handled by B")
         again = m.handled_again(b)
-        print(f"host loss holding {len(ids)}: back in the queue after {back:.2f} s, "
-              f"all handled again after {again:.2f} s")
+        print(
+            f"host loss holding {len(ids)}: back in the queue after {back:.2f} s, "
+            f"all handled again after {again:.2f} s"
+        )
         wait_for(lambda: len(a.ids() | b.ids()) == total, 60, "every message")
         assert b.stop() == 0
     finally:
@@ -287,8 +322,14 @@ def hold(r, keys: holders.Keys, holder: str, queue: str, n: int, *, beat_age: fl
     now = float(r.time()[0])
     for i in range(n):
         tag = f"{holder}-{i}"
-        payload = {"body": str(i), "headers": {}, "properties": {
-            "delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+        payload = {
+            "body": str(i),
+            "headers": {},
+            "properties": {
+                "delivery_tag": tag,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+            },
+        }
         r.hset(keys.unacked, tag, json.dumps([payload, "", queue]))
         r.zadd(keys.index, {tag: now})
         r.hset(keys.holder(holder), tag, queue)

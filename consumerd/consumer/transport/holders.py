@@ -165,8 +165,9 @@ class Holder:
     """This process as a holder on one Redis database: beats and sweeps from a thread
     while any channel using it is open. Get it with :func:`attach`."""
 
-    def __init__(self, pool: redis.ConnectionPool, keys: Keys, interval: float,
-                 timeout: float) -> None:
+    def __init__(
+        self, pool: redis.ConnectionPool, keys: Keys, interval: float, timeout: float
+    ) -> None:
         self.id = holder_of_this_process()
         self.host = osproc.host_id()
         self.keys = keys
@@ -193,7 +194,8 @@ class Holder:
                 self.sweep(beat=True)
                 self._stop.clear()
                 self._thread = threading.Thread(
-                    target=self._run, name="consumerd-holder-beat",
+                    target=self._run,
+                    name="consumerd-holder-beat",
                     daemon=True,
                 )
                 self._thread.start()
@@ -224,11 +226,18 @@ class Holder:
         now = monotonic()
         if self._failing_since is None:
             self._failing_since = now
-            LOG.warning("holder heartbeat to Redis failed (%s: %s); retrying every %.1f s",
-                        type(exc).__name__, exc, self.interval)
+            LOG.warning(
+                "holder heartbeat to Redis failed (%s: %s); retrying every %.1f s",
+                type(exc).__name__,
+                exc,
+                self.interval,
+            )
         elif now - self._failing_since > self.timeout:
-            LOG.warning("holder heartbeat failing for %.0f s: other consumers may give this "
-                        "process's messages back (duplicates)", now - self._failing_since)
+            LOG.warning(
+                "holder heartbeat failing for %.0f s: other consumers may give this "
+                "process's messages back (duplicates)",
+                now - self._failing_since,
+            )
             self._failing_since = now
 
     # -- the sweep ---------------------------------------------------------------------
@@ -280,8 +289,9 @@ class Holder:
                 break
         if restored:
             how = "its process is gone" if not stale_before else f"silent {self.timeout:.0f} s"
-            LOG.warning("gave back %d message(s) held by dead consumer %s (%s)",
-                        restored, holder, how)
+            LOG.warning(
+                "gave back %d message(s) held by dead consumer %s (%s)", restored, holder, how
+            )
         return restored
 
     def _reclaim_keys(self, holder: str) -> list[str]:
@@ -290,16 +300,16 @@ class Holder:
         except IndexError:
             host = ""
         keys = self.keys
-        return [keys.unacked, keys.index, keys.holder(holder), keys.registry,
-                keys.host_set(host)]
+        return [keys.unacked, keys.index, keys.holder(holder), keys.registry, keys.host_set(host)]
 
 
 _holders: dict[tuple[typing.Any, ...], Holder] = {}
 _holders_lock = threading.Lock()
 
 
-def attach(user: object, params: dict[str, typing.Any], keys: Keys, interval: float,
-           timeout: float) -> Holder:
+def attach(
+    user: object, params: dict[str, typing.Any], keys: Keys, interval: float, timeout: float
+) -> Holder:
     """This process's holder on the Redis database ``params`` names (one per process and
     database, whatever the number of channels), with ``user`` counted among its users."""
     where = ("host", "port", "path", "db", "username", "connection_class")

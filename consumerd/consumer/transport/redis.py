@@ -363,8 +363,11 @@ class Channel(stock.Channel):
         if self._holder is None:
             keys = holders.Keys(self._key(self.unacked_key), self._key(self.unacked_index_key))
             self._holder = holders.attach(
-                self, self._connparams(), keys,
-                float(self.holder_sweep_interval), float(self.holder_timeout),
+                self,
+                self._connparams(),
+                keys,
+                float(self.holder_sweep_interval),
+                float(self.holder_timeout),
             )
         return self._holder.key
 
