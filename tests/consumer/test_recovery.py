@@ -177,7 +177,13 @@ def test_a_live_slow_handler_is_not_redelivered_while_sweeps_give_back_a_dead_on
         assert len(busy) == 2
         publish_many(redis_broker.url, fast, 1000, start=100)
         [free] = set(c.workers()) - busy
-        wait_for(lambda: len(held_ids(redis_broker, by_pid[free])) >= 20, 15, "a fast batch")
+        # A worker joins the holders at its first fetch: re-read them while waiting.
+        wait_for(
+            lambda: len(held_ids(redis_broker, holders_by_pid(redis_broker).get(free, ""))) >= 20,
+            15,
+            "a fast batch",
+        )
+        by_pid = holders_by_pid(redis_broker)
         os.kill(free, signal.SIGSTOP)
         ids = set(held_ids(redis_broker, by_pid[free]))
         os.kill(free, signal.SIGKILL)
