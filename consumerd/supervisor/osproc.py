@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 import typing
 
@@ -68,6 +70,19 @@ def parent_of(pid: int) -> int | None:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+@functools.cache
+def host_id() -> str:
+    """Names the pid namespace this process lives in, the same for every process of it
+    and different on another host or container: the kernel's boot id plus the
+    namespace's inode (hostnames repeat across hosts, namespace inodes across kernels)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def set_title(title: str) -> None:
@@ -163,7 +178,8 @@ def start_time(pid: int) -> int:
 
 
 def running(pid: int, started: int = 0) -> bool:
-    """Whether ``pid`` runs (not a zombie) and, given ``started``, is still that process."""
+    """Whether ``pid`` runs (not a zombie: exited, not reaped yet) and, given ``started``
+    (its :func:`start_time`), is still that process, not a new one reusing the pid."""
     fields = _proc_stat(pid)
     if fields is None:
         return pid_exists(pid) if not os.path.exists("/proc/self/stat") else False

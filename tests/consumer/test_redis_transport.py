@@ -915,7 +915,7 @@ def test_fetch_script_pops_in_priority_order_and_records(fake):
     r, fetch, _ = fake
     r.lpush("q", kombu_message(0, "t0"), kombu_message(1, "t1"))
     r.lpush("q\x06\x163", kombu_message(2, "t2"))
-    out = fetch(keys=["h", "z", "q", "q\x06\x163", "q.dlq", "q.dlq"],
+    out = fetch(keys=["h", "z", "q", "q\x06\x163", "q.dlq", "q.dlq", "held"],
                 args=[10, "100.5", 0, "q", "q.dlq", "q", "q.dlq"])
     assert [out[i] for i in range(0, len(out), 3)] == [1, 1, 2]
     assert [json.loads(out[i])["properties"]["delivery_tag"] for i in range(2, len(out), 3)] == [
@@ -925,26 +925,42 @@ def test_fetch_script_pops_in_priority_order_and_records(fake):
     ]
     assert json.loads(r.hget("h", "t1")) == [json.loads(kombu_message(1, "t1")), "ex", "q"]
     assert r.zscore("z", "t2") == 100.5
+    assert r.hgetall("held") == {b"t0": b"q", b"t1": b"q", b"t2": b"q\x06\x163"}
 
 
 def test_fetch_script_limit_and_acks(fake):
     r, fetch, _ = fake
     r.hset("h", "old", "x")
     r.zadd("z", {"old": 1})
+    r.hset("held", "old", "q")
     r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(5)))
-    out = fetch(keys=["h", "z", "q", "q.dlq"], args=[3, "1", 1, "old", "q", "q.dlq"])
+    out = fetch(keys=["h", "z", "q", "q.dlq", "held"], args=[3, "1", 1, "old", "q", "q.dlq"])
     assert len(out) == 9
     assert r.hget("h", "old") is None and r.zscore("z", "old") is None
     assert sorted(r.hkeys("h")) == [b"t0", b"t1", b"t2"]
     assert r.llen("q") == 2
+    fetch(keys=["h", "z", "held"], args=[0, "1", 1, "t1"])  # an ack alone
+    assert sorted(r.hkeys("held")) == [b"t0", b"t2"] and r.hget("h", "t1") is None
+
+
+def test_an_ack_deletes_only_what_this_holder_still_holds(fake):
+    """A sweep that took this holder for dead gave "gone" back, and another consumer
+    fetched it again (same tag): a late ack must not delete that consumer's entry.
+    A NUL-prefixed tag was recorded without a holder (basic_get): deleted as stock."""
+    r, fetch, _ = fake
+    for tag in ("gone", "stock"):
+        r.hset("h", tag, "x")
+        r.zadd("z", {tag: 1})
+    fetch(keys=["h", "z", "held"], args=[0, "1", 2, "gone", "\0stock"])
+    assert r.hkeys("h") == [b"gone"] and r.zrange("z", 0, -1) == [b"gone"]
 
 
 def test_fetch_script_does_not_record_garbage(fake):
     r, fetch, _ = fake
     r.lpush("q", b"not json")
-    out = fetch(keys=["h", "z", "q", "q.dlq"], args=[10, "1", 0, "q", "q.dlq"])
+    out = fetch(keys=["h", "z", "q", "q.dlq", "held"], args=[10, "1", 0, "q", "q.dlq"])
     # not recorded (no tag to record it under): dead-lettered, byte for byte, at once
-    assert out == [1, 2, b"not json"] and r.hlen("h") == 0
+    assert out == [1, 2, b"not json"] and r.hlen("h") == 0 and r.hlen("held") == 0
     (letter,) = [json.loads(x) for x in r.lrange("q.dlq", 0, -1)]
     assert letter["body"] == "not json" and letter["properties"]["delivery_info"] == {
         "exchange": "", "routing_key": "q.dlq"}
@@ -963,14 +979,14 @@ def test_touch_script_restamps_only_indexed_tags(fake):
 def test_restore_script_pushes_only_what_it_removed(fake):
     r, fetch, restore = fake
     r.lpush("q", *(kombu_message(n, f"t{n}") for n in range(3)))
-    fetch(keys=["h", "z", "q", "q.dlq"], args=[10, "1", 0, "q", "q.dlq"])
+    fetch(keys=["h", "z", "q", "q.dlq", "held"], args=[10, "1", 0, "q", "q.dlq"])
     r.hdel("h", "t1")  # someone else (a visibility-timeout sweep) restored t1 already
     r.zrem("z", "t1")
     args = ["RPUSH", 0]
     for n in (2, 1, 0):  # newest first: RPUSH leaves the oldest at the head
         args += [f"t{n}", 1, kombu_message(n, f"t{n}")]
-    assert restore(keys=["h", "z", "q"], args=args) == 2
+    assert restore(keys=["h", "z", "q", "held"], args=args) == 2
     assert [
         json.loads(m)["properties"]["delivery_tag"] for m in reversed(r.lrange("q", 0, -1))
     ] == ["t0", "t2"]
-    assert r.hlen("h") == 0 and r.zcard("z") == 0
+    assert r.hlen("h") == 0 and r.zcard("z") == 0 and r.hlen("held") == 0

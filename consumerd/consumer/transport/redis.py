@@ -12,6 +12,9 @@ is one round trip per batch instead of three per message.
 Data layout, wire format and the unacked bookkeeping are exactly stock kombu's, so stock
 producers and consumers interoperate both ways, and a crashed consumer's messages are
 restored by the stock ``visibility_timeout`` sweep of any consumer (stock or this one).
+On top, the scripts record which process holds each message (the last key of each script,
+see :mod:`.holders`), and a thread per process gives back a dead holder's messages within
+``holder_sweep_interval`` (0.5 s) if it ran on this host, ``holder_timeout`` (15 s) if not.
 
 Use: ``kombu.Connection(url, transport="consumerd.consumer.transport.redis:Transport")``.
 
@@ -81,7 +84,8 @@ Half-open connections
 Transport options (on top of stock ones): ``fetch_batch_size`` (cap per fetch, default
 200, also the batch when prefetch is unlimited), ``ack_flush_interval`` (seconds,
 default 0.1), ``ack_batch_max`` (default 500) and ``rescan_interval`` (seconds, default
-0.1, see above). ``ack_emulation=False`` falls back to
+0.1, see above), ``holder_sweep_interval`` and ``holder_timeout`` (seconds, 0.5 and 15,
+see :mod:`.holders`). ``ack_emulation=False`` falls back to
 the stock code paths. Fanout (pub/sub) and ``basic_get`` run the stock code; priority
 sub-queues are fetched in stock order and messages go back to the sub-queue they came from.
 Needs Redis >= 6.2 (RPOP with a count, BLMOVE, CLIENT UNBLOCK).
@@ -108,7 +112,7 @@ from kombu.utils.json import dumps, loads
 from redis.commands.core import Script
 
 from consumerd import deps
-from consumerd.consumer.transport import envelope
+from consumerd.consumer.transport import envelope, holders
 
 LOG = get_logger(__name__)
 
@@ -147,32 +151,43 @@ REPLY_TIMEOUT = 10.0
 ``socket_timeout`` transport option does not say (consumerd's default there too)."""
 
 # Both scripts start by applying acks: ARGV[ack_at] = count, then that many tags.
+# Their last key is the holder's hash (tag -> source key, see holders.py). A tag this
+# holder fetched is deleted only if it still holds it: if a sweep gave it back meanwhile
+# (this process was taken for dead), the unacked entry may now be another consumer's
+# fetch of the same message, and deleting it would lose the message if that one dies.
+# A tag starting with NUL was recorded without a holder (basic_get): deleted as stock.
 _ACKS_LUA = """
 local function apply_acks(at)
   local n = tonumber(ARGV[at])
   for i = at + 1, at + n do
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    redis.call('HDEL', KEYS[1], ARGV[i])
+    local tag = ARGV[i]
+    local unheld = string.byte(tag, 1) == 0
+    if unheld then tag = string.sub(tag, 2) end
+    if unheld or redis.call('HDEL', KEYS[#KEYS], tag) == 1 then
+      redis.call('ZREM', KEYS[2], tag)
+      redis.call('HDEL', KEYS[1], tag)
+    end
   end
   return at + n + 1
 end
 """
 
-# KEYS: unacked hash, unacked index zset, N queue keys in consume order, then the N
-# dead-letter queue keys of those queues.
+# KEYS: unacked hash, unacked index zset, N queue keys in consume order, the N
+# dead-letter queue keys of those queues, then the holder hash (see holders.py).
 # ARGV: limit, now, acks..., then (queue name, dead-letter queue name) for each queue key.
 # Returns flat (key number, recorded, item) triples; recorded is 1 for a message recorded
-# as unacked, 2 for an entry that is not a kombu message at all (no delivery tag to record
-# it under): it went, in the same atomic step, to the dead-letter queue inside an envelope
-# whose body is the entry byte for byte (as text if it is ASCII, else in base64), so no
-# entry is ever lost nor fetched again. The hash value is stock kombu's
+# as unacked (and as held by this holder), 2 for an entry that is not a kombu message at
+# all (no delivery tag to record it under): it went, in the same atomic step, to the
+# dead-letter queue inside an envelope whose body is the entry byte for byte (as text if
+# it is ASCII, else in base64), so no entry is ever lost nor fetched again. The hash
+# value is stock kombu's
 # ``[payload, exchange, routing_key]``, built around the untouched payload text.
 FETCH_LUA = (
     _ACKS_LUA
     + """
 local limit, now = tonumber(ARGV[1]), ARGV[2]
 local names = apply_acks(3)
-local nq = (#KEYS - 2) / 2
+local nq = (#KEYS - 3) / 2
 local out = {}
 local B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
 local function b64(s)
@@ -222,6 +237,7 @@ local function take(k, item)
       redis.call('ZADD', KEYS[2], now, tag)
       redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
         .. ',' .. cjson.encode(info['routing_key']) .. ']')
+      redis.call('HSET', KEYS[#KEYS], tag, KEYS[2 + k])
       recorded = 1
     end
   end
@@ -241,17 +257,19 @@ return out
 """
 )
 
-# KEYS: unacked hash, unacked index zset, destination queue keys.
+# KEYS: unacked hash, unacked index zset, destination queue keys, holder hash.
 # ARGV: 'RPUSH' (head of the queue) or 'LPUSH' (tail), acks..., then (tag, key number,
 # payload) triples in push order. A message is pushed only if this call removed its
-# unacked entry, so a concurrent visibility-timeout restore cannot duplicate it.
+# holder entry and its unacked entry, so neither a concurrent visibility-timeout restore
+# nor a holder sweep (see holders.py) can duplicate it, nor clobber a later fetch of it.
 RESTORE_LUA = (
     _ACKS_LUA
     + """
 local push = ARGV[1]
 local restored = 0
 for i = apply_acks(2), #ARGV, 3 do
-  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+  if redis.call('HDEL', KEYS[#KEYS], ARGV[i]) == 1
+      and redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
     redis.call('ZREM', KEYS[2], ARGV[i])
     redis.call(push, KEYS[2 + tonumber(ARGV[i + 1])], ARGV[i + 2])
     restored = restored + 1
@@ -339,6 +357,8 @@ class Channel(stock.Channel):
     ack_flush_interval = 0.1
     ack_batch_max = 500
     rescan_interval = 0.1
+    holder_sweep_interval = holders.SWEEP_INTERVAL
+    holder_timeout = holders.TIMEOUT
 
     from_transport_options = (  # type: ignore[assignment]  # kombu types it fixed-length
         *stock.Channel.from_transport_options,
@@ -346,6 +366,8 @@ class Channel(stock.Channel):
         "ack_flush_interval",
         "ack_batch_max",
         "rescan_interval",
+        "holder_sweep_interval",
+        "holder_timeout",
     )
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
@@ -364,6 +386,7 @@ class Channel(stock.Channel):
         self._scripts: dict[str, Script] = {}
         #: queue → its dead-letter queue, for entries that are not messages (the runtime's)
         self.dead_letter_queues: dict[str, str] = {}
+        self._holder: holders.Holder | None = None
         super().__init__(*args, **kwargs)
         self._fast = bool(self.ack_emulation)
         # Transport options may arrive as strings (URL query parameters).
@@ -409,6 +432,21 @@ class Channel(stock.Channel):
     def _bookkeeping_keys(self) -> list[str]:
         return [self._key(self.unacked_key), self._key(self.unacked_index_key)]
 
+    def _holder_key(self) -> str:
+        """The scripts' last key: this process's holder hash (see holders.py). A channel
+        joins the holder (registered, beating) before its first fetch, so a process that
+        only publishes runs no heartbeat thread."""
+        if self._holder is None:
+            keys = holders.Keys(self._key(self.unacked_key), self._key(self.unacked_index_key))
+            self._holder = holders.attach(
+                self,
+                self._connparams(),
+                keys,
+                float(self.holder_sweep_interval),
+                float(self.holder_timeout),
+            )
+        return self._holder.key
+
     def _consume_keys(self) -> list[str]:
         """Queue keys in stock BRPOP order: every queue's top priority first."""
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -436,11 +474,11 @@ class Channel(stock.Channel):
 
     def ack_later(self, tag: str) -> None:
         """Mark ``tag`` acked; it is deleted from Redis with the next batch."""
-        self.fetched_keys.pop(tag, None)
+        held = self.fetched_keys.pop(tag, None) is not None
         with self._acks_lock:  # kombu allows acks from other threads
             if not self._pending_acks:
                 self._pending_since = monotonic()
-            self._pending_acks.append(tag)
+            self._pending_acks.append(tag if held else "\0" + tag)  # see _ACKS_LUA
         if len(self._pending_acks) >= self.ack_batch_max or self._acks_overdue():
             self.flush_acks()
 
@@ -455,7 +493,10 @@ class Channel(stock.Channel):
         if not acks:
             return
         try:
-            self._script("fetch")(keys=self._bookkeeping_keys(), args=self._fetch_args(0, acks))
+            self._script("fetch")(
+                keys=[*self._bookkeeping_keys(), self._holder_key()],
+                args=self._fetch_args(0, acks),
+            )
         except BaseException:
             self._unsent_acks(acks)
             raise
@@ -493,7 +534,10 @@ class Channel(stock.Channel):
             acks = self._take_acks()
             queues = [self._queue_of(key) for key in keys]
             dead = [self.dead_letter_queue_of(queue) for queue in queues]
-            prefixed = [*self._bookkeeping_keys(), *map(self._key, keys), *map(self._key, dead)]
+            prefixed = [
+                *self._bookkeeping_keys(), *map(self._key, keys), *map(self._key, dead),
+                self._holder_key(),
+            ]
             command = [
                 "EVALSHA",
                 self._script("fetch").sha,
@@ -754,7 +798,7 @@ class Channel(stock.Channel):
         acks = self._take_acks()
         try:
             restored = self._script("restore")(
-                keys=[*self._bookkeeping_keys(), *map(self._key, keys)],
+                keys=[*self._bookkeeping_keys(), *map(self._key, keys), self._holder_key()],
                 args=["RPUSH" if head else "LPUSH", len(acks), *acks, *triples],
             )
         except BaseException:
@@ -773,7 +817,11 @@ class Channel(stock.Channel):
                 if self._qos is not None or self._prefetched or self._pending_acks:
                     self.qos.restore_unacked_once()
         finally:
-            super().close()
+            try:
+                super().close()
+            finally:
+                if self._holder is not None:
+                    self._holder.remove_user(self)
 
     def _finish_outstanding(self) -> None:
         """Collect an in-flight fetch reply (its messages are handed back like the
