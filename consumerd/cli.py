@@ -14,18 +14,24 @@ import difflib
 import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import typing
 
 import consumerd
 from consumerd import config
-from consumerd.consumer import broker, loading, routing
+from consumerd.consumer import broker, loading, ownership, routing
 from consumerd.consumer.app import App
 from consumerd.ops import endpoints, logs, metrics
 
 LOG = logging.getLogger("consumerd")
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
+#: Set in the environment of the child that checks a code reload (SIGUSR2) first: it
+#: loads the configuration and the app as `run` would, then exits 0 instead of running.
+PREFLIGHT_ENV = "CONSUMERD_PREFLIGHT"
+PREFLIGHT_OK = "consumerd: pre-flight check passed"
 
 #: Each command, its one-line help, and the settings it takes on the command line (every
 #: command reads all settings from the environment and the file, and checks them).
@@ -136,12 +142,19 @@ def _pidfile(path: str | None) -> typing.Iterator[None]:
             else:
                 raise UsageError(f"--pidfile {path}: consumerd already runs as pid {pid}")
     try:
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        # A fresh name (O_EXCL | O_NOFOLLOW, 0600) in the pid file's directory, then a
+        # rename: in a shared directory a name planted by another user (a symlink to a
+        # file of ours) is never written through.
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            os.fchmod(fd, 0o644)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
-        raise UsageError(f"--pidfile {path}: {exc.strerror}") from None
+        raise UsageError(f"--pidfile {path}: {exc.strerror or exc}") from None
     master = os.getpid()
     try:
         yield
@@ -157,14 +170,22 @@ def _run(args: argparse.Namespace) -> None:
 
     running = _config(args)
     s = running.settings
+    preflight = os.environ.pop(PREFLIGHT_ENV, None) == "1"
     # Before the app is imported and before any fork: metrics the app defines count too.
-    master_metrics = metrics.enable() if s.metrics_port is not None else None
+    master_metrics = (
+        metrics.enable() if s.metrics_port is not None and not preflight else None
+    )
     app = _load(s)
     url = _broker_url(s.broker, app)
-    if s.broker is None and broker.is_default(url):
-        LOG.info("no broker configured: using the embedded broker %s", url)
-    LOG.info("app %s: %d worker(s), consumers %s, broker %s", app.name, s.workers,
-             ", ".join(loading.select(app, s.queues).consumers), broker.redact(url))
+    try:
+        ownership.check_lease_root(url)
+    except OSError as exc:
+        raise UsageError(f"partition lease directory: {exc}") from None
+    if preflight:
+        # The code and the configuration load: the master may re-execute. Said on stdout
+        # because an app calling os._exit(0) at import exits 0 as well.
+        print(PREFLIGHT_OK)
+        return
     with _pidfile(s.pidfile):
         manager = ServiceManager(graceful_shutdown_timeout=s.graceful_timeout)
         service_id = manager.add(ConsumerService, workers=s.workers, args=(running,))
@@ -176,11 +197,16 @@ def _run(args: argparse.Namespace) -> None:
             manager.register_hooks(on_new_worker=metrics.on_new_worker,
                                    on_dead_worker=master_metrics.worker_died,
                                    on_terminate=master_metrics.stopping)
-            endpoints.serve(
-                manager, s.metrics_address, typing.cast(int, s.metrics_port), master_metrics,
-                expected_workers=manager.expected_workers,
-                before_scrape=lambda: master_metrics.set_backoff(manager.respawn_backoff()),
-            )
+            try:
+                endpoints.serve(
+                    manager, s.metrics_address, typing.cast(int, s.metrics_port),
+                    master_metrics, expected_workers=manager.expected_workers,
+                    before_scrape=lambda: master_metrics.set_backoff(manager.respawn_backoff()),
+                )
+            except OSError as exc:
+                raise UsageError(f"--metrics-address {s.metrics_address} --metrics-port "
+                                 f"{s.metrics_port}: cannot listen: {exc.strerror or exc}"
+                                 ) from None
 
         def on_reload() -> None:
             # Runs before the workers get their SIGHUP; they re-read the same way, and a
@@ -202,7 +228,43 @@ def _run(args: argparse.Namespace) -> None:
                 LOG.info("reload: applied %s", ", ".join(sorted(change.applied)))
 
         manager.register_hooks(on_reload=on_reload)
+        manager.add_preflight(_preflight)
+        if s.broker is None and broker.is_default(url):
+            LOG.info("no broker configured: using the embedded broker %s", url)
+        LOG.info("app %s: %d worker(s), consumers %s, broker %s", app.name, s.workers,
+                 ", ".join(loading.select(app, s.queues).consumers), broker.redact(url))
         manager.run()
+
+
+class _PreflightProcess(subprocess.Popen[bytes]):
+    """The check child; it passes only if it exited 0 *and* said so on stdout (a file,
+    so that an app printing much at import never blocks on a full pipe)."""
+
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str]) -> None:
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - closed in poll()
+        super().__init__(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._out)
+
+    def poll(self) -> int | None:
+        code = super().poll()
+        if code is not None and not self._out.closed:
+            self._out.seek(0)
+            said = self._out.read().decode(errors="replace").splitlines()[-1:]
+            self._out.close()
+            if code == 0 and said != [PREFLIGHT_OK]:
+                LOG.error("pre-flight check: the new code ended the process with status 0 "
+                          "before it loaded (sys.exit or os._exit at import?)")
+                self.returncode = code = 1
+        return code
+
+
+def _preflight(cwd: str) -> subprocess.Popen[bytes]:
+    """Before a code reload: the same command line, from the directory the re-exec will
+    use, in check-only mode (see PREFLIGHT_ENV). Its one-line error, if any, goes to the
+    master's stderr."""
+    env = dict(os.environ, PWD=cwd, **{PREFLIGHT_ENV: "1"})
+    for name in (metrics.DIR_ENV, metrics.OWNER_ENV):  # the master's metrics stay its own
+        env.pop(name, None)
+    return _PreflightProcess([sys.executable, *sys.orig_argv[1:]], cwd, env)
 
 
 # -- publish ------------------------------------------------------------------------------

@@ -42,7 +42,9 @@ ENV_PREFIX = "CONSUMERD_"
 CONFIG_ENV = "CONSUMERD_CONFIG"
 #: Variables consumerd sets for its own processes (the master's re-exec state, the
 #: metrics owner's pid): not settings, and not to be reported as unknown ones.
-INTERNAL_ENV = frozenset({"CONSUMERD_REEXEC_STATE", "CONSUMERD_METRICS_OWNER"})
+INTERNAL_ENV = frozenset(
+    {"CONSUMERD_REEXEC_STATE", "CONSUMERD_METRICS_OWNER", "CONSUMERD_PREFLIGHT"}
+)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
@@ -155,6 +157,10 @@ class Settings:
         metavar="URL",
     )
     workers: int = _setting(1, _int(1), "worker processes", live=True, metavar="N")
+    workers_max: int | None = _setting(
+        None, _int(1), "refuse a workers count above this (default: 64 per CPU)", live=True,
+        metavar="N",
+    )
     prefetch: int | None = _setting(
         None, _int(1), "prefetch of consumers that do not set their own", live=True,
         metavar="N",
@@ -318,7 +324,32 @@ def load(
     merged: dict[str, typing.Any] = {}
     for layer in layers:  # lowest first: later ones win
         merged.update(layer)
-    return Settings(**merged)
+    settings = Settings(**merged)
+    _check_workers(settings)
+    return settings
+
+
+#: Workers per CPU above which a count is taken for a mistake (``--workers 100000``
+#: would fork until the host runs out of memory); ``workers-max`` overrides it.
+WORKERS_PER_CPU = 64
+
+
+def workers_limit(settings: Settings) -> int:
+    """The highest worker count ``settings`` allow."""
+    if settings.workers_max is not None:
+        return settings.workers_max
+    return WORKERS_PER_CPU * (os.cpu_count() or 1)
+
+
+def _check_workers(settings: Settings) -> None:
+    limit = workers_limit(settings)
+    if settings.workers > limit:
+        why = (f"--workers-max {limit}" if settings.workers_max is not None
+               else f"{WORKERS_PER_CPU} per CPU, {os.cpu_count() or 1} CPU(s)")
+        raise ConfigError(
+            f"workers: {settings.workers} is above the limit of {limit} ({why}); "
+            "set workers-max to allow more"
+        )
 
 
 # -- reloading ---------------------------------------------------------------------------

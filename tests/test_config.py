@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ CASES = {
     "broker": ('"redis://f/0"', "redis://e/0", "redis://c/0",
                ("redis://f/0", "redis://e/0", "redis://c/0")),
     "workers": ("2", "3", "4", (2, 3, 4)),
+    "workers_max": ("20", "30", "40", (20, 30, 40)),
     "prefetch": ("20", "30", "40", (20, 30, 40)),
     "queues": ('["a", "b"]', "c,d", "e", (("a", "b"), ("c", "d"), ("e",))),
     "graceful_timeout": ("1.5", "2", "2.5", (1.5, 2.0, 2.5)),
@@ -91,10 +93,11 @@ def test_one_variable_per_setting_and_an_unknown_one_is_an_error():
 
 
 def test_the_internal_variables_are_the_ones_consumerd_sets():
+    from consumerd import cli
     from consumerd.ops import metrics
     from consumerd.supervisor import reexec
 
-    assert {reexec.ENV_VAR, metrics.OWNER_ENV} == config.INTERNAL_ENV
+    assert {reexec.ENV_VAR, metrics.OWNER_ENV, cli.PREFLIGHT_ENV} == config.INTERNAL_ENV
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "-1"])
@@ -166,7 +169,8 @@ def test_a_bad_file_on_reload_keeps_the_running_config(tmp_path, broken):
 
 def test_live_and_restart_settings_are_declared():
     assert {
-        "workers", "prefetch", "queues", "log_level", "log_format", "broker_down_limit",
+        "workers", "workers_max", "prefetch", "queues", "log_level", "log_format",
+        "broker_down_limit",
         "max_messages_per_worker", "max_memory_per_worker",
     } == config.LIVE
 
@@ -189,3 +193,22 @@ def test_readme_example(tmp_path: Path):
                            {"CONSUMERD_LOG_LEVEL": "debug"})
     assert (settings.workers, settings.prefetch, settings.log_level) == (8, 50, "DEBUG")
     assert settings.metrics_address == "127.0.0.1"
+
+
+def test_an_absurd_worker_count_is_refused_unless_allowed(tmp_path):
+    limit = config.WORKERS_PER_CPU * (os.cpu_count() or 1)
+    assert config.load(cli("--workers", str(limit)), {}).workers == limit
+    with pytest.raises(ConfigError, match=rf"workers: 100000 is above the limit of {limit} "):
+        config.load(cli("--workers", "100000"), {})
+    assert config.load(cli("--workers", "100000", "--workers-max", "100000"), {}).workers == (
+        100000)
+    with pytest.raises(ConfigError, match=r"above the limit of 3 \(--workers-max 3\)"):
+        config.load(cli("--workers", "4"), {"CONSUMERD_WORKERS_MAX": "3"})
+    # a reload to an absurd count is rejected and the running count stays
+    path = tmp_path / "c.toml"
+    path.write_text("workers = 2\n")
+    running = Config({"config": str(path)}, {})
+    path.write_text("workers = 100000\n")
+    with pytest.raises(ConfigError, match="above the limit"):
+        running.reload()
+    assert running.settings.workers == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 
 from consumerd.consumer.app import App
@@ -42,6 +44,12 @@ def load_app(ref: str, *, reload: bool = False, require_consumers: bool = True) 
         if exc.name and module_name.startswith(exc.name):
             raise AppLoadError(f"--app {ref!r}: no module named {exc.name!r}") from None
         raise AppLoadError(f"--app {ref!r}: importing it failed: {_one_line(exc)}") from None
+    except SystemExit as exc:
+        # sys.exit() in the module would otherwise end the master quietly (status 0)
+        # or a worker's reload; it is a broken app like any other.
+        raise AppLoadError(
+            f"--app {ref!r}: importing it called sys.exit({exc.code!r})"
+        ) from None
     except Exception as exc:
         raise AppLoadError(f"--app {ref!r}: importing it failed: {_one_line(exc)}") from None
     found: object = module
@@ -56,6 +64,48 @@ def load_app(ref: str, *, reload: bool = False, require_consumers: bool = True) 
     if require_consumers and not found.consumers:
         raise AppLoadError(f"--app {ref!r}: app {found.name!r} declares no consumers")
     return found
+
+
+#: How long a child may take to import the app before the check counts as failed.
+CHECK_TIMEOUT = 60.0
+_CHECK_SOURCE = (
+    "import sys\n"
+    "from consumerd.consumer import loading\n"
+    "try:\n"
+    "    loading.load_app(sys.argv[1])\n"
+    "except loading.AppLoadError as exc:\n"
+    "    print(exc, file=sys.stderr)\n"
+    "    sys.exit(2)\n"
+    "print('loaded')\n"  # os._exit(0) at import exits 0 too, but says nothing
+)
+
+
+def check_in_child(ref: str, timeout: float = CHECK_TIMEOUT) -> None:
+    """Import the app in a fresh interpreter, with this process's ``sys.path`` and working
+    directory; :class:`AppLoadError` if that fails or the child dies (``os._exit()`` or a
+    crash at import, which no ``except`` in this process could catch)."""
+    paths = [p or os.getcwd() for p in sys.path]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHECK_SOURCE, ref], env=env, stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise AppLoadError(f"--app {ref!r}: importing it took over {timeout:g}s") from None
+    except OSError as exc:
+        raise AppLoadError(f"--app {ref!r}: cannot check it in a child: {exc}") from None
+    if done.returncode == 0 and done.stdout.splitlines()[-1:] == [b"loaded"]:
+        return
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    if done.returncode == 2 and lines and lines[-1].startswith("--app "):
+        raise AppLoadError(lines[-1])
+    status = (f"killed by signal {-done.returncode}" if done.returncode < 0
+              else f"exited with status {done.returncode}")
+    if done.returncode == 0:
+        status = "ended the process (os._exit(0))"
+    raise AppLoadError(f"--app {ref!r}: importing it {status} (checked in a child process)"
+                       + (f": {lines[-1]}" if lines else ""))
 
 
 def check_queues(app: App, queues: tuple[str, ...] | None) -> None:

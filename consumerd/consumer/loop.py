@@ -63,6 +63,15 @@ CLAIM_EVERY = 0.1
 """How often it retries a partition whose previous owner has not let go yet."""
 RESTORE_RANGE = (0.5, 60.0)
 """Bounds of the period of the sweep that restores a dead worker's unacked messages."""
+STABLE_AFTER = 10.0
+"""A connection lost sooner than this after it was made counts as a flap: the next
+reconnect waits (FLAP_BACKOFF), growing while flaps continue, instead of reconnecting at
+once: a full broker (Redis at maxmemory, a full disk) fails right after each connect."""
+FLAP_BACKOFF = (0.5, 30.0)
+"""First and longest wait before reconnecting after a flap (doubling, equal jitter)."""
+FULL_POLL = 1.0
+"""Without a wake queue (a full broker refused it), how often the loop looks for a stop."""
+_FULL_MARKERS = ("maxmemory", "OOM command not allowed", "disk is full", "No space left")
 
 Message = typing.Any  # kombu.message.Message: kombu ships no type information
 
@@ -132,7 +141,11 @@ class Loop:
             *self._probe.connection_errors,
             kombu.exceptions.OperationalError,
             OSError,
+            *_full_errors(),
         )
+        self._flaps = 0
+        self._connected_at = 0.0
+        self._without_wake = False  # a full broker refused the wake queue
         self._amqp = broker.is_amqp(self._probe)
         root = lease_root(self._url)
         self._leases = Leases(root)
@@ -233,9 +246,8 @@ class Loop:
                 try:
                     self._serve()
                 except self._recoverable as exc:
-                    LOG.warning("lost the broker (%s: %s); reconnecting",
-                                type(exc).__name__, exc)
                     self._abandon_connection()
+                    self._after_loss(exc)
         finally:
             self._shutdown()
             self._done.set()
@@ -267,9 +279,29 @@ class Loop:
                 elif message.channel is binding.channel:  # else: handed back by a rebind
                     self._on_message(binding, message)
 
+    def _after_loss(self, exc: BaseException) -> None:
+        """Reconnect at once after a stable connection; after a flap (lost soon after it
+        was made) wait first, longer at each flap in a row."""
+        if time.monotonic() - self._connected_at >= STABLE_AFTER:
+            self._flaps = 0
+        self._flaps += 1
+        if self._flaps == 1:
+            LOG.warning("lost the broker (%s: %s); reconnecting", type(exc).__name__, exc)
+            return
+        first, longest = FLAP_BACKOFF
+        ceiling = min(longest, first * 2 ** (self._flaps - 2))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        LOG.warning("lost the broker again %.1fs after connecting (%s: %s; flap #%d); "
+                    "reconnecting in %.1fs", time.monotonic() - self._connected_at,
+                    type(exc).__name__, exc, self._flaps - 1, delay)
+        self._interrupt.clear()
+        self._sleep(delay)
+
     def _timeout(self) -> float | None:
         """Until the next chore; None (block until a message or a poke) if there is none."""
         deadline = min(self._next_rebalance, self._next_restore, self._next_flush)
+        if self._without_wake:
+            deadline = min(deadline, time.monotonic() + FULL_POLL)
         if self._timers:
             deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
         if deadline == math.inf:
@@ -321,7 +353,18 @@ class Loop:
             conn.connect()
             self._conn = conn
             self._producer = Producer(conn.default_channel, serializer="json")
-            self._bind_wake()
+            self._connected_at = time.monotonic()
+            self._without_wake = False
+            try:
+                self._bind_wake()
+            except Exception as exc:
+                if not _is_full(exc):
+                    raise
+                # The broker is full: consume without a wake queue (acks and fetches
+                # free space); a stop or reload is noticed within FULL_POLL instead.
+                LOG.warning("broker full (%s); consuming without a wake queue", exc)
+                self._wake_channel = None
+                self._without_wake = True
             self._schedule_restore()
             self._bind_retry()
             LOG.info("consuming %s from %s", ", ".join(self._app.consumers),
@@ -353,10 +396,16 @@ class Loop:
                 conn.collect()
 
     def _declare(self, channel: typing.Any, spec: ConsumerSpec) -> None:
-        for name in spec.queue_names:
-            spec.queue(name)(channel).declare()
-        for name in (routing.retry_queue(spec.name), routing.dead_letter_queue(spec.name)):
-            declare_queue(name)(channel).declare()
+        try:
+            for name in spec.queue_names:
+                spec.queue(name)(channel).declare()
+            for name in (routing.retry_queue(spec.name), routing.dead_letter_queue(spec.name)):
+                declare_queue(name)(channel).declare()
+        except Exception as exc:
+            if not _is_full(exc):
+                raise
+            # A full broker refuses declarations; consuming what is there frees space.
+            LOG.warning("broker full (%s); consuming %s without declaring it", exc, spec.name)
 
     def _bind(self, spec: ConsumerSpec, previous: _Binding | None) -> None:
         """Consume a (declared) consumer's queues; partitions keep the leases
@@ -739,3 +788,18 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 1_048_576
+
+
+def _is_full(exc: BaseException) -> bool:
+    """The broker refused a write for lack of memory or disk, not for being gone."""
+    text = str(exc)
+    return any(marker in text for marker in _FULL_MARKERS)
+
+
+def _full_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from redis.exceptions import OutOfMemoryError  # noqa: PLC0415 - optional
+
+        return (OutOfMemoryError,)
+    except ImportError:  # pragma: no cover - redis-py is a dependency
+        return ()

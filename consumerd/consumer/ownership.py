@@ -21,6 +21,11 @@ Design (and its limits):
   W. RabbitMQ still guarantees one active consumer per partition (single-active-consumer
   queues); on Redis and SQLite a change of W on one host is not coordinated with the
   others.
+* **Safety in a shared /tmp**: the root ``$TMPDIR/consumerd-<uid>`` has a predictable
+  name, so another local user could create it first, fake members, hold a partition's
+  lock or plant symlinks. It is created 0700 and, found existing, used only if it is a
+  real directory owned by us with no access for others (:func:`private_dir`);
+  everything below it is then ours. Files are opened with ``O_NOFOLLOW``.
 """
 
 from __future__ import annotations
@@ -30,12 +35,56 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
+import typing
 
 from consumerd.supervisor.osproc import pid_exists
 
 LOG = logging.getLogger("consumerd.consumer")
+
+
+class UnsafePath(OSError):
+    """A path in a shared directory that is not ours alone: refuse to use it."""
+
+
+def private_dir(path: str) -> str:
+    """Create ``path`` (mode 0700) if missing, and check that it is ours alone.
+
+    Raises :class:`UnsafePath` if it is a symlink or not a directory, belongs to another
+    user, or others may write in it; one of ours that others may only read (as older
+    releases made them) is narrowed to 0700.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise UnsafePath(f"{path} is not a directory (a symlink or a file is there)") from None
+        raise UnsafePath(f"{path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise UnsafePath(f"{path} belongs to uid {info.st_uid}, not to us ({os.geteuid()})")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o022:
+            raise UnsafePath(f"{path} is writable by other users (mode {mode:o})")
+        if mode & 0o077:
+            # Ours, and nobody else could write in it (an older release made it 0755).
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return path
+
+
+def private_tree(root: str, *parts: str) -> str:
+    """``root/parts...``, each level created or checked by :func:`private_dir`."""
+    path = private_dir(root)
+    for part in parts:
+        path = private_dir(os.path.join(path, part))
+    return path
 
 
 def lease_root(broker_url: str) -> str:
@@ -44,18 +93,27 @@ def lease_root(broker_url: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"consumerd-{os.getuid()}", digest)
 
 
+def check_lease_root(broker_url: str) -> str:
+    """Create or check the lease root of ``broker_url``; :class:`UnsafePath` if unsafe."""
+    root = lease_root(broker_url)
+    return private_tree(os.path.dirname(root), os.path.basename(root))
+
+
 class Leases:
     """Exclusive, crash-released leases on named resources (``flock`` on files)."""
 
     def __init__(self, root: str) -> None:
-        self.root = os.path.join(root, "leases")
-        os.makedirs(self.root, exist_ok=True)
+        self.root = private_tree(os.path.dirname(root), os.path.basename(root), "leases")
         self._held: dict[str, int] = {}
 
     def try_acquire(self, name: str) -> bool:
         if name in self._held:
             return True
-        fd = os.open(os.path.join(self.root, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            os.path.join(self.root, name),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,8 +153,7 @@ class Membership:
     def __init__(
         self, root: str, group: str, worker_id: int, hint: int, grace: float = 3.0
     ) -> None:
-        self.dir = os.path.join(root, "members", group)
-        os.makedirs(self.dir, exist_ok=True)
+        self.dir = private_tree(os.path.dirname(root), os.path.basename(root), "members", group)
         self.worker_id = worker_id
         self.grace = grace
         self._workers = max(hint, worker_id + 1)
@@ -105,7 +162,11 @@ class Membership:
     def join(self) -> None:
         path = os.path.join(self.dir, str(self.worker_id))
         tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a leftover of a dead process with our pid
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         os.replace(tmp, path)
 
@@ -114,7 +175,7 @@ class Membership:
         worker by a new one with the same slot before the old one exits), so a recycled
         pid can never make a stale slot look alive."""
         path = os.path.join(self.dir, str(self.worker_id))
-        with contextlib.suppress(OSError, ValueError), open(path) as f:
+        with contextlib.suppress(OSError, ValueError), _open_nofollow(path) as f:
             if int(f.read()) == os.getpid():
                 os.unlink(path)
 
@@ -123,7 +184,7 @@ class Membership:
         for entry in os.listdir(self.dir):
             if not entry.isdigit() or int(entry) <= highest:
                 continue
-            with contextlib.suppress(OSError, ValueError), open(
+            with contextlib.suppress(OSError, ValueError), _open_nofollow(
                 os.path.join(self.dir, entry)
             ) as f:
                 if pid_exists(int(f.read())):
@@ -140,3 +201,7 @@ class Membership:
         elif now - self._lower_since >= self.grace:
             self._workers, self._lower_since = seen, None
         return self._workers
+
+
+def _open_nofollow(path: str) -> typing.TextIO:
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))

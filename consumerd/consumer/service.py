@@ -53,8 +53,12 @@ class ConsumerService(Service):
     def reload(self) -> None:
         """Re-read the configuration and re-import the app; on any error in either, log
         it and keep both as they run (the master checked the same way and kept its own)."""
+        ref = typing.cast(str, self.config.settings.app)
         try:
-            app = loading.load_app(typing.cast(str, self.config.settings.app), reload=True)
+            # First in a child: an app that calls os._exit() or crashes the interpreter
+            # at import must not take this worker (and its messages in flight) with it.
+            loading.check_in_child(ref)
+            app = loading.load_app(ref, reload=True)
             change = self.config.reload(check=lambda fresh: loading.check_queues(app, fresh.queues))
         except (loading.AppLoadError, ConfigError) as exc:
             LOG.error("reload failed, the running configuration and consumers stay: %s", exc)

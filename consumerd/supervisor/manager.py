@@ -18,6 +18,7 @@ import multiprocessing.process
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,9 +38,13 @@ Slot = tuple[ServiceId, int]
 OnTerminateHook = typing.Callable[[], None]
 OnReloadHook = typing.Callable[[], None]
 OnDeadWorkerHook = typing.Callable[[ServiceId, int, int], None]
+#: Starts a child process that checks the code a re-exec would run (see add_preflight).
+PreflightCheck = typing.Callable[[str], "subprocess.Popen[bytes]"]
 
 #: How long workers get to obey SIGINT before they are killed.
 FAST_STOP_GRACE = 1.0
+#: How long a pre-flight check of a code reload may take before it counts as failed.
+PREFLIGHT_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass
@@ -149,6 +154,9 @@ class ServiceManager:
         self._on_reload: list[OnReloadHook] = []
         self._on_new_worker: list[worker.NewWorkerHook] = []
         self._on_dead_worker: list[OnDeadWorkerHook] = []
+        self._preflights: list[PreflightCheck] = []
+        self._checks: list[subprocess.Popen[bytes]] = []
+        self._check_deadline: float | None = None
 
         self._workers: dict[int, _WorkerProcess] = {}
         self._failures: collections.Counter[Slot] = collections.Counter()
@@ -224,6 +232,19 @@ class ServiceManager:
             self._on_new_worker.append(on_new_worker)
         if on_dead_worker is not None:
             self._on_dead_worker.append(on_dead_worker)
+
+    def add_preflight(self, check: PreflightCheck) -> None:
+        """Check the new code before a code reload (SIGUSR2) commits to it.
+
+        ``check(cwd)`` must start a child process (a :class:`subprocess.Popen`) that
+        loads what the re-executed master would load, from ``cwd`` (the directory the
+        re-exec changes to, symlinks kept), and exits 0 if it would start. The master
+        keeps serving meanwhile; it re-executes only once every check exited 0. Any
+        other status, or no exit within ``PREFLIGHT_TIMEOUT`` seconds, cancels the
+        reload with one log line: the running master and workers stay as they are.
+        """
+        _check_callable(check, "check")
+        self._preflights.append(check)
 
     def add(
         self,
@@ -331,6 +352,8 @@ class ServiceManager:
             self._reap()
             now = time.monotonic()
             self._run_timers(now)
+            if self._checks:
+                self._poll_checks(now)
             if self._exit_code is not None:
                 if not self._workers:
                     return self._exit_code
@@ -349,6 +372,8 @@ class ServiceManager:
 
     def _timeout(self, now: float) -> float | None:
         deadlines = [self._next_watchdog] if self._next_watchdog is not None else []
+        if self._check_deadline is not None:
+            deadlines.append(self._check_deadline)
         if self._exit_code is None:
             deadlines.extend(t for t in self._not_before.values() if t > now)
         elif self._stop_deadline is not None:
@@ -491,6 +516,10 @@ class ServiceManager:
                 return
             if info is None:
                 return
+            check = next((c for c in self._checks if c.pid == info.si_pid), None)
+            if check is not None:
+                check.poll()  # reaps it; _poll_checks reads its status
+                continue
             proc = self._workers.get(info.si_pid)
             if proc is None:
                 os.waitpid(info.si_pid, 0)
@@ -517,13 +546,14 @@ class ServiceManager:
         if self._exit_code is not None or proc.service_id is None or not self._wanted(proc.slot):
             return
         slot = (proc.service_id, proc.worker_id)
-        if self._policy.is_failed_start(runtime, proc.signalled):
+        if self._policy.is_failed_start(runtime, proc.signalled, code):
             self._failures[slot] += 1
             delay = self._policy.delay(self._failures[slot])
             self._not_before[slot] = time.monotonic() + delay
             LOG.warning(
-                "worker %d died %.2fs after start (failed start #%d): respawning in %.2fs",
+                "worker %d %s %.2fs after start (failed start #%d): respawning in %.2fs",
                 proc.worker_id,
+                _describe(code),
                 runtime,
                 self._failures[slot],
                 delay,
@@ -584,6 +614,9 @@ class ServiceManager:
                 self._stop(proc, signal.SIGINT)
         self._rolling.clear()
         self._replacement = None
+        if self._checks:
+            LOG.info("code reload cancelled: stopping")
+            self._end_checks()
 
     def _reload(self) -> None:
         LOG.info("reloading")
@@ -605,8 +638,69 @@ class ServiceManager:
         if self.mp_context.get_start_method() == "forkserver":
             LOG.error("code reload is not supported with the forkserver start method")
             return
-        LOG.info("reloading code: re-executing the master, pid %d is kept", os.getpid())
+        if self._checks:
+            LOG.info("code reload: the new code is still being checked")
+            return
         self._notifier.reloading()
+        if self._preflights:
+            self._start_checks()
+        else:
+            self._exec()
+
+    def _start_checks(self) -> None:
+        for check in self._preflights:
+            try:
+                self._checks.append(check(self._cwd))
+            except Exception as exc:
+                LOG.error(
+                    "code reload cancelled: its pre-flight check could not start (%s: %s); "
+                    "the running master and workers stay",
+                    type(exc).__name__,
+                    exc,
+                )
+                self._end_checks()
+                self._notifier.ready(f"{self._running_count} workers running")
+                return
+        self._check_deadline = time.monotonic() + PREFLIGHT_TIMEOUT
+        LOG.info(
+            "code reload: checking the new code from %s first (pid %s)",
+            self._cwd,
+            ", ".join(str(c.pid) for c in self._checks),
+        )
+
+    def _poll_checks(self, now: float) -> None:
+        codes = [c.poll() for c in self._checks]
+        failed = next((code for code in codes if code not in (None, 0)), None)
+        if failed is None and None not in codes:
+            self._end_checks()
+            self._exec()
+            return
+        if failed is None and self._check_deadline is not None and now < self._check_deadline:
+            return
+        why = (
+            _describe(failed)
+            if failed is not None
+            else f"did not finish within {PREFLIGHT_TIMEOUT:g}s"
+        )
+        LOG.error(
+            "code reload cancelled: the new code failed its pre-flight check (%s); "
+            "the running master and its %d workers stay",
+            why,
+            len(self._workers),
+        )
+        self._end_checks()
+        self._notifier.ready(f"{self._running_count} workers running")
+
+    def _end_checks(self) -> None:
+        for check in self._checks:
+            if check.poll() is None:
+                check.kill()
+                check.wait()
+        self._checks.clear()
+        self._check_deadline = None
+
+    def _exec(self) -> None:
+        LOG.info("reloading code: re-executing the master, pid %d is kept", os.getpid())
         index = {service_id: i for i, service_id in enumerate(self._services)}
         state = reexec.State(
             death_pipe=(self._death_r, self._death_w),

@@ -15,14 +15,21 @@ class RespawnPolicy:
     died sooner counts as a failed start: the ``n``-th consecutive one delays the next
     spawn of that slot by about ``base_delay * 2**(n-1)`` seconds, capped at ``max_delay``.
     The jitter keeps slots that fail together (a broker outage) from retrying in lockstep.
+
+    An exit status in ``failure_codes`` counts as a failure however long the worker ran:
+    a worker that gave up on an unreachable resource after trying for a while (75,
+    EX_TEMPFAIL of sysexits.h, by default) must not be respawned at once every time.
     """
 
     healthy_after: float = 1.0
     base_delay: float = 0.5
     max_delay: float = 30.0
+    failure_codes: frozenset[int] = frozenset({75})
 
-    def is_failed_start(self, runtime: float, requested: bool) -> bool:
-        return not requested and runtime < self.healthy_after
+    def is_failed_start(self, runtime: float, requested: bool, code: int | None = None) -> bool:
+        if requested:
+            return False
+        return runtime < self.healthy_after or (code is not None and code in self.failure_codes)
 
     def delay(self, failures: int) -> float:
         if failures <= 0:

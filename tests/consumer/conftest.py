@@ -228,8 +228,10 @@ class Consumerd:
                               env={**self.env(), **env}, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
-    def start(self, *args: str, workers: int | None = 2, url: str | None = None) -> None:
-        """``workers=None`` leaves the count to the environment or a --config file."""
+    def start(self, *args: str, workers: int | None = 2, url: str | None = None,
+              cwd: str | None = None) -> None:
+        """``workers=None`` leaves the count to the environment or a --config file;
+        ``cwd`` (default: the test's directory) is also given as $PWD, as a shell does."""
         self.logf = open(self.log, "ab")  # noqa: SIM115 - the child writes to it
         url = url or self.url
         broker = ["--broker", url] if url else []  # none: the embedded default
@@ -237,7 +239,8 @@ class Consumerd:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumerd.cli", "--app", "tapp", *broker, *count,
              "--log-level", "INFO", *args],
-            cwd=self.tmp, env=self.env(), stdout=self.logf, stderr=subprocess.STDOUT,
+            cwd=cwd or self.tmp, env={**self.env(), "PWD": str(cwd or self.tmp)},
+            stdout=self.logf, stderr=subprocess.STDOUT,
         )
 
     def workers(self) -> list[int]:

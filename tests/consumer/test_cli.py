@@ -32,6 +32,7 @@ def apps(tmp_path):
     (tmp_path / "empty.py").write_text("import consumerd\napp = consumerd.App('empty')\n")
     (tmp_path / "broken.py").write_text("import consumerd\nraise RuntimeError('no config')\n")
     (tmp_path / "badimport.py").write_text("import does_not_exist_anywhere\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
     return tmp_path
 
 
@@ -50,6 +51,10 @@ def apps(tmp_path):
         (["--app", "good", "--broker", "redis://h:99999/0"], "malformed broker URL"),
         (["--app", "good", "--broker", "sqlite://relative.db"], "like sqlite:///relative/path.db"),
         (["--app", "good", "--workers", "0"], "--workers: expected an integer >= 1"),
+        (["--app", "good", "--workers", "100000"], "workers: 100000 is above the limit of"),
+        (["--app", "exits"], "--app 'exits': importing it called sys.exit(0)"),
+        (["--app", "good", "--metrics-port", "0", "--metrics-address", "192.0.2.1"],
+         "--metrics-address 192.0.2.1 --metrics-port 0: cannot listen: Cannot assign"),
         (["--app", "good", "--member", "2/2"], "M >= 1 and 0 <= I < M"),
         (["--app", "good", "--graceful-timeout", "soon"], "expected a finite number of seconds"),
         (["--app", "good", "--graceful-timeout", "inf"], "expected a finite number of seconds"),
@@ -232,3 +237,17 @@ def test_publish_to_an_unreachable_broker_is_one_line_exit_1(apps):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "publish to redis://127.0.0.1:1/0 failed after 0 message(s)" in lines[0]
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_2(apps):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run(apps, "--app", "good", "--metrics-port", str(port))
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"consumerd: error: --metrics-address 127.0.0.1 --metrics-port {port}: "
+                     "cannot listen: Address already in use"], result.stderr

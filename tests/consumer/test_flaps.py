@@ -77,7 +77,13 @@ def test_broker_down_past_the_limit_exits_75_and_backs_off(consumerd, broker, pr
     url = broker.consumer_url(proxy.port)
     consumerd.configure([{"name": name}])
     consumerd.start("--broker-down-limit", "1", workers=1, url=url)
-    consumerd.wait_logged("exiting with status 75", 2, timeout=30)
-    consumerd.wait_logged("with status 75", 2)
+    # Each worker ran over the 1 s "healthy" mark before giving up, yet every exit 75
+    # counts as a failure: the back-off grows instead of respawning at once each time.
+    consumerd.wait_logged("(failed start #3)", timeout=60)
+    with open(consumerd.log) as f:
+        delays = [float(line.rsplit("respawning in ", 1)[1].rstrip("s\n"))
+                  for line in f if "exited with status 75" in line and "failed start #" in line]
+    assert len(delays) >= 3
+    assert delays[0] < delays[2]  # #3's delay is at least #1's ceiling: 2x the minimum
     assert consumerd.proc.poll() is None  # the master stays up and respawns
     assert consumerd.stop() == 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -141,3 +143,61 @@ def test_bad_requests_get_clear_statuses(ops_master):
         sock.sendall(b"GET /" + b"x" * 9000)
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 431")
     assert master.get("/healthz?verbose=1")[0] == 200
+
+
+
+class Flood:
+    """One local client holding ``count`` idle connections to ``port``, opening a new one
+    each time the server drops one (as a leaking client pool or a slowloris does)."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.count = count
+        self.stopped = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", self.port))
+        self.opened += 1
+        return sock
+
+    def _run(self) -> None:
+        socks = [self._open() for _ in range(self.count)]
+        while not self.stopped.is_set():
+            readable, _, _ = select.select(socks, [], [], 0.05)
+            for sock in readable:  # readable while idle: the server closed it
+                socks.remove(sock)
+                sock.close()
+                socks.append(self._open())
+        for sock in socks:
+            sock.close()
+
+    def __enter__(self) -> Flood:
+        self.thread.start()
+        wait_for(lambda: self.opened >= self.count, 10, "the flood's connections")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(10)
+
+
+def test_healthz_answers_while_one_client_floods_the_port(ops_master):
+    """300 idle connections from one local client (a leak, or a flood) must not starve the
+    liveness probe: a Kubernetes pod is killed when /healthz stops answering."""
+    master = ops_master(workers=1)
+    master.wait_starts(1)
+    with Flood(master.port, 300):
+        started = time.monotonic()
+        results: list[object] = []
+        for _ in range(20):
+            try:
+                results.append(get(master.port, "/healthz", timeout=10)[0])
+            except OSError as exc:
+                results.append(repr(exc))
+        elapsed = time.monotonic() - started
+    assert results == [200] * 20, results
+    assert elapsed < 60  # generous: the point is that every probe is answered

@@ -48,6 +48,7 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -183,7 +184,7 @@ class Store:
             if self._db is not None and self._pid == os.getpid():
                 return
             try:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                _private_file(self.path)
                 db = sqlite3.connect(
                     self.path,
                     timeout=self.busy_timeout,
@@ -635,3 +636,28 @@ class Transport(virtual.Transport):
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version
+
+
+def _private_file(path: str) -> None:
+    """Create the database's folder (0700) and file (0600) if missing, so that other users
+    cannot read the messages; an existing folder or file of ours loses its access for
+    others (older releases made them 0755 / 0644). SQLite gives ``-wal`` and ``-shm`` the
+    file's mode. Never follows a symlink planted in place of the file."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        for target in (fd, folder):
+            info = os.stat(target)
+            if info.st_uid == os.geteuid() and info.st_mode & 0o007:
+                os.chmod(target, stat.S_IMODE(info.st_mode) & ~0o007)
+    finally:
+        os.close(fd)
+    for extra in (path + "-wal", path + "-shm"):
+        try:
+            info = os.lstat(extra)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o007:
+            os.chmod(extra, stat.S_IMODE(info.st_mode) & ~0o007)
