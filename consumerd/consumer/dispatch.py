@@ -45,7 +45,13 @@ class Job:
     context: contextlib.AbstractContextManager[object]
     """Entered around the handler, in the thread or task that runs it (log context)."""
     seconds: float = 0.0
+    result: object = None
     error: BaseException | None = None
+
+
+def is_async(handler: Callable[..., typing.Any]) -> bool:
+    """True for an ``async def`` handler (it needs the event loop, even one at a time)."""
+    return inspect.iscoroutinefunction(handler)
 
 
 class _EventLoop:
@@ -78,8 +84,7 @@ class Pool:
         concurrency: int,
         started: Callable[[], None],
     ) -> None:
-        self._handler = handler
-        self._is_async = inspect.iscoroutinefunction(handler)
+        self.handler = handler
         self.concurrency = concurrency
         self._started = started
         self._ready: collections.deque[Job] = collections.deque()
@@ -122,6 +127,10 @@ class Pool:
             self._start()
         return finished
 
+    def resume(self) -> None:
+        self.paused = False
+        self._start()
+
     def drop_waiting(self) -> int:
         """Forget the jobs not started yet (their messages go back with their channel);
         the running ones finish. Returns how many were dropped."""
@@ -142,7 +151,7 @@ class Pool:
             job = self._ready.popleft()
             self.running += 1
             self._started()
-            if self._is_async:
+            if is_async(self.handler):
                 asyncio.run_coroutine_threadsafe(self._run_async(job), _EventLoop.get())
             else:
                 if self._executor is None:
@@ -155,8 +164,8 @@ class Pool:
         start = time.perf_counter()
         try:
             with job.context:
-                self._handler(job.body, job.delivery)
-        except BaseException as exc:  # noqa: BLE001 - any way a handler ends is an outcome
+                job.result = self.handler(job.body, job.delivery)
+        except BaseException as exc:
             job.error = exc
         self._finish(job, start)
 
@@ -164,8 +173,8 @@ class Pool:
         start = time.perf_counter()
         try:
             with job.context:
-                await self._handler(job.body, job.delivery)
-        except BaseException as exc:  # noqa: BLE001 - cancelled included
+                job.result = await self.handler(job.body, job.delivery)
+        except BaseException as exc:
             job.error = exc
         self._finish(job, start)
 

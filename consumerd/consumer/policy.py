@@ -21,6 +21,9 @@ TARGET = "consumerd-queue"
 """The queue a retry copy returns to, or the queue a dead letter came from."""
 ERROR = "consumerd-error"
 """``ExceptionType: message`` of the last failure, on dead letters."""
+KEY = "consumerd-key"
+"""The partition key a message was published with: a worker running several handlers
+at once keeps the order of the messages of one key."""
 
 _MAX_ERROR_CHARS = 2000
 
