@@ -165,6 +165,10 @@ class Settings:
         None, _int(1), "prefetch of consumers that do not set their own", live=True,
         metavar="N",
     )
+    concurrency: int | None = _setting(
+        None, _int(1, 1024), "handlers running at once in a worker, for consumers that do not "
+        "set their own", live=True, metavar="N",
+    )
     queues: tuple[str, ...] | None = _setting(
         None, _names, "run only these consumers (default: all the app declares)", live=True,
         metavar="NAME,...",

@@ -68,6 +68,8 @@ class ConsumerSpec:
     max_deaths: int = policy.MAX_DEATHS
     """Deliveries of one message that may end with the worker's death; at the limit it is
     dead-lettered without calling the handler (see :mod:`consumerd.consumer.deaths`)."""
+    concurrency: int | None = None
+    """Handlers of this consumer running at once in one worker (None: the default)."""
 
     @property
     def queue_names(self) -> list[str]:
@@ -132,8 +134,8 @@ class App:
     """A set of consumer declarations plus a producer using the same routing.
 
     ``broker``: the app's default broker URL; ``--broker`` and ``$CONSUMERD_BROKER``
-    win over it. ``prefetch``, ``max_retries``, ``retry_delay``, ``max_retry_delay`` and
-    ``max_deaths`` are defaults for every consumer.
+    win over it. ``prefetch``, ``concurrency``, ``max_retries``, ``retry_delay``,
+    ``max_retry_delay`` and ``max_deaths`` are defaults for every consumer.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class App:
         broker: str | None = None,
         *,
         prefetch: int = DEFAULT_PREFETCH,
+        concurrency: int = 1,
         max_retries: int = 3,
         retry_delay: float = 1.0,
         max_retry_delay: float = 300.0,
@@ -151,6 +154,7 @@ class App:
         self.broker = broker
         self.prefetch = _positive("prefetch", prefetch)
         self.max_deaths = _positive("max_deaths", max_deaths)
+        self.concurrency = _positive("concurrency", concurrency)
         self.retry = policy.RetryPolicy(max_retries, retry_delay, max_retry_delay)
         self.consumers: dict[str, ConsumerSpec] = {}
         self._broker_override: str | None = None
@@ -169,6 +173,7 @@ class App:
         *,
         prefetch: int | None = None,
         partitions: int | None = None,
+        concurrency: int | None = None,
         max_retries: int | None = None,
         retry_delay: float | None = None,
         max_retry_delay: float | None = None,
@@ -180,17 +185,24 @@ class App:
         exactly one worker; publish with ``key=`` to keep per-key order.
         ``max_deaths=N``: a message whose handling ended with the worker's death N times
         is dead-lettered without calling the handler again.
+
+        ``concurrency=N`` runs up to N handlers at once in each worker: plain functions
+        on threads, ``async def`` handlers as tasks of the worker's event loop. Messages
+        of one partition key never run at the same time and finish in publish order;
+        unpartitioned consumers are unordered.
         """
         self._check_new(name)
         retry = self._retry_of(max_retries, retry_delay, max_retry_delay)
         prefetch = None if prefetch is None else _positive("prefetch", prefetch)
         parts = 0 if partitions is None else _positive("partitions", partitions)
         deaths = self._max_deaths_of(max_deaths)
+        concurrency = None if concurrency is None else _positive("concurrency", concurrency)
 
         def register(handler: _HandlerT) -> _HandlerT:
             if not callable(handler):
                 raise TypeError(f"consumer {name!r}: {handler!r} is not callable")
-            self._add(ConsumerSpec(name, handler, prefetch, parts, retry, max_deaths=deaths))
+            self._add(ConsumerSpec(name, handler, prefetch, parts, retry, max_deaths=deaths,
+                                   concurrency=concurrency))
             return handler
 
         return register
@@ -282,14 +294,28 @@ class App:
     def _max_deaths_of(self, max_deaths: int | None) -> int:
         return self.max_deaths if max_deaths is None else _positive("max_deaths", max_deaths)
 
-    def prefetch_of(self, spec: ConsumerSpec, override: int | None = None) -> int:
+    def prefetch_of(
+        self, spec: ConsumerSpec, override: int | None = None, concurrency: int | None = None
+    ) -> int:
         """``@consumer(prefetch=)`` wins, then ``--prefetch``, then ``App(prefetch=)``;
-        a batched consumer's is at least its batch size, or a batch could never fill."""
+        at least the consumer's concurrency (``concurrency``: the ``--concurrency``
+        override), or handlers would wait for messages the broker holds back; a batched
+        consumer's at least its batch size, or a batch could never fill."""
         if spec.prefetch is not None:
             value = spec.prefetch
         else:
             value = self.prefetch if override is None else override
+        value = max(value, self.concurrency_of(spec, concurrency))
         return value if spec.batch is None else max(value, spec.batch.size)
+
+    def concurrency_of(self, spec: ConsumerSpec, override: int | None = None) -> int:
+        """``@consumer(concurrency=)`` wins, then ``--concurrency``, then
+        ``App(concurrency=)``. A batched consumer runs one batch at a time."""
+        if spec.batch is not None:
+            return 1
+        if spec.concurrency is not None:
+            return spec.concurrency
+        return self.concurrency if override is None else override
 
     # -- producing --------------------------------------------------------------------
 
@@ -335,6 +361,8 @@ class App:
         and its retry copies and dead letter keep it.
         """
         queue, partitioned = self.route(name, key)
+        if partitioned and key is not None:
+            headers = {**(headers or {}), policy.KEY: routing.key_text(key)}
         with self._lock:
             producer = self._producer_for_this_process()
             producer.producer.publish(

@@ -7,10 +7,13 @@ counted per message on this host:
 
 * **In-flight record**: one file per worker process (``<scope>.<pid>.rec`` under the
   host's per-broker runtime directory, see :func:`~consumerd.consumer.ownership.lease_root`),
-  mapped into memory. Before a handler runs the worker writes the message's identity and a
-  "handling" flag into it; after the message is settled it clears the flag. That is two
-  stores into shared memory, no system call: the kernel keeps a dead process's shared
-  pages, so the record survives any death of the process (not of the host).
+  mapped into memory: the process's start time, then :data:`SLOTS` slots, one per handler
+  that may run at once (slot 0 for the loop's own thread, the others for concurrent
+  handlers, see :mod:`~consumerd.consumer.dispatch`). Before a handler runs the worker
+  writes the message's identity and a "handling" flag into its slot; after the message is
+  settled it clears the flag. That is two stores into shared memory, no system call: the
+  kernel keeps a dead process's shared pages, so the record survives any death of the
+  process (not of the host).
 * **Death counts**: one small JSON map per scope (``<scope>.counts``, at most
   :data:`MAX_ENTRIES` identities, the least recently counted dropped first), changed under
   an ``flock``. Whenever a worker starts, and before it handles a *redelivered* message
@@ -46,14 +49,18 @@ from consumerd.supervisor import osproc
 
 LOG = logging.getLogger("consumerd.consumer")
 
-RECORD_SIZE = 512
+SLOTS = 1025
+"""Handlers a record can note at once: the loop's own, and the most concurrent ones."""
+SLOT_SIZE = 256
 MAX_ENTRIES = 1000
 """Identities kept in the death-count map; the oldest go first."""
 VOLATILE_HEADERS = frozenset({"redelivered", "x-delivery-count"})
 """Headers a redelivery adds or changes: not part of a message's identity."""
 _IDLE, _HANDLING = 0, 1
-_HEADER = 11  # state (1) + identity length (2) + start time (8)
-_MAX_ID = RECORD_SIZE - _HEADER
+_START = 8  # the record begins with the process's start time
+_SLOT_HEADER = 3  # state (1) + identity length (2)
+_MAX_ID = SLOT_SIZE - _SLOT_HEADER
+RECORD_SIZE = _START + SLOTS * SLOT_SIZE
 
 
 def identity_of(message: typing.Any) -> str:
@@ -92,24 +99,26 @@ class DeathCounter:
             self._record: mmap.mmap | None = mmap.mmap(fd, RECORD_SIZE)
         finally:
             os.close(fd)
-        self._record[3:_HEADER] = osproc.start_time(self._pid).to_bytes(8, "little")
+        self._record[0:_START] = osproc.start_time(self._pid).to_bytes(_START, "little")
 
     # -- the hot path -----------------------------------------------------------------
 
-    def handling(self, identity: str) -> None:
-        """Note that this process is about to handle the message ``identity``."""
+    def handling(self, identity: str, slot: int = 0) -> None:
+        """Note that this process is about to handle the message ``identity`` (in
+        ``slot``: 0 for the loop's own thread)."""
         record = self._record
         if record is None:
             return
+        at = _START + slot * SLOT_SIZE
         data = identity.encode("utf-8", "replace")[:_MAX_ID]
-        record[_HEADER:_HEADER + len(data)] = data
-        record[1:3] = len(data).to_bytes(2, "little")
-        record[0] = _HANDLING
+        record[at + _SLOT_HEADER:at + _SLOT_HEADER + len(data)] = data
+        record[at + 1:at + 3] = len(data).to_bytes(2, "little")
+        record[at] = _HANDLING
 
-    def settled(self) -> None:
-        """The message noted last is acked, retried or dead-lettered."""
+    def settled(self, slot: int = 0) -> None:
+        """The message noted in ``slot`` is acked, retried or dead-lettered."""
         if self._record is not None:
-            self._record[0] = _IDLE
+            self._record[_START + slot * SLOT_SIZE] = _IDLE
 
     # -- deaths -----------------------------------------------------------------------
 
@@ -152,12 +161,15 @@ class DeathCounter:
                     data = f.read(RECORD_SIZE)
             except OSError:
                 continue
-            started = int.from_bytes(data[3:_HEADER], "little") if len(data) >= _HEADER else 0
+            started = int.from_bytes(data[:_START], "little") if len(data) >= _START else 0
             if osproc.running(int(pid_text), started):
                 continue
-            if len(data) >= _HEADER and data[0] == _HANDLING:
-                length = int.from_bytes(data[1:3], "little")
-                identity = data[_HEADER:_HEADER + length].decode("utf-8", "replace")
+            for at in range(_START, len(data) - _SLOT_HEADER + 1, SLOT_SIZE):
+                if data[at] != _HANDLING:
+                    continue
+                length = int.from_bytes(data[at + 1:at + 3], "little")
+                start = at + _SLOT_HEADER
+                identity = data[start:start + length].decode("utf-8", "replace")
                 entry = counts.setdefault(identity, [0, 0.0])
                 entry[0] += 1
                 entry[1] = time.time()

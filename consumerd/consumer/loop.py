@@ -45,7 +45,7 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
 from consumerd.config import Config, Settings
-from consumerd.consumer import batching, broker, deaths, decoding, policy, routing
+from consumerd.consumer import batching, broker, deaths, decoding, dispatch, policy, routing
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.ops import logs, metrics
@@ -61,6 +61,9 @@ REBALANCE_EVERY = 1.0
 """How often a worker with partitioned consumers looks at this host's worker count."""
 CLAIM_EVERY = 0.1
 """How often it retries a partition whose previous owner has not let go yet."""
+HANDLER_POLL = 0.005
+"""While handlers run on other threads the loop looks for their outcomes this often (it
+cannot be woken from another thread for free: it waits in the broker client's read)."""
 RESTORE_RANGE = (0.5, 60.0)
 """Bounds of the period of the sweep that restores a dead worker's unacked messages."""
 STABLE_AFTER = 10.0
@@ -173,6 +176,9 @@ class Loop:
         self._retry_channel: typing.Any = None
         self._wake_channel: typing.Any = None
         self._inbox: collections.deque[tuple[_Binding | None, Message]] = collections.deque()
+        self._pools: dict[str, dispatch.Pool] = {}  # consumers running handlers in parallel
+        self._inline: set[str] = set()  # consumers known to run inline (until a reload)
+        self._free_slots = list(range(deaths.SLOTS - 1, 0, -1))  # in-flight record slots
         self._timers: list[tuple[float, int, Message]] = []
         self._seq = itertools.count()
         self._next_rebalance = math.inf  # chores: math.inf = never
@@ -270,7 +276,9 @@ class Loop:
         assert self._conn is not None
         drain = self._conn.drain_events
         while not self._stopping:
-            if self._pending_app is not None:
+            if self._pools:
+                self._settle_completed()
+            if self._pending_app is not None and self._quiesced():
                 self._apply_reload()
             now = time.monotonic()
             if now >= self._next_rebalance:
@@ -316,6 +324,8 @@ class Loop:
         deadline = min(self._next_rebalance, self._next_restore, self._next_flush)
         if self._without_wake:
             deadline = min(deadline, time.monotonic() + FULL_POLL)
+        if any(pool.running for pool in self._pools.values()):
+            deadline = min(deadline, time.monotonic() + HANDLER_POLL)
         if self._timers:
             deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
         if deadline == math.inf:
@@ -402,6 +412,8 @@ class Loop:
         self._producer = None
         self._timers.clear()
         self._inbox.clear()
+        for pool in self._pools.values():
+            pool.drop_waiting()  # running ones finish; their messages come back anyway
         self._retry_channel = self._wake_channel = None
         for binding in self._bindings.values():
             binding.consumer = binding.channel = binding.batch = None
@@ -425,11 +437,24 @@ class Loop:
         """Consume a (declared) consumer's queues; partitions keep the leases
         held before a reconnect and gain more at the next rebalance."""
         assert self._conn is not None
-        binding = _Binding(spec, self._app.prefetch_of(spec, self.settings.prefetch))
+        settings = self.settings
+        binding = _Binding(
+            spec, self._app.prefetch_of(spec, settings.prefetch, settings.concurrency)
+        )
         if previous is not None and spec.partitions:
             binding.owned = {p for p in previous.owned if p < spec.partitions}
-        binding.open(self._conn, self._receive)
         self._bindings[spec.name] = binding
+        self._open(binding)
+
+    def _open(self, binding: _Binding) -> None:
+        """Consume a binding's queues on a new channel; jobs its consumer's pool still
+        held came from the closed one, which handed their messages back."""
+        assert self._conn is not None
+        binding.open(self._conn, self._receive)
+        pool = self._pools.get(binding.spec.name)
+        if pool is not None:
+            pool.drop_waiting()
+            pool.resume()
 
     def _bind_retry(self) -> None:
         """Declare every consumer's queues, then consume the retry queues."""
@@ -534,6 +559,12 @@ class Loop:
             self._add_to_batch(binding, body, delivery)
             return
         log_context = logs.message(queue, message.properties.get("message_id"))
+        pool = self._pool_of(spec)
+        if pool is not None:
+            key = _key_of(message, queue) if spec.partitions else None
+            pool.submit(dispatch.Job(message, body, delivery, key, log_context,
+                                     deaths.identity_of(message)))
+            return
         try:
             with meter.handling(), log_context:
                 result = spec.handler(body, delivery)
@@ -542,12 +573,77 @@ class Loop:
             # the runtime never stops a worker by raising into the handler's thread.
             self._failed(spec, message, delivery, exc)
             return
+        self._handled_one(spec, message, delivery, result)
+
+    def _handled_one(
+        self, spec: ConsumerSpec, message: Message, delivery: Delivery, result: object
+    ) -> None:
+        """The handler returned: ack (or requeue, if it asked), count for recycling."""
         if result is policy.REQUEUE:
             self._requeue(spec, [delivery])
             return
         _ack(message)
-        meter.acked()
+        metrics.for_consumer(spec.name).acked()
         self._count_for_recycling()
+
+    # -- handlers on other threads ------------------------------------------------------
+
+    def _pool_of(self, spec: ConsumerSpec) -> dispatch.Pool | None:
+        """The pool running ``spec``'s handlers, or None to run them inline (concurrency
+        1, a plain function: today's path and cost)."""
+        if spec.name in self._inline:
+            return None
+        pool = self._pools.get(spec.name)
+        concurrency = self._app.concurrency_of(spec, self.settings.concurrency)
+        if pool is None:
+            if concurrency == 1 and not dispatch.is_async(spec.handler):
+                self._inline.add(spec.name)
+                return None
+            meter = metrics.for_consumer(spec.name)
+
+            def started(job: dispatch.Job) -> None:
+                meter.started()
+                if self._free_slots:  # noted like the loop's own handler (deaths.py)
+                    job.slot = self._free_slots.pop()
+                    self._deaths.handling(job.identity, job.slot)
+
+            pool = self._pools[spec.name] = dispatch.Pool(spec.handler, concurrency, started)
+        pool.concurrency = concurrency  # SIGHUP may have changed it
+        return pool
+
+    def _settle_completed(self) -> None:
+        """Settle, from this thread (kombu channels are not thread-safe), what the pools
+        ran: each message as if its handler had run inline."""
+        for name, pool in self._pools.items():
+            for job in pool.completed():
+                metrics.for_consumer(name).finished(job.seconds)
+                if job.slot is not None:  # its handler ended: a death now is not its doing
+                    self._deaths.settled(job.slot)
+                    self._free_slots.append(job.slot)
+                binding = self._bindings.get(name)
+                if binding is None or job.message.channel is not binding.channel:
+                    continue  # its channel was closed: the broker has the message back
+                if job.error is not None:
+                    self._failed(binding.spec, job.message, job.delivery, job.error)
+                else:
+                    self._handled_one(binding.spec, job.message, job.delivery, job.result)
+
+    def _quiesced(self, name: str | None = None) -> bool:
+        """Pause the pools (all, or ``name``'s) and say whether their handlers are done:
+        a rebind closes channels, and a message whose channel is gone cannot be acked."""
+        pools = list(self._pools.values()) if name is None else [self._pools[name]]
+        for pool in pools:
+            pool.paused = True
+        return not any(pool.running for pool in pools)
+
+    def _finish_handlers(self) -> None:
+        """At a stop: unstarted jobs go back with their channels; running handlers may
+        finish (within the graceful timeout, which :meth:`stop` enforces) and are settled."""
+        for pool in self._pools.values():
+            pool.drop_waiting()
+        while self._conn is not None and any(p.running for p in self._pools.values()):
+            time.sleep(HANDLER_POLL)  # the stop is already requested: nothing to wait on
+            self._settle_completed()
 
     def _count_for_recycling(self) -> None:
         """Past a recycling limit, take no more messages: the loop hands back what it
@@ -776,11 +872,15 @@ class Loop:
                 self._next_rebalance = time.monotonic() + CLAIM_EVERY
             if not lost and not gained:
                 continue
+            if spec.name in self._pools and not self._quiesced(spec.name):
+                # Its channel closes below: let the running handlers finish and ack first.
+                self._next_rebalance = time.monotonic() + HANDLER_POLL
+                continue
             binding.close()
             for p in lost:
                 self._leases.release(routing.partition_queue(spec.name, p))
             binding.owned = (binding.owned - lost) | gained
-            binding.open(self._conn, self._receive)
+            self._open(binding)
             LOG.info("%s: worker %d of %d consumes partitions %s", spec.name,
                      self.worker_id, workers, sorted(binding.owned))
 
@@ -823,13 +923,22 @@ class Loop:
         assert app is not None
         app.configure(broker_url=self._url)
         old, self._app = self._app, app
+        self._inline.clear()  # a new handler or concurrency may need a pool now
         for name, binding in list(self._bindings.items()):
             spec = app.consumers.get(name)
+            settings = self.settings
+            pool = self._pools.get(name)
             if spec is not None and spec.binding_key() == binding.spec.binding_key() and (
-                app.prefetch_of(spec, self.settings.prefetch) == binding.prefetch
+                app.prefetch_of(spec, settings.prefetch, settings.concurrency) == binding.prefetch
             ):
                 binding.spec = spec  # same queues: only the handler may have changed
+                if pool is not None:
+                    pool.handler = spec.handler
+                    pool.resume()
                 continue
+            if pool is not None:  # quiesced: nothing runs; what waits goes back below
+                del self._pools[name]
+                pool.close()
             binding.close()
             self._release_leases(binding)
             del self._bindings[name]
@@ -851,6 +960,9 @@ class Loop:
 
     def _shutdown(self) -> None:
         metrics.set_consuming(False)
+        self._finish_handlers()
+        for pool in self._pools.values():
+            pool.close()
         conn = self._conn
         if conn is not None:
             for binding in self._bindings.values():
@@ -907,6 +1019,13 @@ def _undecodable(on_message: typing.Callable[[Message], None], message: Message,
     if not errors:
         errors.append((type(exc), exc, exc.__traceback__))
     on_message(message)
+
+
+def _key_of(message: Message, queue: str) -> tuple[str, str]:
+    """The order key of a partitioned consumer's message: the key it was published with;
+    a message without one (another producer's) keeps the order of its partition."""
+    key = (message.headers or {}).get(policy.KEY)
+    return ("key", key) if isinstance(key, str) else ("queue", queue)
 
 
 def _rss_mb() -> float:

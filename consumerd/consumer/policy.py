@@ -33,6 +33,9 @@ MAX_RETRY_AHEAD = 366 * 86400.0
 MAX_DEATHS = 3
 """Default of ``max_deaths``: deliveries that ended with the worker's death before a
 message is dead-lettered without calling its handler again."""
+KEY = "consumerd-key"
+"""The partition key a message was published with: a worker running several handlers
+at once keeps the order of the messages of one key."""
 
 _MAX_ERROR_CHARS = 2000
 _MAX_VALUE_CHARS = 80

@@ -31,6 +31,11 @@ def key_bytes(key: str | bytes | int) -> bytes:
     return str(key).encode("utf-8")
 
 
+def key_text(key: str | bytes | int) -> str:
+    """A key as a header value (any broker carries text): bytes as hex."""
+    return key.hex() if isinstance(key, bytes) else str(key)
+
+
 def partition_of(key: str | bytes | int, partitions: int) -> int:
     """The partition of ``key``: CRC-32 of its UTF-8 bytes modulo ``partitions``.
 

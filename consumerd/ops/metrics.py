@@ -215,6 +215,12 @@ class ConsumerMetrics:
         """Wrap the handler call: counts it in flight and times it."""
         return contextlib.nullcontext()
 
+    def started(self) -> None:
+        """A handler began on another thread (what :meth:`handling` does on entry)."""
+
+    def finished(self, seconds: float) -> None:
+        """That handler ended after ``seconds`` (what :meth:`handling` does on exit)."""
+
 
 class _Recording(ConsumerMetrics):
     """Counts in plain integers and writes them to the shared files at most every

@@ -44,30 +44,46 @@ app = consumerd.App("t", max_retries=CONFIG.get("retries", 2),
                     retry_delay=CONFIG.get("delay", 0.2))
 OUT = os.environ["T_OUT"]
 
-def make(sleep):
+def write(line):
+    fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line.encode())
+    os.close(fd)
+
+def begin(body, message):
+    # "pid queue id started" (4 fields) as the handler begins: tests can wait on it.
+    write(f"{os.getpid()} {message.queue} {body['i']} started\\n")
+    return time.time()
+
+def end(body, message, start):
+    failing = body.get("fail_until", 0) >= message.attempt
+    # A failed attempt is an 8-field line ("failed" last); read_records skips it.
+    write(f"{os.getpid()} {message.queue} {body['i']} {message.attempt} "
+          f"{int(message.redelivered)} {start:.6f} {time.time():.6f}"
+          f"{' failed' if failing else ''}\\n")
+    if failing:
+        raise RuntimeError(f"boom at attempt {message.attempt}")
+
+def make(sleep, is_async):
+    if is_async:  # the same, as a coroutine on the worker's event loop
+        import asyncio
+
+        async def handle_async(body, message):
+            start = begin(body, message)
+            if sleep:
+                await asyncio.sleep(sleep)
+            end(body, message, start)
+        return handle_async
+
     def handle(body, message):
-        start = time.time()
-        # "pid queue id started" (4 fields) as the handler begins: tests can wait on it.
-        fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(fd, f"{os.getpid()} {message.queue} {body['i']} started\\n".encode())
-        os.close(fd)
+        start = begin(body, message)
         if sleep:
             time.sleep(sleep)
-        failing = body.get("fail_until", 0) >= message.attempt
-        # A failed attempt is an 8-field line ("failed" last); read_records skips it.
-        line = (f"{os.getpid()} {message.queue} {body['i']} {message.attempt} "
-                f"{int(message.redelivered)} {start:.6f} {time.time():.6f}"
-                f"{' failed' if failing else ''}\\n")
-        fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(fd, line.encode())
-        os.close(fd)
-        if failing:
-            raise RuntimeError(f"boom at attempt {message.attempt}")
+        end(body, message, start)
     return handle
 
 for c in CONFIG["consumers"]:
-    app.consumer(c["name"], prefetch=c.get("prefetch"), partitions=c.get("partitions"))(
-        make(c.get("sleep", 0)))
+    app.consumer(c["name"], prefetch=c.get("prefetch"), partitions=c.get("partitions"),
+                 concurrency=c.get("concurrency"))(make(c.get("sleep", 0), c.get("async")))
 '''
 
 

@@ -152,7 +152,8 @@ def test_publish_on_fakeredis_uses_the_same_routing(monkeypatch):
     assert {q: client.llen(q) for q in expected} == expected
     payload = json.loads(client.rpop(next(iter(expected))))
     assert payload["content-type"] == "application/json"
-    assert payload["headers"] == {"h": "1"}
+    # the key rides along: a worker running several handlers keeps its messages in order
+    assert payload["headers"] == {"h": "1", "consumerd-key": "res-0"}
 
 
 # -- broker URLs --------------------------------------------------------------------------

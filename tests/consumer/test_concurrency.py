@@ -1,0 +1,131 @@
+"""Several handlers at once in one worker, on the real Redis and RabbitMQ: threads and
+coroutines, per-key order on partitioned consumers, and every guarantee with N in flight
+(counted in and out)."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.consumer.conftest import Record, publish_many
+from tests.helpers import wait_for
+
+
+def most_at_once(records: list[Record]) -> int:
+    """The largest number of handlers whose [start, end] intervals overlap."""
+    edges = sorted([(r.start, 1) for r in records] + [(r.end, -1) for r in records])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["threads", "coroutines"])
+def test_n_handlers_run_at_once_and_never_more(consumerd, broker, name, is_async):
+    n = 16 if is_async else 8
+    consumerd.configure([{"name": name, "concurrency": n, "sleep": 0.3, "async": is_async}])
+    publish_many(broker.url, name, 3 * n)
+    consumerd.start(workers=1)
+    wait_for(lambda: len(consumerd.ids()) == 3 * n, 60, "every message handled")
+    assert consumerd.stop() == 0
+    records = consumerd.records()
+    assert sorted(consumerd.ids().elements()) == list(range(3 * n))
+    assert most_at_once(records) == n  # all slots used, the limit never passed
+    assert broker.depth(name) == 0
+    assert broker.unacked() == 0
+
+
+def test_one_key_never_runs_twice_at_once_and_keeps_publish_order(consumerd, broker, name):
+    consumerd.configure([{"name": name, "partitions": 4, "concurrency": 8, "sleep": 0.02}])
+    count = 300  # keys k0..k96 (publish_many keys message i with i % 97)
+    publish_many(broker.url, name, count, partitions=4)
+    consumerd.start(workers=1)
+    wait_for(lambda: len(consumerd.ids()) == count, 60, "every message handled")
+    assert consumerd.stop() == 0
+    assert sorted(consumerd.ids().elements()) == list(range(count))
+    by_key: dict[int, list[Record]] = collections.defaultdict(list)
+    for r in sorted(consumerd.records(), key=lambda r: r.start):
+        by_key[r.id % 97].append(r)
+    for key, runs in by_key.items():
+        assert [r.id for r in runs] == sorted(r.id for r in runs), f"k{key} out of order"
+        for earlier, later in itertools.pairwise(runs):
+            assert earlier.end <= later.start, f"k{key}: two at once"
+    # ...while different keys, even of one partition, ran side by side.
+    assert most_at_once(consumerd.records()) > 1
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["threads", "coroutines"])
+def test_sigterm_lets_running_handlers_finish_and_hands_back_the_rest(
+    consumerd, broker, name, is_async
+):
+    consumerd.configure([{"name": name, "concurrency": 16, "sleep": 1.0, "async": is_async,
+                          "prefetch": 40}])
+    publish_many(broker.url, name, 40)
+    consumerd.start(workers=1)
+    wait_for(lambda: len(consumerd.started()) == 16, 30, "16 handlers running")
+    assert consumerd.stop() == 0
+    started, handled = consumerd.started(), consumerd.ids()
+    assert len(started) == 16  # nothing new started once the stop was asked
+    assert sorted(handled.elements()) == sorted(started)  # each running one finished, acked
+    assert broker.unacked() == 0
+    # every prefetched, unstarted message is back in the queue at once
+    wait_for(lambda: broker.depth(name) == 24, 10, "24 messages back in the queue")
+    consumerd.start(workers=1)
+    wait_for(lambda: len(consumerd.ids()) == 40, 60, "the rest handled")
+    assert consumerd.stop() == 0
+    assert sorted(consumerd.ids().elements()) == list(range(40))  # no duplicate
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["threads", "coroutines"])
+def test_retries_and_dead_letters_from_pool_handlers(consumerd, broker, name, is_async):
+    consumerd.configure([{"name": name, "concurrency": 8, "async": is_async}],
+                        retries=2, delay=0.05)
+    publish_many(broker.url, name, 20, fail_until=1)  # fail once, then succeed
+    publish_many(broker.url, name, 4, start=20, fail_until=99)  # never succeed
+    consumerd.start(workers=1)
+    wait_for(lambda: len(consumerd.ids()) == 20, 30, "the retried messages handled")
+    wait_for(lambda: broker.depth(f"{name}.dlq") == 4, 30, "four dead letters")
+    assert consumerd.stop() == 0
+    assert {r.attempt for r in consumerd.records()} == {2}
+    failures = collections.Counter(r.id for r in consumerd.failures())
+    assert failures == {**dict.fromkeys(range(20), 1), **dict.fromkeys(range(20, 24), 3)}
+    assert broker.depth(name) == 0 and broker.depth(f"{name}.retry") == 0
+
+
+def test_sigkill_with_handlers_in_flight_loses_nothing(consumerd, broker, name):
+    url = broker.consumer_url(visibility_timeout=3) if broker.kind == "redis" else broker.url
+    consumerd.configure([{"name": name, "concurrency": 8, "sleep": 0.01}])
+    publish_many(broker.url, name, 600)
+    consumerd.start(workers=2, url=url)
+    victim = consumerd.wait_workers(2)[0]
+    wait_for(lambda: len(consumerd.ids()) >= 100, 30, "100 messages handled")
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(consumerd.ids()) == 600, 60, "all messages handled")
+    assert consumerd.stop() == 0
+    assert set(consumerd.ids()) == set(range(600))
+    assert broker.depth(name) == 0
+
+
+def test_sighup_changes_concurrency_live(consumerd, broker, name, tmp_path: Path):
+    consumerd.configure([{"name": name, "sleep": 0.3}])
+    cfg = tmp_path / "consumerd.toml"
+    cfg.write_text(f'app = "tapp"\nbroker = "{broker.url}"\nconcurrency = 2\n')
+    consumerd.url = None
+    consumerd.start("--config", str(cfg), workers=1)
+    publish_many(broker.url, name, 8)
+    wait_for(lambda: len(consumerd.ids()) == 8, 30, "8 at concurrency 2")
+    assert most_at_once(consumerd.records()) == 2
+    cfg.write_text(f'app = "tapp"\nbroker = "{broker.url}"\nconcurrency = 6\n')
+    consumerd.signal(signal.SIGHUP)
+    consumerd.wait_logged("reloaded: consuming")
+    publish_many(broker.url, name, 18, start=8)
+    wait_for(lambda: len(consumerd.ids()) == 26, 30, "18 more at concurrency 6")
+    assert consumerd.stop() == 0
+    assert most_at_once([r for r in consumerd.records() if r.id >= 8]) == 6
+    assert sorted(consumerd.ids().elements()) == list(range(26))
