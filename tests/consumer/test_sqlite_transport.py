@@ -337,3 +337,40 @@ with kombu.Connection({url!r}, transport={TRANSPORT!r}) as conn:
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env) for _ in range(6)]
     assert [p.wait(timeout=60) for p in procs] == [0] * 6
     assert rows(url) == (6, 0)
+
+
+COUNT_AND_CLOSE = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+ready, claimed = db.execute("SELECT count(*) - count(owner), count(owner) FROM messages").fetchone()
+db.close()
+print(ready, claimed)
+"""
+
+
+def rows_elsewhere(url: str) -> tuple[int, int]:
+    """(ready, claimed) as another process sees them; its connection closes after."""
+    out = subprocess.run([sys.executable, "-c", COUNT_AND_CLOSE, database_path(url)],
+                         check=True, capture_output=True, text=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_a_second_connection_in_the_process_keeps_the_acks_of_the_first(url):
+    # Found by a reload on SIGHUP: the loop's poke opened a second connection while the
+    # consuming one held claims; opening it closed a descriptor of the database file,
+    # which dropped every SQLite lock of the process. Another process's close then took
+    # the database for unused, checkpointed and deleted the WAL, and the consumer went on
+    # claiming and acking in the unlinked WAL: every ack was lost, every message came back.
+    publish(url, "q", [1, 2, 3])
+    with kombu.Connection(url, transport=TRANSPORT) as conn:
+        queue = conn.SimpleQueue("q")
+        first = queue.get(timeout=5)
+        with kombu.Connection(url, transport=TRANSPORT) as poke:
+            poke.connect()
+        assert sum(rows_elsewhere(url)) == 3  # and that process closes its connection
+        first.ack()
+        for _ in range(2):
+            queue.get(timeout=5).ack()
+        assert rows_elsewhere(url) == (0, 0)
+        queue.close()
+    assert rows_elsewhere(url) == (0, 0)

@@ -44,6 +44,7 @@ Transport options: ``polling_interval`` (0.05 s between polls of empty queues),
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -672,22 +673,49 @@ def _private_file(path: str) -> None:
     """Create the database's folder (0700) and file (0600) if missing, so that other users
     cannot read the messages; an existing folder or file of ours loses its access for
     others (older releases made them 0755 / 0644). SQLite gives ``-wal`` and ``-shm`` the
-    file's mode. Never follows a symlink planted in place of the file."""
+    file's mode. Refuses a symlink planted in place of the file.
+
+    Never opens the database file itself: SQLite's locks on it are POSIX advisory locks,
+    owned by the process, and closing *any* descriptor of the file drops every one this
+    process holds, those of its open connections included (the poke connection of a
+    reload did so). The other processes then saw the database unused, the last one to
+    close a connection checkpointed and deleted the WAL, and this process went on
+    claiming and acking in the unlinked WAL: acks that no one else ever saw. A missing
+    file is created under a temporary name and linked into place, so the only
+    descriptor ever closed is one of a file no connection can have open yet."""
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        for target in (fd, folder):
-            info = os.stat(target)
-            if info.st_uid == os.geteuid() and info.st_mode & 0o007:
-                os.chmod(target, stat.S_IMODE(info.st_mode) & ~0o007)
-    finally:
-        os.close(fd)
-    for extra in (path + "-wal", path + "-shm"):
+    _narrow(folder, os.stat(folder))
+    if not os.path.lexists(path):
+        _create_private(path)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise OSError(errno.ELOOP, "the database path is a symbolic link", path)
+    for name in (path, path + "-wal", path + "-shm"):
         try:
-            info = os.lstat(extra)
+            info = os.lstat(name)
         except FileNotFoundError:
             continue
-        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o007:
-            os.chmod(extra, stat.S_IMODE(info.st_mode) & ~0o007)
+        if stat.S_ISREG(info.st_mode):
+            _narrow(name, info)
+
+
+def _create_private(path: str) -> None:
+    """An empty (valid) database file at ``path``, mode 0600, unless one appeared."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    os.close(fd)  # a file only we know of: no lock of any connection is on it
+    try:
+        os.link(tmp, path)  # never replaces a file another process created meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+def _narrow(path: str, info: os.stat_result) -> None:
+    """Take away the access of other users from our own ``path`` (a chmod, no open)."""
+    if info.st_uid == os.geteuid() and info.st_mode & 0o007:
+        os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
