@@ -47,10 +47,12 @@ def direct(n: int) -> float:
     """The same with prometheus_client's own calls, one file write each (no batching)."""
     received = prometheus_client.Counter("direct_received", "", registry=None)
     acked = prometheus_client.Counter("direct_acked", "", registry=None)
-    in_flight = prometheus_client.Gauge("direct_in_flight", "", registry=None,
-                                        multiprocess_mode="livesum")
-    duration = prometheus_client.Histogram("direct_seconds", "", registry=None,
-                                           buckets=metrics.DURATION_BUCKETS)
+    in_flight = prometheus_client.Gauge(
+        "direct_in_flight", "", registry=None, multiprocess_mode="livesum"
+    )
+    duration = prometheus_client.Histogram(
+        "direct_seconds", "", registry=None, buckets=metrics.DURATION_BUCKETS
+    )
     started = time.process_time()
     for _ in range(n):
         received.inc()
@@ -67,8 +69,12 @@ def in_worker(n: int, runs: int) -> None:
     """Runs in the forked worker; prints the table."""
     on = metrics.for_consumer("bench")
     off = metrics.ConsumerMetrics()
-    rows = {"bare loop": [], "metrics off": [], "metrics on (multiprocess)": [],
-            "prometheus_client, unbatched": []}
+    rows = {
+        "bare loop": [],
+        "metrics off": [],
+        "metrics on (multiprocess)": [],
+        "prometheus_client, unbatched": [],
+    }
     for _ in range(runs):
         rows["bare loop"].append(bare(n))
         rows["metrics off"].append(recorded(off, n))
@@ -113,11 +119,11 @@ def dead_workers(master: metrics.MasterMetrics, count: int, runs: int) -> None:
     rows = []
     for pid in pids:  # what prometheus_client alone offers: drop the live gauges
         multiprocess.mark_process_dead(pid, master.directory)
-    rows.append(("mark_process_dead only", len(os.listdir(master.directory)),
-                 scrape_ms(master, runs)))
+    rows.append(
+        ("mark_process_dead only", len(os.listdir(master.directory)), scrape_ms(master, runs))
+    )
     master.sweep()
-    rows.append(("folded (consumerd)", len(os.listdir(master.directory)),
-                 scrape_ms(master, runs)))
+    rows.append(("folded (consumerd)", len(os.listdir(master.directory)), scrape_ms(master, runs)))
     print(f"\nscrape in the master after {count} dead workers, median of {runs}")
     print(f"| {'dead workers files':<22} | {'files':>5} | {'ms/scrape':>9} |")
     print(f"|{'-' * 24}|{'-' * 7}|{'-' * 11}|")

@@ -87,7 +87,7 @@ TRANSIENT_EVERY, POISON_EVERY = 500, 2500
 # The consumer app, written to the run's temp dir as tapp.py (the name Consumerd starts).
 # Config: $T_CONFIG (JSON, written by Consumerd.configure); records: one file per process
 # in the directory $T_OUT.
-APP_SOURCE = '''
+APP_SOURCE = """
 import json, os, time
 import consumerd
 
@@ -112,7 +112,7 @@ def handle(body, message):
     if body.get("fail_until", 0) >= message.attempt:
         raise RuntimeError(f"soak: {body['i']} fails attempt {message.attempt}")
     record(f"{body['i']} {message.attempt} {int(message.redelivered)} {time.time():.3f}\\n")
-'''
+"""
 
 
 def log(text: str) -> None:
@@ -264,8 +264,9 @@ class Soak:
         self.master = Consumerd(tmp, self.queue, target.consumer_url)
         (tmp / "tapp.py").write_text(APP_SOURCE)
         self.master.out = str(self.out)
-        self.master.configure([{"name": self.queue, "prefetch": PREFETCH,
-                                "sleep": args.handler_ms / 1000}])
+        self.master.configure(
+            [{"name": self.queue, "prefetch": PREFETCH, "sleep": args.handler_ms / 1000}]
+        )
         self.result = Result(target.kind)
         self.first_seen: dict[int, float] = {}
         self.exit_codes: list[int] = []
@@ -348,8 +349,9 @@ class Soak:
             self.first_seen.setdefault(pid, now)
 
     def kill_one(self, now: float) -> None:
-        old = [p for p in self.master.workers()
-               if now - self.first_seen.get(p, now) >= KILL_MIN_AGE]
+        old = [
+            p for p in self.master.workers() if now - self.first_seen.get(p, now) >= KILL_MIN_AGE
+        ]
         if old:
             victim = self.rng.choice(old)
             with contextlib.suppress(ProcessLookupError):
@@ -399,8 +401,10 @@ class Soak:
             if done != last:
                 last, last_change = done, time.monotonic()
             elif time.monotonic() - last_change > patience:
-                log(f"{self.target.kind}: no progress for {patience}s at {done}/"
-                    f"{self.result.sent}, giving up")
+                log(
+                    f"{self.target.kind}: no progress for {patience}s at {done}/"
+                    f"{self.result.sent}, giving up"
+                )
                 return
             time.sleep(0.5)
 
@@ -427,8 +431,9 @@ class Soak:
         r.worker_deaths = self.master.logged("killed by SIGKILL")
         r.sighup = self.master.logged("reloaded: consuming")
         r.code_reloads = self.master.logged("code reload complete")
-        r.scaled = (f"{self.master.logged('SIGTTIN: now')} up, "
-                    f"{self.master.logged('SIGTTOU: now')} down")
+        r.scaled = (
+            f"{self.master.logged('SIGTTIN: now')} up, {self.master.logged('SIGTTOU: now')} down"
+        )
         r.exit_codes = ", ".join(map(str, self.exit_codes))
         r.master_restarts = len(set(self.master_pids)) - 1
         r.left_over = self.left_over()
@@ -446,12 +451,16 @@ class Soak:
                 in_unacked.add(int(json.loads(base64.b64decode(payload["body"]))["i"]))
         r.lost_in_unacked = len(missing & in_unacked)
         if r.lost:
-            r.notes.append(f"{r.lost_in_unacked} of the lost ids are still in the unacked "
-                           f"hash, {r.lost - r.lost_in_unacked} are nowhere on the broker")
+            r.notes.append(
+                f"{r.lost_in_unacked} of the lost ids are still in the unacked "
+                f"hash, {r.lost - r.lost_in_unacked} are nowhere on the broker"
+            )
         ttl = client.pttl("unacked_mutex")
         if ttl > 0:
-            r.notes.append(f"kombu's unacked_mutex (the sweep lock) is held by nobody alive, "
-                           f"expires in {ttl / 1000:.0f}s: no sweep restores anything till then")
+            r.notes.append(
+                f"kombu's unacked_mutex (the sweep lock) is held by nobody alive, "
+                f"expires in {ttl / 1000:.0f}s: no sweep restores anything till then"
+            )
 
     def left_over(self) -> int:
         """Messages still in the main or retry queue (or Redis's unacked hash)."""
@@ -518,27 +527,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=50000)
     parser.add_argument("--brokers", default="redis,amqp", help="comma-separated: redis,amqp")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="chaos window in seconds (default: messages / 200)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="chaos window in seconds (default: messages / 200)",
+    )
     parser.add_argument("--quick", action="store_true", help="an 18 s chaos window")
-    parser.add_argument("--handler-ms", type=float, default=1.0,
-                        help="handler sleep, so kills hit messages in flight")
+    parser.add_argument(
+        "--handler-ms",
+        type=float,
+        default=1.0,
+        help="handler sleep, so kills hit messages in flight",
+    )
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temp dirs (records, consumerd.log) and print them")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temp dirs (records, consumerd.log) and print them",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every kill")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
-    parser.add_argument("--redis-options", default="", metavar="K=V&...",
-                        help="more transport options for the consumers' Redis URL, "
-                             "e.g. unacked_mutex_expire=20")
+    parser.add_argument(
+        "--redis-options",
+        default="",
+        metavar="K=V&...",
+        help="more transport options for the consumers' Redis URL, e.g. unacked_mutex_expire=20",
+    )
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = 18.0 if args.quick else max(18.0, args.messages / 200)
     kinds = [k.strip() for k in args.brokers.split(",") if k.strip()]
     if not set(kinds) <= {"redis", "amqp"}:
         parser.error(f"unknown broker in {args.brokers!r}")
-    log(f"soak: {args.messages:,} messages per broker, chaos window {args.duration:.0f}s, "
-        f"handler {args.handler_ms} ms, brokers {', '.join(kinds)}")
+    log(
+        f"soak: {args.messages:,} messages per broker, chaos window {args.duration:.0f}s, "
+        f"handler {args.handler_ms} ms, brokers {', '.join(kinds)}"
+    )
     results = [soak_one(kind, args) for kind in kinds]
     print()
     print(table(results))

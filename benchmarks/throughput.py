@@ -2,7 +2,11 @@
 """Throughput of consumerd beside its peers, on RabbitMQ and on Redis.
 
 Workload: N small JSON messages (default 20,000, ~100 B), a no-op handler, 2 consumer
-processes, prefetch 100, the queue filled *before* any consumer starts. Runners:
+processes, prefetch 100, the queue filled *before* any consumer starts. With
+``--sleep 0.005`` every handler waits 5 ms (I/O-bound work: time.sleep, asyncio.sleep for
+the async runner) and consumerd runs ``--concurrency`` handlers per worker on threads, and,
+with ``--async-concurrency N``, an extra row with an ``async def`` handler, N at once.
+Runners:
 
 - consumerd: ``consumerd --app benchmarks.peers.consumerd_app:app --workers 2 --prefetch 100``
 - plain kombu: 2 forked processes, one connection each, ``prefetch_count=100`` in the
@@ -32,6 +36,8 @@ runner order rotated, so background load on a shared machine hits all of them al
 the table shows medians.
 
     python benchmarks/throughput.py                      # full run: 20,000 x 3 reps
+    python benchmarks/throughput.py --count 3000 --sleep 0.005 --concurrency 8 \
+        --async-concurrency 64 --dramatiq-threads 8 --runners consumerd,dramatiq,kombu
     python benchmarks/throughput.py --count 2000 --repeats 1 --brokers redis
 """
 
@@ -100,6 +106,9 @@ class Settings:
     workers: int
     prefetch: int
     timeout: float
+    sleep: float = 0.0
+    concurrency: int = 1
+    async_concurrency: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +168,23 @@ def make_runners(s: Settings, dramatiq_threads: list[int]) -> list[Runner]:
                 *f"--app benchmarks.peers.consumerd_app:app --workers {w} --prefetch {pf}".split(),
                 *["--broker", url],
             ],
+            env={"BENCH_CONCURRENCY": str(s.concurrency)},
             unavailable=_consumerd_unavailable,
         ),
+    ]
+    if s.async_concurrency:
+        runners.append(
+            Runner(
+                "consumerd-async",
+                "consumerd_app",
+                f"consumerd async x{s.async_concurrency}",
+                "kombu",
+                runners[0].command,
+                env={"BENCH_CONCURRENCY": str(s.async_concurrency), "BENCH_ASYNC": "1"},
+                unavailable=_consumerd_unavailable,
+            )
+        )
+    runners += [
         Runner(
             "kombu",
             "kombu_consumer",
@@ -293,6 +317,7 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
         "BENCH_QUEUE": queue,
         "BENCH_PREFETCH": str(s.prefetch),
         "BENCH_COUNT_DIR": count_dir,
+        "BENCH_SLEEP": repr(s.sleep),
     }
     log = work / f"{queue}.log"
     broker.delete(queue)
@@ -347,10 +372,17 @@ def print_table(
 ) -> None:
     col = 16
     print()
+    work = f"{s.sleep * 1000:g} ms sleep handler" if s.sleep else "no-op handler"
     print(
         f"msg/s, median of {reps} (first message handled -> last acked); {s.count:,} JSON "
-        f"msgs, no-op handler, {s.workers} processes, prefetch {s.prefetch}, queue pre-filled"
+        f"msgs, {work}, {s.workers} processes, prefetch {s.prefetch}, queue pre-filled"
     )
+    if s.sleep:
+        print(
+            f"ceiling: {s.workers / s.sleep:,.0f} msg/s one handler per process, "
+            f"{s.workers * s.concurrency / s.sleep:,.0f} at consumerd --concurrency "
+            f"{s.concurrency}"
+        )
     print(f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f} (1 min)")
     print(f"consumerd tree: {_tree_version()}")
     header = f"{'runner':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_)
@@ -415,12 +447,28 @@ def _parse() -> argparse.Namespace:
         help="redis://127.0.0.1:6379/9 (a database of its own: no other user's keys)",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600, help="seconds per run (600)")
+    p.add_argument("--sleep", type=float, default=0.0, help="seconds each handler waits (0)")
+    p.add_argument("--concurrency", type=int, default=1, help="consumerd handlers per worker")
+    p.add_argument(
+        "--async-concurrency",
+        type=int,
+        default=0,
+        help="add a consumerd async def row, N at once (0: none)",
+    )
     return p.parse_args()
 
 
 def main() -> None:
     args = _parse()
-    s = Settings(args.count, args.workers, args.prefetch, args.timeout)
+    s = Settings(
+        args.count,
+        args.workers,
+        args.prefetch,
+        args.timeout,
+        args.sleep,
+        args.concurrency,
+        args.async_concurrency,
+    )
     all_brokers = {
         "rabbitmq": Broker("RabbitMQ", "rabbitmq", args.rabbitmq_url),
         "redis": Broker("Redis", "redis", args.redis_url),

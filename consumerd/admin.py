@@ -65,24 +65,38 @@ def add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
     queues = commands["queues"]
     queues.epilog = QUEUES_HELP
     queues.formatter_class = argparse.RawDescriptionHelpFormatter
-    queues.add_argument("--watch", action="store_true",
-                        help="print again every --interval seconds until interrupted")
-    queues.add_argument("--interval", type=_interval, default=2.0, metavar="S",
-                        help="seconds between two --watch samples (default 2)")
-    queues.add_argument("--json", action="store_true",
-                        help="one JSON object (a line each sample with --watch)")
+    queues.add_argument(
+        "--watch",
+        action="store_true",
+        help="print again every --interval seconds until interrupted",
+    )
+    queues.add_argument(
+        "--interval",
+        type=_interval,
+        default=2.0,
+        metavar="S",
+        help="seconds between two --watch samples (default 2)",
+    )
+    queues.add_argument(
+        "--json", action="store_true", help="one JSON object (a line each sample with --watch)"
+    )
     dlq = commands["dlq"]
     dlq.epilog = DLQ_HELP
     dlq.formatter_class = argparse.RawDescriptionHelpFormatter
-    dlq.add_argument("action", choices=("list", "show", "replay", "purge"),
-                     help="what to do (see below)")
+    dlq.add_argument(
+        "action", choices=("list", "show", "replay", "purge"), help="what to do (see below)"
+    )
     dlq.add_argument("name", help="the consumer whose dead letters to work on")
     dlq.add_argument("ids", nargs="*", metavar="ID", help="message ids")
-    dlq.add_argument("--match", metavar="REGEX",
-                     help="the dead letters whose error matches (re.search)")
+    dlq.add_argument(
+        "--match", metavar="REGEX", help="the dead letters whose error matches (re.search)"
+    )
     dlq.add_argument("--all", action="store_true", help="every dead letter")
-    dlq.add_argument("--dry-run", action="store_true",
-                     help="print what would be replayed or purged, change nothing")
+    dlq.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be replayed or purged, change nothing",
+    )
     dlq.add_argument("--json", action="store_true", help="list and show: JSON output")
 
 
@@ -137,8 +151,11 @@ class _Row:
 def _rows(app: App, inspector: inspection.Inspector) -> list[_Row]:
     names: list[str] = []
     for spec in app.consumers.values():
-        names += [*spec.queue_names, routing.retry_queue(spec.name),
-                  routing.dead_letter_queue(spec.name)]
+        names += [
+            *spec.queue_names,
+            routing.retry_queue(spec.name),
+            routing.dead_letter_queue(spec.name),
+        ]
     depths = inspector.depths(names)
     rows = []
     for spec in app.consumers.values():
@@ -148,12 +165,18 @@ def _rows(app: App, inspector: inspection.Inspector) -> list[_Row]:
         # (on RabbitMQ unseen: basic.get makes no consumer).
         dead_count = dead.ready + (dead.unacked or 0)
         mine = [depths[q] for q in spec.queue_names]
-        parts = [_Row(spec.name, q, d.ready, d.unacked, d.consumers)
-                 for q, d in zip(spec.queue_names, mine, strict=True)]
+        parts = [
+            _Row(spec.name, q, d.ready, d.unacked, d.consumers)
+            for q, d in zip(spec.queue_names, mine, strict=True)
+        ]
         total = _Row(
-            spec.name, spec.name if len(parts) == 1 else f"{spec.name} (all)",
-            sum(d.ready for d in mine), _sum(d.unacked for d in mine),
-            _sum(d.consumers for d in mine), (retry.ready, retry.unacked), dead_count,
+            spec.name,
+            spec.name if len(parts) == 1 else f"{spec.name} (all)",
+            sum(d.ready for d in mine),
+            _sum(d.unacked for d in mine),
+            _sum(d.consumers for d in mine),
+            (retry.ready, retry.unacked),
+            dead_count,
         )
         rows += [*parts, total] if len(parts) > 1 else [total]
     return rows
@@ -184,36 +207,68 @@ def _retry_cell(retry: tuple[int, int | None] | None) -> str:
 def _table(rows: list[_Row]) -> str:
     header = ("CONSUMER", "QUEUE", "READY", "UNACKED", "RETRY", "DEAD", "CONSUMERS")
     lines = [header] + [
-        (r.consumer, r.queue, str(r.ready), _cell(r.unacked), _retry_cell(r.retry),
-         "" if r.dead is None else str(r.dead), _cell(r.consumers))
+        (
+            r.consumer,
+            r.queue,
+            str(r.ready),
+            _cell(r.unacked),
+            _retry_cell(r.retry),
+            "" if r.dead is None else str(r.dead),
+            _cell(r.consumers),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
         for line in lines
     )
 
 
-def _report(app: App, url: str, inspector: inspection.Inspector, rows: list[_Row]) -> dict[
-        str, typing.Any]:
+def _report(
+    app: App, url: str, inspector: inspection.Inspector, rows: list[_Row]
+) -> dict[str, typing.Any]:
     consumers: dict[str, dict[str, typing.Any]] = {}
     for row in rows:
         entry = consumers.setdefault(row.consumer, {"consumer": row.consumer, "queues": []})
         if row.retry is None:
-            entry["queues"].append({"queue": row.queue, "ready": row.ready,
-                                    "unacked": row.unacked, "consumers": row.consumers})
+            entry["queues"].append(
+                {
+                    "queue": row.queue,
+                    "ready": row.ready,
+                    "unacked": row.unacked,
+                    "consumers": row.consumers,
+                }
+            )
             continue
         if not entry["queues"]:  # one plain queue: the row is the queue and the total
-            entry["queues"].append({"queue": row.queue, "ready": row.ready,
-                                    "unacked": row.unacked, "consumers": row.consumers})
+            entry["queues"].append(
+                {
+                    "queue": row.queue,
+                    "ready": row.ready,
+                    "unacked": row.unacked,
+                    "consumers": row.consumers,
+                }
+            )
         retry_ready, retry_held = row.retry
-        entry.update(ready=row.ready, unacked=row.unacked, consumers=row.consumers,
-                     retry={"ready": retry_ready, "held": retry_held}, dead=row.dead)
-    return {"time": round(time.time(), 3), "app": app.name, "broker": broker.redact(url),
-            "kind": inspector.kind, "unknown": inspector.unknown,
-            "consumers": list(consumers.values())}
+        entry.update(
+            ready=row.ready,
+            unacked=row.unacked,
+            consumers=row.consumers,
+            retry={"ready": retry_ready, "held": retry_held},
+            dead=row.dead,
+        )
+    return {
+        "time": round(time.time(), 3),
+        "app": app.name,
+        "broker": broker.redact(url),
+        "kind": inspector.kind,
+        "unknown": inspector.unknown,
+        "consumers": list(consumers.values()),
+    }
 
 
 def _notes(inspector: inspection.Inspector, rows: list[_Row]) -> list[str]:
@@ -259,8 +314,10 @@ def _consumer(app: App, name: str) -> ConsumerSpec:
     if spec is None:
         close = difflib.get_close_matches(name, app.consumers, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise cli.UsageError(f"app {app.name!r} declares no consumer {name!r}{hint}; "
-                             f"it declares {', '.join(app.consumers)}")
+        raise cli.UsageError(
+            f"app {app.name!r} declares no consumer {name!r}{hint}; "
+            f"it declares {', '.join(app.consumers)}"
+        )
     return spec
 
 
@@ -276,8 +333,7 @@ def _selector(args: argparse.Namespace) -> typing.Callable[[inspection.DeadLette
         wanted = set(args.ids)
         return lambda letter: not wanted or letter.id in wanted
     if sum(given) != 1:
-        raise cli.UsageError(f"dlq {args.action} needs exactly one of: IDs, --match REGEX, "
-                             f"--all")
+        raise cli.UsageError(f"dlq {args.action} needs exactly one of: IDs, --match REGEX, --all")
     if args.json:
         raise cli.UsageError("--json is for dlq list and dlq show")
     if args.all:
@@ -306,8 +362,13 @@ def _age(seconds: float | None) -> str:
 
 
 def _summary(letter: inspection.DeadLetter, now: float) -> dict[str, typing.Any]:
-    return {"id": letter.id, "age": inspection.age(letter, now), "attempt": letter.attempt,
-            "queue": letter.origin, "error": letter.error}
+    return {
+        "id": letter.id,
+        "age": inspection.age(letter, now),
+        "attempt": letter.attempt,
+        "queue": letter.origin,
+        "error": letter.error,
+    }
 
 
 def _decoded_body(letter: inspection.DeadLetter) -> typing.Any:
@@ -323,26 +384,46 @@ def _decoded_body(letter: inspection.DeadLetter) -> typing.Any:
 def _list(name: str, letters: list[inspection.DeadLetter], as_json: bool) -> None:
     now = time.time()
     if as_json:
-        print(json.dumps({"consumer": name, "count": len(letters),
-                          "dead_letters": [_summary(letter, now) for letter in letters]}))
+        print(
+            json.dumps(
+                {
+                    "consumer": name,
+                    "count": len(letters),
+                    "dead_letters": [_summary(letter, now) for letter in letters],
+                }
+            )
+        )
         return
     lines = [("ID", "AGE", "ATTEMPT", "QUEUE", "ERROR")] + [
-        (letter.id, _age(inspection.age(letter, now)), str(letter.attempt),
-         letter.origin or UNKNOWN, letter.error.replace("\n", " ")[:120])
+        (
+            letter.id,
+            _age(inspection.age(letter, now)),
+            str(letter.attempt),
+            letter.origin or UNKNOWN,
+            letter.error.replace("\n", " ")[:120],
+        )
         for letter in letters
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
     for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  "
-              + line[4])
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[4]
+        )
     print(f"{len(letters)} dead letter(s) of {name}")
 
 
 def _show(letter: inspection.DeadLetter, as_json: bool) -> None:
-    properties = {k: v for k, v in letter.properties.items()
-                  if k not in ("delivery_info", "delivery_tag", "body_encoding")}
-    shown = {**_summary(letter, time.time()), "properties": properties,
-             "headers": letter.headers, "body": _decoded_body(letter)}
+    properties = {
+        k: v
+        for k, v in letter.properties.items()
+        if k not in ("delivery_info", "delivery_tag", "body_encoding")
+    }
+    shown = {
+        **_summary(letter, time.time()),
+        "properties": properties,
+        "headers": letter.headers,
+        "body": _decoded_body(letter),
+    }
     if as_json:
         print(json.dumps(shown, default=str))
         return
@@ -352,8 +433,9 @@ def _show(letter: inspection.DeadLetter, as_json: bool) -> None:
     print("properties: " + json.dumps(properties, default=str, sort_keys=True))
     print("headers: " + json.dumps(letter.headers, default=str, sort_keys=True))
     body = shown["body"]
-    print("body: " + (json.dumps(body, indent=2, default=str) if not isinstance(body, str)
-                      else body))
+    print(
+        "body: " + (json.dumps(body, indent=2, default=str) if not isinstance(body, str) else body)
+    )
 
 
 def _target(spec: ConsumerSpec, letter: inspection.DeadLetter) -> str | None:
@@ -391,13 +473,19 @@ def dlq(args: argparse.Namespace) -> None:
         print(f"{done} dead letter(s) of {spec.name} {verb}")
         problems += [f"{queue} holds no message {m!r}" for m in missing]
         if problems:
-            raise cli.Failure(f"{len(problems)} not {verb}: " + "; ".join(problems[:5])
-                              + ("; ..." if len(problems) > 5 else ""))
+            raise cli.Failure(
+                f"{len(problems)} not {verb}: "
+                + "; ".join(problems[:5])
+                + ("; ..." if len(problems) > 5 else "")
+            )
 
 
-def _move(args: argparse.Namespace, spec: ConsumerSpec,
-          session: inspection.DeadLetterSession,
-          chosen: list[inspection.DeadLetter]) -> tuple[int, list[str]]:
+def _move(
+    args: argparse.Namespace,
+    spec: ConsumerSpec,
+    session: inspection.DeadLetterSession,
+    chosen: list[inspection.DeadLetter],
+) -> tuple[int, list[str]]:
     done, problems = 0, []
     for letter in chosen:
         if args.action == "purge":
@@ -410,8 +498,10 @@ def _move(args: argparse.Namespace, spec: ConsumerSpec,
             continue
         target = _target(spec, letter)
         if target is None:
-            problems.append(f"{letter.id}: its queue {letter.origin or '(not recorded)'} is "
-                            f"not one of {spec.name}'s")
+            problems.append(
+                f"{letter.id}: its queue {letter.origin or '(not recorded)'} is "
+                f"not one of {spec.name}'s"
+            )
             continue
         if args.dry_run:
             print(f"replay {letter.id} -> {target} ({letter.error[:80]})")

@@ -37,16 +37,26 @@ PREFLIGHT_OK = "consumerd: pre-flight check passed"
 #: command reads all settings from the environment and the file, and checks them).
 COMMANDS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "run": ("run the app's consumers under a supervisor (the default command)", None),
-    "publish": ("publish JSON messages to a consumer's queue",
-                ("app", "broker", "log_level", "log_format")),
-    "check": ("print the consumers, their queues and the partition to worker map, offline",
-              ("app", "broker", "workers", "member", "queues", "log_level")),
-    "health": ("exit 0 if the master in the pid file and a worker of it run",
-               ("pidfile", "log_level")),
-    "queues": ("per consumer: messages ready, unacked, waiting to retry, dead-lettered",
-               ("app", "broker", "queues", "log_level")),
-    "dlq": ("list, show, replay or purge a consumer's dead letters",
-            ("app", "broker", "log_level")),
+    "publish": (
+        "publish JSON messages to a consumer's queue",
+        ("app", "broker", "log_level", "log_format"),
+    ),
+    "check": (
+        "print the consumers, their queues and the partition to worker map, offline",
+        ("app", "broker", "workers", "member", "queues", "log_level"),
+    ),
+    "health": (
+        "exit 0 if the master in the pid file and a worker of it run",
+        ("pidfile", "log_level"),
+    ),
+    "queues": (
+        "per consumer: messages ready, unacked, waiting to retry, dead-lettered",
+        ("app", "broker", "queues", "log_level"),
+    ),
+    "dlq": (
+        "list, show, replay or purge a consumer's dead letters",
+        ("app", "broker", "log_level"),
+    ),
 }
 
 EPILOG = """\
@@ -76,7 +86,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = _Parser(
-        prog="consumerd", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        prog="consumerd",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"consumerd {consumerd.__version__}")
@@ -87,12 +99,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         config.add_arguments(commands[name], settings, reloads=name == "run")
     publish = commands["publish"]
     publish.add_argument("name", help="the consumer (or a plain queue) to publish to")
-    publish.add_argument("body", nargs="*",
-                         help="JSON bodies; none, or '-', reads one JSON body per stdin line")
-    publish.add_argument("--key", help="partition key (a partitioned consumer's messages "
-                                       "with one key go to one partition, in order)")
-    publish.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
-                         help="a message header (repeatable)")
+    publish.add_argument(
+        "body", nargs="*", help="JSON bodies; none, or '-', reads one JSON body per stdin line"
+    )
+    publish.add_argument(
+        "--key",
+        help="partition key (a partitioned consumer's messages "
+        "with one key go to one partition, in order)",
+    )
+    publish.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a message header (repeatable)",
+    )
     from consumerd import admin  # noqa: PLC0415 - it imports this module
 
     admin.add_arguments(commands)
@@ -154,8 +175,9 @@ def _pidfile(path: str | None) -> typing.Iterator[None]:
         # A fresh name (O_EXCL | O_NOFOLLOW, 0600) in the pid file's directory, then a
         # rename: in a shared directory a name planted by another user (a symlink to a
         # file of ours) is never written through.
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                   dir=os.path.dirname(os.path.abspath(path)))
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path))
+        )
         try:
             os.fchmod(fd, 0o644)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -181,9 +203,7 @@ def _run(args: argparse.Namespace) -> None:
     s = running.settings
     preflight = os.environ.pop(PREFLIGHT_ENV, None) == "1"
     # Before the app is imported and before any fork: metrics the app defines count too.
-    master_metrics = (
-        metrics.enable() if s.metrics_port is not None and not preflight else None
-    )
+    master_metrics = metrics.enable() if s.metrics_port is not None and not preflight else None
     app = _load(s)
     url = _broker_url(s.broker, app)
     try:
@@ -203,19 +223,25 @@ def _run(args: argparse.Namespace) -> None:
             master_metrics.name_service(service_id, ConsumerService.name or "consumer")
             master_metrics.follow(manager)  # restarts: only deaths whose slot respawns
             master_metrics.follow(manager)
-            manager.register_hooks(on_new_worker=metrics.on_new_worker,
-                                   on_dead_worker=master_metrics.worker_died,
-                                   on_terminate=master_metrics.stopping)
+            manager.register_hooks(
+                on_new_worker=metrics.on_new_worker,
+                on_dead_worker=master_metrics.worker_died,
+                on_terminate=master_metrics.stopping,
+            )
             try:
                 endpoints.serve(
-                    manager, s.metrics_address, typing.cast(int, s.metrics_port),
-                    master_metrics, expected_workers=manager.expected_workers,
+                    manager,
+                    s.metrics_address,
+                    typing.cast(int, s.metrics_port),
+                    master_metrics,
+                    expected_workers=manager.expected_workers,
                     before_scrape=lambda: master_metrics.set_backoff(manager.respawn_backoff()),
                 )
             except OSError as exc:
-                raise UsageError(f"--metrics-address {s.metrics_address} --metrics-port "
-                                 f"{s.metrics_port}: cannot listen: {exc.strerror or exc}"
-                                 ) from None
+                raise UsageError(
+                    f"--metrics-address {s.metrics_address} --metrics-port "
+                    f"{s.metrics_port}: cannot listen: {exc.strerror or exc}"
+                ) from None
 
         def on_reload() -> None:
             # Runs before the workers get their SIGHUP; they re-read the same way, and a
@@ -231,8 +257,9 @@ def _run(args: argparse.Namespace) -> None:
             if {"log_level", "log_format"} & change.applied.keys():
                 logs.configure(fresh.log_level, fresh.log_format)
             for name, (old, new) in change.needs_restart.items():
-                LOG.warning("reload: %s changed from %r to %r; applies at the next restart",
-                            name, old, new)
+                LOG.warning(
+                    "reload: %s changed from %r to %r; applies at the next restart", name, old, new
+                )
             if change.applied:
                 LOG.info("reload: applied %s", ", ".join(sorted(change.applied)))
 
@@ -240,8 +267,13 @@ def _run(args: argparse.Namespace) -> None:
         manager.add_preflight(_preflight)
         if s.broker is None and broker.is_default(url):
             LOG.info("no broker configured: using the embedded broker %s", url)
-        LOG.info("app %s: %d worker(s), consumers %s, broker %s", app.name, s.workers,
-                 ", ".join(loading.select(app, s.queues).consumers), broker.redact(url))
+        LOG.info(
+            "app %s: %d worker(s), consumers %s, broker %s",
+            app.name,
+            s.workers,
+            ", ".join(loading.select(app, s.queues).consumers),
+            broker.redact(url),
+        )
         manager.run()
 
 
@@ -260,8 +292,10 @@ class _PreflightProcess(subprocess.Popen[bytes]):
             said = self._out.read().decode(errors="replace").splitlines()[-1:]
             self._out.close()
             if code == 0 and said != [PREFLIGHT_OK]:
-                LOG.error("pre-flight check: the new code ended the process with status 0 "
-                          "before it loaded (sys.exit or os._exit at import?)")
+                LOG.error(
+                    "pre-flight check: the new code ended the process with status 0 "
+                    "before it loaded (sys.exit or os._exit at import?)"
+                )
                 self.returncode = code = 1
         return code
 
@@ -313,14 +347,15 @@ def _publish(args: argparse.Namespace) -> None:
     except UsageError:
         raise
     except Exception as exc:
-        raise Failure(f"publish to {broker.redact(app.broker_url)} failed after {count} "
-                      f"message(s): {type(exc).__name__}: {exc}") from None
+        raise Failure(
+            f"publish to {broker.redact(app.broker_url)} failed after {count} "
+            f"message(s): {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         with contextlib.suppress(Exception):
             app.close()
     if count:
-        LOG.info("published %d message(s) to %s on %s", count, queue,
-                 broker.redact(app.broker_url))
+        LOG.info("published %d message(s) to %s on %s", count, queue, broker.redact(app.broker_url))
 
 
 # -- health -------------------------------------------------------------------------------
@@ -331,8 +366,10 @@ def _health(args: argparse.Namespace) -> None:
 
     s = _settings(args)
     if s.pidfile is None:
-        raise UsageError("--pidfile is required (or $CONSUMERD_PIDFILE, or pidfile = ... in "
-                         "--config): the one the master was started with")
+        raise UsageError(
+            "--pidfile is required (or $CONSUMERD_PIDFILE, or pidfile = ... in "
+            "--config): the one the master was started with"
+        )
     try:
         print(health.check(s.pidfile))
     except health.Unhealthy as exc:
@@ -349,16 +386,22 @@ def _check(args: argparse.Namespace) -> None:
     url = _broker_url(s.broker, app)
     index, members = s.member
     total = members * s.workers
-    out = [f"app {app.name!r}, broker {broker.redact(url)}, "
-           f"{s.workers} worker(s), member {index}/{members}"]
+    out = [
+        f"app {app.name!r}, broker {broker.redact(url)}, "
+        f"{s.workers} worker(s), member {index}/{members}"
+    ]
     for spec in app.consumers.values():
         retry = spec.retry
-        out.append(f"consumer {spec.name}: handler {getattr(spec.handler, '__qualname__', '?')}, "
-                   f"prefetch {app.prefetch_of(spec)}, retries {retry.max_retries} "
-                   f"(delay {retry.delay:g}s, max {retry.max_delay:g}s)")
+        out.append(
+            f"consumer {spec.name}: handler {getattr(spec.handler, '__qualname__', '?')}, "
+            f"prefetch {app.prefetch_of(spec)}, retries {retry.max_retries} "
+            f"(delay {retry.delay:g}s, max {retry.max_delay:g}s)"
+        )
         out.append(f"  queues: {', '.join(spec.queue_names)}")
-        out.append(f"  retry: {routing.retry_queue(spec.name)}  "
-                   f"dead letters: {routing.dead_letter_queue(spec.name)}")
+        out.append(
+            f"  retry: {routing.retry_queue(spec.name)}  "
+            f"dead letters: {routing.dead_letter_queue(spec.name)}"
+        )
         if spec.partitions:
             for worker in range(s.workers):
                 me = routing.global_worker(worker, s.workers, index)
@@ -393,8 +436,14 @@ def main(argv: list[str] | None = None) -> None:
         args = commands[name].parse_intermixed_args(rest)
         from consumerd import admin  # noqa: PLC0415 - it imports this module
 
-        {"run": _run, "publish": _publish, "check": _check, "health": _health,
-         "queues": admin.queues, "dlq": admin.dlq}[name](args)
+        {
+            "run": _run,
+            "publish": _publish,
+            "check": _check,
+            "health": _health,
+            "queues": admin.queues,
+            "dlq": admin.dlq,
+        }[name](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
     except UsageError as exc:
         print(f"consumerd: error: {exc}", file=sys.stderr)

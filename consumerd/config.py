@@ -148,64 +148,97 @@ class Settings:
     """Every setting with its default; ``live`` ones change on SIGHUP without a restart."""
 
     app: str | None = _setting(
-        None, _text, "the module holding the App, MODULE[:ATTR] (attribute 'app' by default)",
+        None,
+        _text,
+        "the module holding the App, MODULE[:ATTR] (attribute 'app' by default)",
         metavar="MODULE[:ATTR]",
     )
     broker: str | None = _setting(
-        None, _text,
+        None,
+        _text,
         "broker URL (default: the app's broker=, else the embedded broker in ./.consumerd/)",
         metavar="URL",
     )
     workers: int = _setting(1, _int(1), "worker processes", live=True, metavar="N")
     workers_max: int | None = _setting(
-        None, _int(1), "refuse a workers count above this (default: 64 per CPU)", live=True,
+        None,
+        _int(1),
+        "refuse a workers count above this (default: 64 per CPU)",
+        live=True,
         metavar="N",
     )
     prefetch: int | None = _setting(
-        None, _int(1), "prefetch of consumers that do not set their own", live=True,
+        None,
+        _int(1),
+        "prefetch of consumers that do not set their own",
+        live=True,
         metavar="N",
     )
     concurrency: int | None = _setting(
-        None, _int(1, 1024), "handlers running at once in a worker, for consumers that do not "
-        "set their own", live=True, metavar="N",
+        None,
+        _int(1, 1024),
+        "handlers running at once in a worker, for consumers that do not set their own",
+        live=True,
+        metavar="N",
     )
     queues: tuple[str, ...] | None = _setting(
-        None, _names, "run only these consumers (default: all the app declares)", live=True,
+        None,
+        _names,
+        "run only these consumers (default: all the app declares)",
+        live=True,
         metavar="NAME,...",
     )
     graceful_timeout: float = _setting(
         60.0, _seconds, "seconds a stopping worker may take to finish", metavar="S"
     )
     broker_down_limit: float = _setting(
-        60.0, _seconds, "a worker without broker for this long exits with status 75",
-        live=True, metavar="S",
+        60.0,
+        _seconds,
+        "a worker without broker for this long exits with status 75",
+        live=True,
+        metavar="S",
     )
     log_level: str = _setting(
         "INFO", _choice(LOG_LEVELS, str.upper), "log level", live=True, metavar="LEVEL"
     )
     log_format: str = _setting(
-        "text", _choice(LOG_FORMATS, str.lower), "text (readable) or json (one object a line)",
-        live=True, metavar="FORMAT",
+        "text",
+        _choice(LOG_FORMATS, str.lower),
+        "text (readable) or json (one object a line)",
+        live=True,
+        metavar="FORMAT",
     )
     metrics_port: int | None = _setting(
-        None, _int(0, 65535), "serve /metrics, /healthz and /readyz on this port (off if unset)",
+        None,
+        _int(0, 65535),
+        "serve /metrics, /healthz and /readyz on this port (off if unset)",
         metavar="PORT",
     )
     metrics_address: str = _setting(
-        "127.0.0.1", _text, "address the metrics port binds (0.0.0.0 in a container)",
+        "127.0.0.1",
+        _text,
+        "address the metrics port binds (0.0.0.0 in a container)",
         metavar="ADDRESS",
     )
     pidfile: str | None = _setting(None, _text, "the master's pid file", metavar="PATH")
     member: tuple[int, int] = _setting(
-        (0, 1), parse_member, "this host is member I of M sharing the partitions",
+        (0, 1),
+        parse_member,
+        "this host is member I of M sharing the partitions",
         metavar="I/M",
     )
     max_messages_per_worker: int | None = _setting(
-        None, _int(1), "recycle a worker after about this many messages", live=True,
+        None,
+        _int(1),
+        "recycle a worker after about this many messages",
+        live=True,
         metavar="N",
     )
     max_memory_per_worker: int | None = _setting(
-        None, _int(1), "recycle a worker above about this resident memory, in MB", live=True,
+        None,
+        _int(1),
+        "recycle a worker above about this resident memory, in MB",
+        live=True,
         metavar="MB",
     )
 
@@ -301,13 +334,18 @@ def add_arguments(
     """Add ``--config`` and an option for each setting in ``names`` (default: all), none
     with a default of its own; ``reloads``: the command re-reads its settings on SIGHUP."""
     parser.add_argument(
-        "--config", default=argparse.SUPPRESS, metavar="PATH",
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
         help=f"a TOML file of settings (${CONFIG_ENV})",
     )
     for name in FIELDS if names is None else names:
         parser.add_argument(
-            "--" + name.replace("_", "-"), type=argument_type(name), default=argparse.SUPPRESS,
-            metavar=FIELDS[name].metadata["metavar"], help=_help(name, reloads),
+            "--" + name.replace("_", "-"),
+            type=argument_type(name),
+            default=argparse.SUPPRESS,
+            metavar=FIELDS[name].metadata["metavar"],
+            help=_help(name, reloads),
         )
 
 
@@ -348,8 +386,11 @@ def workers_limit(settings: Settings) -> int:
 def _check_workers(settings: Settings) -> None:
     limit = workers_limit(settings)
     if settings.workers > limit:
-        why = (f"--workers-max {limit}" if settings.workers_max is not None
-               else f"{WORKERS_PER_CPU} per CPU, {os.cpu_count() or 1} CPU(s)")
+        why = (
+            f"--workers-max {limit}"
+            if settings.workers_max is not None
+            else f"{WORKERS_PER_CPU} per CPU, {os.cpu_count() or 1} CPU(s)"
+        )
         raise ConfigError(
             f"workers: {settings.workers} is above the limit of {limit} ({why}); "
             "set workers-max to allow more"

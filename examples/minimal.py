@@ -1,7 +1,7 @@
 """The smallest consumerd app.
 
-    consumerd publish --app examples.minimal orders '{"id": 1}'
-    consumerd --app examples.minimal --workers 2
+consumerd publish --app examples.minimal orders '{"id": 1}'
+consumerd --app examples.minimal --workers 2
 """
 
 import logging

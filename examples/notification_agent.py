@@ -46,8 +46,12 @@ def store_samples(notifications):
     log.info("stored %d samples: %s", len(notifications), dict(counts))
 
 
-@app.notifications("instance-updates", exchanges=["nova"], topic="versioned_notifications",
-                   event_types=["instance.update"])
+@app.notifications(
+    "instance-updates",
+    exchanges=["nova"],
+    topic="versioned_notifications",
+    event_types=["instance.update"],
+)
 def instance_update(notification):
     """One at a time: Nova's versioned notifications (queue ``versioned_notifications.info``)."""
     data = notification.payload.get("nova_object.data", {})

@@ -1,9 +1,9 @@
 """A partitioned consumer: per-key order, each partition owned by exactly one worker.
 
-    consumerd check --app examples.partitioned --workers 3
-    consumerd publish --app examples.partitioned samples '{"v": 3}' --key resource-42
-    consumerd --app examples.partitioned --workers 3
-    kill -TTIN <master pid>    # one worker more: partitions move, never consumed twice
+consumerd check --app examples.partitioned --workers 3
+consumerd publish --app examples.partitioned samples '{"v": 3}' --key resource-42
+consumerd --app examples.partitioned --workers 3
+kill -TTIN <master pid>    # one worker more: partitions move, never consumed twice
 """
 
 import logging

@@ -57,16 +57,28 @@ def to_sample(n):
     if n.event_type.startswith("compute.instance."):
         name, resource_id, volume, unit = "instance", payload.get("instance_id"), 1, "instance"
     elif n.event_type.startswith("volume."):
-        name, resource_id, volume, unit = ("volume.size", payload.get("volume_id"),
-                                           payload.get("size", 0), "GB")
+        name, resource_id, volume, unit = (
+            "volume.size",
+            payload.get("volume_id"),
+            payload.get("size", 0),
+            "GB",
+        )
     else:  # port.*
         port = payload.get("port") or {}
         name, resource_id, volume, unit = "port", port.get("id"), 1, "port"
     if not resource_id:
         return None
-    return {"name": name, "resource_id": resource_id, "volume": volume, "unit": unit,
-            "timestamp": n.timestamp, "message_id": n.message_id, "event_type": n.event_type,
-            "project_id": n.context.get("project_id"), "resource_metadata": payload}
+    return {
+        "name": name,
+        "resource_id": resource_id,
+        "volume": volume,
+        "unit": unit,
+        "timestamp": n.timestamp,
+        "message_id": n.message_id,
+        "event_type": n.event_type,
+        "project_id": n.context.get("project_id"),
+        "resource_metadata": payload,
+    }
 
 
 @app.notifications(
@@ -93,8 +105,14 @@ def forward_samples(notifications):
 def store_sample(sample, message):
     """One resource's samples arrive here in order, in one worker at a time."""
     if STORE is None:
-        log.info("%s %s = %s %s (%s)", sample["resource_id"], sample["name"],
-                 sample["volume"], sample["unit"], message.queue)
+        log.info(
+            "%s %s = %s %s (%s)",
+            sample["resource_id"],
+            sample["name"],
+            sample["volume"],
+            sample["unit"],
+            message.queue,
+        )
         return
     line = json.dumps({"pid": os.getpid(), "queue": message.queue, "sample": sample}) + "\n"
     fd = os.open(STORE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

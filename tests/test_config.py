@@ -15,8 +15,12 @@ from consumerd.config import Config, ConfigError, Settings
 # name: (TOML literal, environment string, command line string, expected value of each)
 CASES = {
     "app": ('"a.file"', "a.env", "a.cli", ("a.file", "a.env", "a.cli")),
-    "broker": ('"redis://f/0"', "redis://e/0", "redis://c/0",
-               ("redis://f/0", "redis://e/0", "redis://c/0")),
+    "broker": (
+        '"redis://f/0"',
+        "redis://e/0",
+        "redis://c/0",
+        ("redis://f/0", "redis://e/0", "redis://c/0"),
+    ),
     "workers": ("2", "3", "4", (2, 3, 4)),
     "workers_max": ("20", "30", "40", (20, 30, 40)),
     "prefetch": ("20", "30", "40", (20, 30, 40)),
@@ -62,9 +66,10 @@ def test_each_layer_overrides_the_ones_below(tmp_path, name):
     assert getattr(config.load(cli(), {}), name) == default
     assert getattr(config.load(cli("--config", str(path)), {}), name) == from_file
     assert getattr(config.load(cli("--config", str(path)), {variable: env}), name) == from_env
-    assert getattr(
-        config.load(cli("--config", str(path), option, arg), {variable: env}), name
-    ) == from_cli
+    assert (
+        getattr(config.load(cli("--config", str(path), option, arg), {variable: env}), name)
+        == from_cli
+    )
     # An option not given hides nothing, and each layer alone works.
     assert getattr(config.load(cli(), {variable: env}), name) == from_env
     assert getattr(config.load(cli(option, arg), {}), name) == from_cli
@@ -82,14 +87,27 @@ def test_the_file_can_come_from_the_environment_and_the_option_wins(tmp_path):
 def test_one_variable_per_setting_and_an_unknown_one_is_an_error():
     assert config.load({}, {"CONSUMERD_BROKER": "amqp://new//"}).broker == "amqp://new//"
     # The retired name would send messages elsewhere without a word: it is refused.
-    with pytest.raises(ConfigError, match=r"\$CONSUMERD_BROKER_URL: unknown setting "
-                                          r"\(did you mean \$CONSUMERD_BROKER\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\$CONSUMERD_BROKER_URL: unknown setting "
+        r"\(did you mean \$CONSUMERD_BROKER\?\)",
+    ):
         config.load({}, {"CONSUMERD_BROKER_URL": "amqp://old//"})
     with pytest.raises(ConfigError, match=r"\$CONSUMERD_ZZZ: unknown setting$"):
         config.load({}, {"CONSUMERD_ZZZ": "1"})
     # Variables consumerd sets for itself, and other programs' variables, are not settings.
-    assert config.load({}, {"CONSUMERD_REEXEC_STATE": "{}", "CONSUMERD_METRICS_OWNER": "1",
-                            "CONSUMERDX": "1", "OTHER": "1"}) == Settings()
+    assert (
+        config.load(
+            {},
+            {
+                "CONSUMERD_REEXEC_STATE": "{}",
+                "CONSUMERD_METRICS_OWNER": "1",
+                "CONSUMERDX": "1",
+                "OTHER": "1",
+            },
+        )
+        == Settings()
+    )
 
 
 def test_the_internal_variables_are_the_ones_consumerd_sets():
@@ -106,16 +124,25 @@ def test_seconds_are_finite(value):
         config.load({}, {"CONSUMERD_GRACEFUL_TIMEOUT": value})
 
 
-@pytest.mark.parametrize(("layer", "message"), [
-    ("env", "$CONSUMERD_WORKERS: expected an integer >= 1, got 0"),
-    ("file", "consumerd.toml: workers: expected an integer >= 1, got 0"),
-    ("file-type", "consumerd.toml: workers: expected an integer >= 1, got 'four'"),
-    ("unknown", "unknown setting 'wokers' (did you mean 'workers'?)"),
-])
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ("env", "$CONSUMERD_WORKERS: expected an integer >= 1, got 0"),
+        ("file", "consumerd.toml: workers: expected an integer >= 1, got 0"),
+        ("file-type", "consumerd.toml: workers: expected an integer >= 1, got 'four'"),
+        ("unknown", "unknown setting 'wokers' (did you mean 'workers'?)"),
+    ],
+)
 def test_bad_values_say_where_they_come_from(tmp_path, layer, message):
     path = tmp_path / "consumerd.toml"
-    path.write_text({"env": "", "file": "workers = 0\n", "file-type": 'workers = "four"\n',
-                     "unknown": "wokers = 4\n"}[layer])
+    path.write_text(
+        {
+            "env": "",
+            "file": "workers = 0\n",
+            "file-type": 'workers = "four"\n',
+            "unknown": "wokers = 4\n",
+        }[layer]
+    )
     environ = {"CONSUMERD_WORKERS": "0"} if layer == "env" else {}
     with pytest.raises(ConfigError) as raised:
         config.load(cli("--config", str(path)), environ)
@@ -143,12 +170,15 @@ def test_a_reload_applies_live_changes_and_reports_the_rest(tmp_path):
     assert running.settings.prefetch == 7
 
 
-@pytest.mark.parametrize("broken", [
-    "workers = \n",                       # not TOML
-    "workers = 3\nworkers = 4\n",         # duplicate key
-    "workers = -1\n",                     # bad value
-    None,                                 # the file is gone
-])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "workers = \n",  # not TOML
+        "workers = 3\nworkers = 4\n",  # duplicate key
+        "workers = -1\n",  # bad value
+        None,  # the file is gone
+    ],
+)
 def test_a_bad_file_on_reload_keeps_the_running_config(tmp_path, broken):
     path = tmp_path / "consumerd.toml"
     path.write_text("workers = 2\nprefetch = 5\n")
@@ -169,9 +199,15 @@ def test_a_bad_file_on_reload_keeps_the_running_config(tmp_path, broken):
 
 def test_live_and_restart_settings_are_declared():
     assert {
-        "workers", "workers_max", "prefetch", "queues", "log_level", "log_format",
+        "workers",
+        "workers_max",
+        "prefetch",
+        "queues",
+        "log_level",
+        "log_format",
         "broker_down_limit",
-        "max_messages_per_worker", "max_memory_per_worker",
+        "max_messages_per_worker",
+        "max_memory_per_worker",
     } == config.LIVE
 
 
@@ -186,11 +222,12 @@ def test_readme_example(tmp_path: Path):
     path = tmp_path / "consumerd.toml"
     path.write_text(
         'app = "shop.consumers"\nbroker = "amqp://guest:guest@127.0.0.1:5672//"\n'
-        "workers = 4\nprefetch = 50\ngraceful-timeout = 30\nlog-format = \"json\"\n"
+        'workers = 4\nprefetch = 50\ngraceful-timeout = 30\nlog-format = "json"\n'
         "metrics-port = 9100\nmax-messages-per-worker = 100000\nmax-memory-per-worker = 512\n"
     )
-    settings = config.load(cli("--config", str(path), "--workers", "8"),
-                           {"CONSUMERD_LOG_LEVEL": "debug"})
+    settings = config.load(
+        cli("--config", str(path), "--workers", "8"), {"CONSUMERD_LOG_LEVEL": "debug"}
+    )
     assert (settings.workers, settings.prefetch, settings.log_level) == (8, 50, "DEBUG")
     assert settings.metrics_address == "127.0.0.1"
 
@@ -201,7 +238,8 @@ def test_an_absurd_worker_count_is_refused_unless_allowed(tmp_path):
     with pytest.raises(ConfigError, match=rf"workers: 100000 is above the limit of {limit} "):
         config.load(cli("--workers", "100000"), {})
     assert config.load(cli("--workers", "100000", "--workers-max", "100000"), {}).workers == (
-        100000)
+        100000
+    )
     with pytest.raises(ConfigError, match=r"above the limit of 3 \(--workers-max 3\)"):
         config.load(cli("--workers", "4"), {"CONSUMERD_WORKERS_MAX": "3"})
     # a reload to an absurd count is rejected and the running count stays

@@ -20,9 +20,22 @@ def test_quick_soak_loses_nothing(tmp_path):
     assert shutil.which("redis-server"), "redis-server is not installed"
     results_path = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--messages",
-         str(MESSAGES), "--quick", "--brokers", "redis,amqp", "--json", str(results_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "soak.py"),
+            "--messages",
+            str(MESSAGES),
+            "--quick",
+            "--brokers",
+            "redis,amqp",
+            "--json",
+            str(results_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     report = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert results_path.exists(), report

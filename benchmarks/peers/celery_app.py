@@ -34,6 +34,7 @@ app.conf.update(
 
 @app.task(name="bench.noop")
 def noop(body: object) -> None:
+    config.wait()
     counter.hit()
 
 

@@ -7,10 +7,23 @@ app module themselves from their own command lines.
 from __future__ import annotations
 
 import os
+import time
 
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "")
 QUEUE = os.environ.get("BENCH_QUEUE", "")
 PREFETCH = int(os.environ.get("BENCH_PREFETCH", "100"))
+SLEEP = float(os.environ.get("BENCH_SLEEP", "0"))
+"""Seconds each handler waits (time.sleep / asyncio.sleep): I/O-bound work; 0: no-op."""
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "1"))
+"""consumerd only: handlers at once per worker."""
+ASYNC = os.environ.get("BENCH_ASYNC") == "1"
+"""consumerd only: the handler is ``async def`` (asyncio.sleep)."""
+
+
+def wait() -> None:
+    """The handler's I/O-bound part, if any."""
+    if SLEEP:
+        time.sleep(SLEEP)
 
 
 def body(i: int) -> dict[str, object]:

@@ -7,15 +7,32 @@ The runtime acks after the handler returns (handlers do not ack themselves).
 
 from __future__ import annotations
 
+import asyncio
+
 import consumerd
 from benchmarks.peers import config, counter
 
 app = consumerd.App("bench", broker=config.BROKER_URL or None)
 
 
-@app.consumer(config.QUEUE or "bench-q", prefetch=config.PREFETCH)
-def handle(body: object, message: object) -> None:
-    counter.hit()
+if config.ASYNC:
+
+    @app.consumer(
+        config.QUEUE or "bench-q", prefetch=config.PREFETCH, concurrency=config.CONCURRENCY
+    )
+    async def handle_async(body: object, message: object) -> None:
+        if config.SLEEP:
+            await asyncio.sleep(config.SLEEP)
+        counter.hit()
+
+else:
+
+    @app.consumer(
+        config.QUEUE or "bench-q", prefetch=config.PREFETCH, concurrency=config.CONCURRENCY
+    )
+    def handle(body: object, message: object) -> None:
+        config.wait()
+        counter.hit()
 
 
 def fill(n: int) -> None:

@@ -26,6 +26,7 @@ dramatiq.set_broker(broker)
 
 @dramatiq.actor(actor_name="bench_noop", queue_name=config.QUEUE, max_retries=0)
 def noop(body: object) -> None:
+    config.wait()
     counter.hit()
 
 

@@ -33,6 +33,7 @@ def fill(n: int) -> None:
 
 
 def handle(body: object, message: kombu.Message) -> None:
+    config.wait()
     counter.hit()
     message.ack()
 

@@ -21,7 +21,8 @@ from consumerd.consumer import batching, broker, notifications, policy, routing
 Handler = typing.Callable[[typing.Any, "Delivery"], object]
 _HandlerT = typing.TypeVar("_HandlerT", bound=Handler)
 _NotificationHandlerT = typing.TypeVar(
-    "_NotificationHandlerT", notifications.NotificationHandler, notifications.BatchHandler)
+    "_NotificationHandlerT", notifications.NotificationHandler, notifications.BatchHandler
+)
 
 DEFAULT_PREFETCH = 100
 
@@ -201,8 +202,17 @@ class App:
         def register(handler: _HandlerT) -> _HandlerT:
             if not callable(handler):
                 raise TypeError(f"consumer {name!r}: {handler!r} is not callable")
-            self._add(ConsumerSpec(name, handler, prefetch, parts, retry, max_deaths=deaths,
-                                   concurrency=concurrency))
+            self._add(
+                ConsumerSpec(
+                    name,
+                    handler,
+                    prefetch,
+                    parts,
+                    retry,
+                    max_deaths=deaths,
+                    concurrency=concurrency,
+                )
+            )
             return handler
 
         return register
@@ -248,22 +258,40 @@ class App:
         retry = self._retry_of(max_retries, retry_delay, max_retry_delay)
         deaths = self._max_deaths_of(max_deaths)
         listener = notifications.Listener(
-            tuple(exchanges), topic, tuple(priorities), tuple(event_types),
-            durable, auto_delete, queue_arguments, pool, publisher_id,
+            tuple(exchanges),
+            topic,
+            tuple(priorities),
+            tuple(event_types),
+            durable,
+            auto_delete,
+            queue_arguments,
+            pool,
+            publisher_id,
         )
         batch = None if batch_size is None else batching.BatchPolicy(batch_size, batch_timeout)
         prefetch = None if prefetch is None else _positive("prefetch", prefetch)
         if batch is not None and prefetch is not None and prefetch < batch.size:
-            raise ValueError(f"notifications {name!r}: prefetch {prefetch} is below "
-                             f"batch_size {batch.size}: a batch could never fill")
+            raise ValueError(
+                f"notifications {name!r}: prefetch {prefetch} is below "
+                f"batch_size {batch.size}: a batch could never fill"
+            )
 
         def register(handler: _NotificationHandlerT) -> _NotificationHandlerT:
             if not callable(handler):
                 raise TypeError(f"notifications {name!r}: {handler!r} is not callable")
-            self._add(ConsumerSpec(
-                name, notifications.adapt(handler), prefetch, 0, retry,
-                source=listener, prepare=listener.prepare, batch=batch, max_deaths=deaths,
-            ))
+            self._add(
+                ConsumerSpec(
+                    name,
+                    notifications.adapt(handler),
+                    prefetch,
+                    0,
+                    retry,
+                    source=listener,
+                    prepare=listener.prepare,
+                    batch=batch,
+                    max_deaths=deaths,
+                )
+            )
             return handler
 
         return register
@@ -273,8 +301,10 @@ class App:
         for other in self.consumers.values():
             shared = sorted(set(spec.queue_names) & set(other.queue_names))
             if shared:
-                raise ValueError(f"consumers {other.name!r} and {spec.name!r} of app "
-                                 f"{self.name!r} both consume {', '.join(shared)}")
+                raise ValueError(
+                    f"consumers {other.name!r} and {spec.name!r} of app "
+                    f"{self.name!r} both consume {', '.join(shared)}"
+                )
         self.consumers[spec.name] = spec
 
     def _check_new(self, name: str) -> None:
@@ -283,8 +313,9 @@ class App:
         if name in self.consumers:
             raise ValueError(f"consumer {name!r} is declared twice in app {self.name!r}")
 
-    def _retry_of(self, max_retries: int | None, retry_delay: float | None,
-                  max_retry_delay: float | None) -> policy.RetryPolicy:
+    def _retry_of(
+        self, max_retries: int | None, retry_delay: float | None, max_retry_delay: float | None
+    ) -> policy.RetryPolicy:
         return policy.RetryPolicy(
             self.retry.max_retries if max_retries is None else max_retries,
             self.retry.delay if retry_delay is None else retry_delay,

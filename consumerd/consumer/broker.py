@@ -115,9 +115,14 @@ def _warn_if_moved(url: str, old: str, path: str) -> None:
     if url in _warned or os.path.exists(path) or not os.path.exists(old):
         return
     _warned.add(url)
-    LOG.warning("broker %s is %s, relative to the working directory (as in SQLAlchemy); "
-                "the existing %s is not used: write %s for it", redact(url), path, old,
-                sqlite_url(os.path.normpath(old)))
+    LOG.warning(
+        "broker %s is %s, relative to the working directory (as in SQLAlchemy); "
+        "the existing %s is not used: write %s for it",
+        redact(url),
+        path,
+        old,
+        sqlite_url(os.path.normpath(old)),
+    )
 
 
 def is_default(url: str) -> bool:
@@ -190,9 +195,7 @@ def connect(url: str, **kwargs: object) -> Connection:
         options.setdefault("confirm_publish", True)
     # Not urlunsplit(): it turns sqlite:///abs/path into sqlite:/abs/path.
     bare = sqlite_url(sqlite_path(url)) if scheme == "sqlite" else url.split("?", 1)[0]
-    return Connection(
-        bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs
-    )
+    return Connection(bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs)
 
 
 def is_amqp(connection: Connection) -> bool:

@@ -111,8 +111,8 @@ class DeathCounter:
             return
         at = _START + slot * SLOT_SIZE
         data = identity.encode("utf-8", "replace")[:_MAX_ID]
-        record[at + _SLOT_HEADER:at + _SLOT_HEADER + len(data)] = data
-        record[at + 1:at + 3] = len(data).to_bytes(2, "little")
+        record[at + _SLOT_HEADER : at + _SLOT_HEADER + len(data)] = data
+        record[at + 1 : at + 3] = len(data).to_bytes(2, "little")
         record[at] = _HANDLING
 
     def settled(self, slot: int = 0) -> None:
@@ -167,15 +167,19 @@ class DeathCounter:
             for at in range(_START, len(data) - _SLOT_HEADER + 1, SLOT_SIZE):
                 if data[at] != _HANDLING:
                     continue
-                length = int.from_bytes(data[at + 1:at + 3], "little")
+                length = int.from_bytes(data[at + 1 : at + 3], "little")
                 start = at + _SLOT_HEADER
-                identity = data[start:start + length].decode("utf-8", "replace")
+                identity = data[start : start + length].decode("utf-8", "replace")
                 entry = counts.setdefault(identity, [0, 0.0])
                 entry[0] += 1
                 entry[1] = time.time()
                 changed = True
-                LOG.warning("worker %s died while handling message %s (%d time(s) so far)",
-                            pid_text, identity, entry[0])
+                LOG.warning(
+                    "worker %s died while handling message %s (%d time(s) so far)",
+                    pid_text,
+                    identity,
+                    entry[0],
+                )
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if changed:
@@ -199,8 +203,11 @@ class DeathCounter:
             return {}
         if not isinstance(counts, dict):
             return {}
-        return {k: v for k, v in counts.items() if isinstance(v, list) and len(v) == 2
-                and all(isinstance(x, int | float) for x in v)}
+        return {
+            k: v
+            for k, v in counts.items()
+            if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int | float) for x in v)
+        }
 
     def _save(self, counts: dict[str, list[float]]) -> None:
         if len(counts) > MAX_ENTRIES:

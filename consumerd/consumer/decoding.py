@@ -41,8 +41,10 @@ def body_of(message: typing.Any) -> typing.Any:
         exc = errors[0][1]
         compression = message.headers.get("compression")
         if compression:
-            raise Undecodable(f"the body does not decompress as {policy.short_repr(compression)}"
-                              f" ({policy.describe_error(exc)})")
+            raise Undecodable(
+                f"the body does not decompress as {policy.short_repr(compression)}"
+                f" ({policy.describe_error(exc)})"
+            )
         raise Undecodable(policy.describe_error(exc))
     content_type = message.content_type
     if content_type is not None and not isinstance(content_type, str):
@@ -56,8 +58,9 @@ def body_of(message: typing.Any) -> typing.Any:
             return loads(text)
         except Exception as exc:
             what = content_type or "no content type"
-            raise Undecodable(f"{what}, and the body is not JSON in UTF-8 "
-                              f"({policy.describe_error(exc)})") from None
+            raise Undecodable(
+                f"{what}, and the body is not JSON in UTF-8 ({policy.describe_error(exc)})"
+            ) from None
     try:
         return kombu_loads(body, content_type, message.content_encoding, accept=ACCEPT)
     except Exception as exc:

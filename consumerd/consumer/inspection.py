@@ -172,8 +172,7 @@ class Inspector(typing.Protocol):
     def prepare(self, queues: list[typing.Any]) -> None:
         """Make sure the (kombu) queues a replay sends to exist."""
 
-    def dead_letters(self, queue: str) -> contextlib.AbstractContextManager[DeadLetterSession]:
-        ...
+    def dead_letters(self, queue: str) -> contextlib.AbstractContextManager[DeadLetterSession]: ...
 
     def close(self) -> None: ...
 
@@ -191,8 +190,9 @@ def open_inspector(url: str) -> Inspector:
         return RabbitInspector(url)
     if scheme == "sqlite":
         return SQLiteInspector(url)
-    raise Unsupported(f"{scheme}:// brokers cannot be inspected (RabbitMQ, Redis and the "
-                      f"embedded broker can)")
+    raise Unsupported(
+        f"{scheme}:// brokers cannot be inspected (RabbitMQ, Redis and the embedded broker can)"
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -213,9 +213,13 @@ def _payload_letter(raw: str | bytes, handle: typing.Any) -> DeadLetter:
     properties["content_type"] = payload.get("content-type")
     properties["content_encoding"] = payload.get("content-encoding")
     headers = payload.get("headers") or {}
-    return DeadLetter(identity(properties.get("message_id"), data), data,
-                      headers if isinstance(headers, dict) else {}, properties,
-                      (raw, payload))
+    return DeadLetter(
+        identity(properties.get("message_id"), data),
+        data,
+        headers if isinstance(headers, dict) else {},
+        properties,
+        (raw, payload),
+    )
 
 
 def _payload_for(letter: DeadLetter, target: str) -> str:
@@ -249,9 +253,9 @@ class RedisInspector:
         self.prefix = options.get("global_keyprefix", "")
         self.unacked_key = self.prefix + options.get("unacked_key", "unacked")
         self.client: redis.Redis = redis_lib.Redis.from_url(
-            url.split("?", 1)[0], socket_timeout=float(options.get("socket_timeout", 10)),
-            socket_connect_timeout=float(options.get("socket_connect_timeout",
-                                                     _CONNECT_TIMEOUT)),
+            url.split("?", 1)[0],
+            socket_timeout=float(options.get("socket_timeout", 10)),
+            socket_connect_timeout=float(options.get("socket_connect_timeout", _CONNECT_TIMEOUT)),
         )
         self._errors: tuple[type[Exception], ...] = (redis_lib.RedisError,)
         self._call(self.client.ping)
@@ -283,8 +287,11 @@ class RedisInspector:
         lengths = iter(self._call(pipe.execute))
         held = self._held()
         return {
-            queue: Depth(sum(next(lengths) for _ in _REDIS_PRIORITIES) + next(lengths),
-                         held.get(queue, 0), None)
+            queue: Depth(
+                sum(next(lengths) for _ in _REDIS_PRIORITIES) + next(lengths),
+                held.get(queue, 0),
+                None,
+            )
             for queue in queues
         }
 
@@ -324,9 +331,10 @@ class _RedisSession:
     def replay(self, letter: DeadLetter, target: str) -> bool:
         key = letter.handle[2]
         # Same priority sub-list in the target as in the dead-letter queue.
-        suffix = key[len(self.inspector.prefix + self.queue):]
-        return self._run(letter, self.inspector.prefix + target + suffix,
-                         _payload_for(letter, target))
+        suffix = key[len(self.inspector.prefix + self.queue) :]
+        return self._run(
+            letter, self.inspector.prefix + target + suffix, _payload_for(letter, target)
+        )
 
     def purge(self, letter: DeadLetter) -> bool:
         return self._run(letter, letter.handle[2], "")
@@ -348,11 +356,14 @@ class SQLiteInspector:
 
         self.path = transport.database_path(url.split("?", 1)[0])
         if not os.path.exists(self.path):
-            raise Unreachable(f"no embedded broker database at {self.path} (nothing was "
-                              f"published or run with this broker from this directory)")
+            raise Unreachable(
+                f"no embedded broker database at {self.path} (nothing was "
+                f"published or run with this broker from this directory)"
+            )
         try:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=10,
-                                      isolation_level=None)
+            self.db = sqlite3.connect(
+                f"file:{self.path}?mode=rw", uri=True, timeout=10, isolation_level=None
+            )
             self.db.execute("SELECT 1 FROM messages LIMIT 1").fetchall()
         except sqlite3.Error as exc:
             raise Unreachable(f"embedded broker {self.path}: {_one_line(exc)}") from None
@@ -367,14 +378,18 @@ class SQLiteInspector:
         marks = ", ".join("?" * len(queues))
         rows = self._query(
             f"SELECT queue, count(*) - count(owner), count(owner) FROM messages "
-            f"WHERE queue IN ({marks}) GROUP BY queue", queues)
+            f"WHERE queue IN ({marks}) GROUP BY queue",
+            queues,
+        )
         found = {queue: Depth(ready, held, None) for queue, ready, held in rows}
         return {queue: found.get(queue, Depth(0, 0, None)) for queue in queues}
 
     @contextlib.contextmanager
     def dead_letters(self, queue: str) -> Iterator[DeadLetterSession]:
-        rows = self._query("SELECT id, payload FROM messages WHERE queue = ? AND owner IS NULL "
-                           "ORDER BY id", (queue,))
+        rows = self._query(
+            "SELECT id, payload FROM messages WHERE queue = ? AND owner IS NULL ORDER BY id",
+            (queue,),
+        )
         letters = []
         for row_id, raw in rows:
             letter = _payload_letter(raw, None)
@@ -402,11 +417,14 @@ class _SQLiteSession:
             try:
                 gone = db.execute(
                     "DELETE FROM messages WHERE id = ? AND queue = ? AND owner IS NULL",
-                    (letter.handle[0], self.queue)).rowcount
+                    (letter.handle[0], self.queue),
+                ).rowcount
                 if gone == 1 and target is not None:
                     db.execute("INSERT OR IGNORE INTO queues VALUES (?)", (target,))
-                    db.execute("INSERT INTO messages (queue, payload) VALUES (?, ?)",
-                               (target, _payload_for(letter, target)))
+                    db.execute(
+                        "INSERT INTO messages (queue, payload) VALUES (?, ?)",
+                        (target, _payload_for(letter, target)),
+                    )
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -433,8 +451,8 @@ class RabbitInspector:
     kind: typing.ClassVar[str] = "rabbitmq"
     unknown: typing.ClassVar[dict[str, str]] = {
         "unacked": "AMQP does not tell how many messages consumers hold; only RabbitMQ's "
-                   "management API (not used here) or rabbitmqctl does (0 is shown when no "
-                   "consumer is attached)",
+        "management API (not used here) or rabbitmqctl does (0 is shown when no "
+        "consumer is attached)",
     }
 
     def __init__(self, url: str) -> None:
@@ -443,7 +461,10 @@ class RabbitInspector:
 
         self._not_found = amqp.exceptions.NotFound
         self._errors: tuple[type[BaseException], ...] = (
-            OperationalError, OSError, amqp.exceptions.AMQPError)
+            OperationalError,
+            OSError,
+            amqp.exceptions.AMQPError,
+        )
         self.connection = broker.connect(url, connect_timeout=_CONNECT_TIMEOUT)
         # Transactions and publisher confirms exclude each other on a channel.
         options = typing.cast(dict[str, typing.Any], self.connection.transport_options)
@@ -529,8 +550,13 @@ class RabbitInspector:
         body = message.body
         if isinstance(body, str):
             body = body.encode(properties.get("content_encoding") or "utf-8")
-        return DeadLetter(identity(properties.get("message_id"), body), body, headers,
-                          properties, message.delivery_tag)
+        return DeadLetter(
+            identity(properties.get("message_id"), body),
+            body,
+            headers,
+            properties,
+            message.delivery_tag,
+        )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -538,8 +564,9 @@ class RabbitInspector:
 
 
 class _RabbitSession:
-    def __init__(self, inspector: RabbitInspector, channel: typing.Any,
-                 letters: list[DeadLetter]) -> None:
+    def __init__(
+        self, inspector: RabbitInspector, channel: typing.Any, letters: list[DeadLetter]
+    ) -> None:
         self.inspector = inspector
         self.channel = channel
         self.letters = letters
@@ -549,8 +576,9 @@ class _RabbitSession:
 
         properties = {**letter.properties, "application_headers": letter.replay_headers()}
         with self.inspector._errors_as_unreachable():
-            self.channel.basic_publish(amqp.Message(letter.body, **properties),
-                                       exchange="", routing_key=target)
+            self.channel.basic_publish(
+                amqp.Message(letter.body, **properties), exchange="", routing_key=target
+            )
             self.channel.basic_ack(letter.handle)
             self.channel.tx_commit()
         return True

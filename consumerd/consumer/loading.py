@@ -47,9 +47,7 @@ def load_app(ref: str, *, reload: bool = False, require_consumers: bool = True) 
     except SystemExit as exc:
         # sys.exit() in the module would otherwise end the master quietly (status 0)
         # or a worker's reload; it is a broken app like any other.
-        raise AppLoadError(
-            f"--app {ref!r}: importing it called sys.exit({exc.code!r})"
-        ) from None
+        raise AppLoadError(f"--app {ref!r}: importing it called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise AppLoadError(f"--app {ref!r}: importing it failed: {_one_line(exc)}") from None
     found: object = module
@@ -88,8 +86,12 @@ def check_in_child(ref: str, timeout: float = CHECK_TIMEOUT) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _CHECK_SOURCE, ref], env=env, stdin=subprocess.DEVNULL,
-            capture_output=True, timeout=timeout, check=False,
+            [sys.executable, "-c", _CHECK_SOURCE, ref],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise AppLoadError(f"--app {ref!r}: importing it took over {timeout:g}s") from None
@@ -100,12 +102,17 @@ def check_in_child(ref: str, timeout: float = CHECK_TIMEOUT) -> None:
     lines = done.stderr.decode(errors="replace").strip().splitlines()
     if done.returncode == 2 and lines and lines[-1].startswith("--app "):
         raise AppLoadError(lines[-1])
-    status = (f"killed by signal {-done.returncode}" if done.returncode < 0
-              else f"exited with status {done.returncode}")
+    status = (
+        f"killed by signal {-done.returncode}"
+        if done.returncode < 0
+        else f"exited with status {done.returncode}"
+    )
     if done.returncode == 0:
         status = "ended the process (os._exit(0))"
-    raise AppLoadError(f"--app {ref!r}: importing it {status} (checked in a child process)"
-                       + (f": {lines[-1]}" if lines else ""))
+    raise AppLoadError(
+        f"--app {ref!r}: importing it {status} (checked in a child process)"
+        + (f": {lines[-1]}" if lines else "")
+    )
 
 
 def check_queues(app: App, queues: tuple[str, ...] | None) -> None:

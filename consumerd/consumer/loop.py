@@ -218,8 +218,10 @@ class Loop:
         self._stop_requested.set()
         self._poke()
         if not self._done.wait(timeout):
-            LOG.warning("a handler is still running after %.1fs: leaving its message unacked",
-                        timeout or 0.0)
+            LOG.warning(
+                "a handler is still running after %.1fs: leaving its message unacked",
+                timeout or 0.0,
+            )
             self._deaths.settled()  # the runtime stops it: not a death of the message
             self._hand_back_from_outside()
 
@@ -236,8 +238,12 @@ class Loop:
         try:
             with broker.connect(self._url, connect_timeout=2) as conn:
                 Producer(conn).publish(
-                    b"", exchange="", routing_key=self._wake_queue, delivery_mode=1,
-                    content_type="application/octet-stream", content_encoding="binary",
+                    b"",
+                    exchange="",
+                    routing_key=self._wake_queue,
+                    delivery_mode=1,
+                    content_type="application/octet-stream",
+                    content_encoding="binary",
                 )
         except Exception as exc:  # the loop still notices at its next event
             LOG.debug("could not wake the consume loop: %s", exc)
@@ -313,9 +319,15 @@ class Loop:
         first, longest = FLAP_BACKOFF
         ceiling = min(longest, first * 2 ** (self._flaps - 2))
         delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-        LOG.warning("lost the broker again %.1fs after connecting (%s: %s; flap #%d); "
-                    "reconnecting in %.1fs", time.monotonic() - self._connected_at,
-                    type(exc).__name__, exc, self._flaps - 1, delay)
+        LOG.warning(
+            "lost the broker again %.1fs after connecting (%s: %s; flap #%d); "
+            "reconnecting in %.1fs",
+            time.monotonic() - self._connected_at,
+            type(exc).__name__,
+            exc,
+            self._flaps - 1,
+            delay,
+        )
         self._interrupt.clear()
         self._sleep(delay)
 
@@ -346,9 +358,14 @@ class Loop:
 
         def log_retry(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            LOG.warning("broker %s unreachable (%s: %s); retry %d in %.1fs",
-                        broker.redact(self._url), type(exc).__name__, exc,
-                        state.attempt_number, state.upcoming_sleep)
+            LOG.warning(
+                "broker %s unreachable (%s: %s); retry %d in %.1fs",
+                broker.redact(self._url),
+                type(exc).__name__,
+                exc,
+                state.attempt_number,
+                state.upcoming_sleep,
+            )
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(self._recoverable),
@@ -364,8 +381,12 @@ class Loop:
         except self._recoverable:
             if self._stopping:
                 return
-            LOG.error("broker %s unreachable for %.0fs: exiting with status %d",
-                      broker.redact(self._url), time.monotonic() - started, EX_TEMPFAIL)
+            LOG.error(
+                "broker %s unreachable for %.0fs: exiting with status %d",
+                broker.redact(self._url),
+                time.monotonic() - started,
+                EX_TEMPFAIL,
+            )
             raise SystemExit(EX_TEMPFAIL) from None
 
     def _sleep(self, seconds: float) -> None:
@@ -391,8 +412,9 @@ class Loop:
                 self._without_wake = True
             self._schedule_restore()
             self._bind_retry()
-            LOG.info("consuming %s from %s", ", ".join(self._app.consumers),
-                     broker.redact(self._url))
+            LOG.info(
+                "consuming %s from %s", ", ".join(self._app.consumers), broker.redact(self._url)
+            )
             for spec in self._app.consumers.values():
                 self._bind(spec, self._bindings.get(spec.name))
             metrics.set_connected(True)
@@ -470,19 +492,30 @@ class Loop:
         self._retry_channel.basic_qos(0, RETRY_PREFETCH, len(names) > 1)
         on_copy = functools.partial(self._receive, None)
         Consumer(
-            self._retry_channel, queues=[declare_queue(n) for n in names],
-            on_message=on_copy, on_decode_error=functools.partial(_undecodable, on_copy),
+            self._retry_channel,
+            queues=[declare_queue(n) for n in names],
+            on_message=on_copy,
+            on_decode_error=functools.partial(_undecodable, on_copy),
             auto_declare=False,
         ).consume()
 
     def _bind_wake(self) -> None:
         assert self._conn is not None
         self._wake_channel = self._conn.channel()
-        queue = Queue(self._wake_queue, routing_key=self._wake_queue,
-                      durable=False, exclusive=self._amqp, auto_delete=True)
-        Consumer(self._wake_channel, queues=[queue], no_ack=True,
-                 on_message=self._on_wake,
-                 on_decode_error=lambda message, exc: None).consume()
+        queue = Queue(
+            self._wake_queue,
+            routing_key=self._wake_queue,
+            durable=False,
+            exclusive=self._amqp,
+            auto_delete=True,
+        )
+        Consumer(
+            self._wake_channel,
+            queues=[queue],
+            no_ack=True,
+            on_message=self._on_wake,
+            on_decode_error=lambda message, exc: None,
+        ).consume()
 
     def _restore_visible(self) -> None:
         """Give back messages a dead worker took: on Redis they sit in the ``unacked``
@@ -526,10 +559,15 @@ class Loop:
         if binding.batch is None and _redelivered(message):
             died = self._deaths.deaths_of(identity)
             if died >= spec.max_deaths:
-                LOG.error("%s: the worker died while handling message %s %d times: "
-                          "dead-lettering it", queue, identity, died)
-                self._dead_letter(spec, message, queue,
-                                  f"worker died while handling this message, {died} times")
+                LOG.error(
+                    "%s: the worker died while handling message %s %d times: dead-lettering it",
+                    queue,
+                    identity,
+                    died,
+                )
+                self._dead_letter(
+                    spec, message, queue, f"worker died while handling this message, {died} times"
+                )
                 self._deaths.forget(identity)
                 return
         self._deaths.handling(identity)  # decoding may kill it too (a body too big)
@@ -538,16 +576,18 @@ class Loop:
         finally:
             self._deaths.settled()
 
-    def _handle(self, binding: _Binding, spec: ConsumerSpec, meter: typing.Any,
-                message: Message, queue: str) -> None:
+    def _handle(
+        self, binding: _Binding, spec: ConsumerSpec, meter: typing.Any, message: Message, queue: str
+    ) -> None:
         try:
             decoding.check_headers(message)
             body = decoding.body_of(message)
             if spec.prepare is not None:
                 body = spec.prepare(body)
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, decoding.Undecodable) else (
-                policy.describe_error(exc))
+            reason = (
+                str(exc) if isinstance(exc, decoding.Undecodable) else (policy.describe_error(exc))
+            )
             self._dead_letter(spec, message, queue, f"undecodable: {reason}")
             return
         if body is None and spec.prepare is not None:
@@ -562,8 +602,9 @@ class Loop:
         pool = self._pool_of(spec)
         if pool is not None:
             key = _key_of(message, queue) if spec.partitions else None
-            pool.submit(dispatch.Job(message, body, delivery, key, log_context,
-                                     deaths.identity_of(message)))
+            pool.submit(
+                dispatch.Job(message, body, delivery, key, log_context, deaths.identity_of(message))
+            )
             return
         try:
             with meter.handling(), log_context:
@@ -662,21 +703,32 @@ class Loop:
         self.recycle = True
         self._stopping = True
 
-    def _failed(self, spec: ConsumerSpec, message: Message, delivery: Delivery,
-                exc: BaseException) -> None:
+    def _failed(
+        self, spec: ConsumerSpec, message: Message, delivery: Delivery, exc: BaseException
+    ) -> None:
         error = policy.describe_error(exc)
         delay = spec.retry.delay_after(delivery.attempt)
         if delay is None:
-            LOG.error("%s: attempt %d failed (%s): dead-lettering", delivery.queue,
-                      delivery.attempt, error)
+            LOG.error(
+                "%s: attempt %d failed (%s): dead-lettering",
+                delivery.queue,
+                delivery.attempt,
+                error,
+            )
             self._dead_letter(spec, message, delivery.queue, error)
             return
         # %g, not %.1f: that showed a 0.04 s retry as "retry in 0.0s". The delay is the
         # least wait: the copy then goes to the back of its queue, behind any backlog.
-        LOG.warning("%s: attempt %d failed (%s): retry in %gs", delivery.queue,
-                    delivery.attempt, error, delay)
-        headers = policy.retry_headers(message.headers, delivery.attempt + 1,
-                                       time.time() + delay, delivery.queue)
+        LOG.warning(
+            "%s: attempt %d failed (%s): retry in %gs",
+            delivery.queue,
+            delivery.attempt,
+            error,
+            delay,
+        )
+        headers = policy.retry_headers(
+            message.headers, delivery.attempt + 1, time.time() + delay, delivery.queue
+        )
         self._republish(message, routing.retry_queue(spec.name), headers)
         _ack(message)  # only now: the copy is safely published
         metrics.for_consumer(spec.name).retried()
@@ -684,8 +736,9 @@ class Loop:
     def _requeue(self, spec: ConsumerSpec, deliveries: list[Delivery]) -> None:
         """The handler asked for its messages to go back to their queue now (oslo's
         ``NotificationResult.REQUEUE``): reject with requeue, no attempt counted."""
-        LOG.debug("%s: requeueing %d message(s) at the handler's request", spec.name,
-                  len(deliveries))
+        LOG.debug(
+            "%s: requeueing %d message(s) at the handler's request", spec.name, len(deliveries)
+        )
         for delivery in deliveries:
             delivery.raw.requeue()
 
@@ -693,26 +746,32 @@ class Loop:
         self._dead_letter_to(routing.dead_letter_queue(spec.name), message, queue, error)
         metrics.for_consumer(spec.name).dead_lettered()
 
-    def _dead_letter_to(self, dead_letters: str, message: Message, queue: str,
-                        error: str) -> None:
+    def _dead_letter_to(self, dead_letters: str, message: Message, queue: str, error: str) -> None:
         """Copy ``message`` to ``dead_letters`` with ``error``, then ack it. Headers the
         broker cannot take back (or an odd type) are dropped rather than stop the queue."""
         headers = message.headers if isinstance(message.headers, dict) else None
         try:
-            self._republish(message, dead_letters,
-                            policy.dead_letter_headers(headers, error, queue))
+            self._republish(
+                message, dead_letters, policy.dead_letter_headers(headers, error, queue)
+            )
         except self._recoverable:
             raise
         except Exception as exc:
-            LOG.error("%s: could not dead-letter a message with its headers (%s): "
-                      "dead-lettering it without them", queue, policy.describe_error(exc))
+            LOG.error(
+                "%s: could not dead-letter a message with its headers (%s): "
+                "dead-lettering it without them",
+                queue,
+                policy.describe_error(exc),
+            )
             error = f"{error}; its headers were dropped ({policy.describe_error(exc)})"
-            self._republish(message, dead_letters, policy.dead_letter_headers(None, error, queue),
-                            plain=True)
+            self._republish(
+                message, dead_letters, policy.dead_letter_headers(None, error, queue), plain=True
+            )
         _ack(message)
 
-    def _republish(self, message: Message, queue: str, headers: policy.Headers,
-                   plain: bool = False) -> None:
+    def _republish(
+        self, message: Message, queue: str, headers: policy.Headers, plain: bool = False
+    ) -> None:
         """Publish the message's raw bytes (never re-serialised) to ``queue``. ``plain``:
         the body as bytes whatever the content type said (a last resort)."""
         assert self._producer is not None
@@ -776,8 +835,12 @@ class Loop:
                 handle_batch = typing.cast(typing.Callable[..., object], spec.handler)
                 result = handle_batch(items, deliveries)  # spec.batch: it takes lists
         except BaseException as exc:
-            LOG.warning("%s: a batch of %d failed (%s): retrying all of it", spec.name,
-                        len(items), policy.describe_error(exc))
+            LOG.warning(
+                "%s: a batch of %d failed (%s): retrying all of it",
+                spec.name,
+                len(items),
+                policy.describe_error(exc),
+            )
             for delivery in deliveries:
                 self._failed(spec, delivery.raw, delivery, exc)
             return
@@ -802,9 +865,12 @@ class Loop:
             LOG.error("%s: dead-lettering a retry copy: %s", name or "?", exc)
             headers = message.headers if isinstance(message.headers, dict) else {}
             target = headers.get(policy.TARGET)
-            self._dead_letter_to(routing.dead_letter_queue(name or "consumerd"), message,
-                                 target if isinstance(target, str) else name,
-                                 f"undecodable: {exc}")
+            self._dead_letter_to(
+                routing.dead_letter_queue(name or "consumerd"),
+                message,
+                target if isinstance(target, str) else name,
+                f"undecodable: {exc}",
+            )
             return
         if due <= time.time():
             self._release_retry(message)
@@ -865,8 +931,11 @@ class Loop:
             wanted = set(routing.owned_partitions(spec.partitions, me, total))
             lost = binding.owned - wanted
             missing = wanted - binding.owned
-            gained = {p for p in missing
-                      if self._leases.try_acquire(routing.partition_queue(spec.name, p))}
+            gained = {
+                p
+                for p in missing
+                if self._leases.try_acquire(routing.partition_queue(spec.name, p))
+            }
             self._note_waits(spec, missing, gained)
             if missing - gained:
                 self._next_rebalance = time.monotonic() + CLAIM_EVERY
@@ -881,8 +950,13 @@ class Loop:
                 self._leases.release(routing.partition_queue(spec.name, p))
             binding.owned = (binding.owned - lost) | gained
             self._open(binding)
-            LOG.info("%s: worker %d of %d consumes partitions %s", spec.name,
-                     self.worker_id, workers, sorted(binding.owned))
+            LOG.info(
+                "%s: worker %d of %d consumes partitions %s",
+                spec.name,
+                self.worker_id,
+                workers,
+                sorted(binding.owned),
+            )
 
     def _note_waits(self, spec: ConsumerSpec, missing: set[int], gained: set[int]) -> None:
         """Say once when a wanted partition is held by someone else, and when it comes:
@@ -896,17 +970,25 @@ class Loop:
             if p in gained:
                 since = self._waiting.pop(key, None)
                 if since is not None:
-                    LOG.info("acquired partition %d of consumer %s after waiting %.1fs",
-                             p, spec.name, now - since)
+                    LOG.info(
+                        "acquired partition %d of consumer %s after waiting %.1fs",
+                        p,
+                        spec.name,
+                        now - since,
+                    )
             elif key not in self._waiting:
                 self._waiting[key] = now
                 holder = self._leases.holder(routing.partition_queue(spec.name, p))
                 # A sibling handing over during a rebalance lets go within moments;
                 # anyone else (another consumerd on this host) may hold it for ever.
                 sibling = holder is not None and parent_of(holder) == os.getppid()
-                LOG.log(logging.INFO if sibling else logging.WARNING,
-                        "waiting for partition %d of consumer %s: held by another process "
-                        "(%s)", p, spec.name, f"pid {holder}" if holder else "pid unknown")
+                LOG.log(
+                    logging.INFO if sibling else logging.WARNING,
+                    "waiting for partition %d of consumer %s: held by another process (%s)",
+                    p,
+                    spec.name,
+                    f"pid {holder}" if holder else "pid unknown",
+                )
 
     def _release_leases(self, binding: _Binding) -> None:
         for key in [k for k in self._waiting if k[0] == binding.spec.name]:
@@ -928,8 +1010,13 @@ class Loop:
             spec = app.consumers.get(name)
             settings = self.settings
             pool = self._pools.get(name)
-            if spec is not None and spec.binding_key() == binding.spec.binding_key() and (
-                app.prefetch_of(spec, settings.prefetch, settings.concurrency) == binding.prefetch
+            if (
+                spec is not None
+                and spec.binding_key() == binding.spec.binding_key()
+                and (
+                    app.prefetch_of(spec, settings.prefetch, settings.concurrency)
+                    == binding.prefetch
+                )
             ):
                 binding.spec = spec  # same queues: only the handler may have changed
                 if pool is not None:
@@ -953,8 +1040,10 @@ class Loop:
                 self._declare(self._conn.default_channel, spec)
                 self._bind(spec, None)
         self._rebalance_soon()
-        LOG.info("reloaded: consuming %s", ", ".join(
-            f"{b.spec.name}(prefetch={b.prefetch})" for b in self._bindings.values()))
+        LOG.info(
+            "reloaded: consuming %s",
+            ", ".join(f"{b.spec.name}(prefetch={b.prefetch})" for b in self._bindings.values()),
+        )
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -1006,11 +1095,13 @@ def _redelivered(message: Message) -> bool:
     headers = message.headers
     return bool(message.delivery_info.get("redelivered")) or (
         isinstance(headers, dict)
-        and bool(headers.get("redelivered") or headers.get("x-delivery-count")))
+        and bool(headers.get("redelivered") or headers.get("x-delivery-count"))
+    )
 
 
-def _undecodable(on_message: typing.Callable[[Message], None], message: Message,
-                 exc: BaseException) -> None:
+def _undecodable(
+    on_message: typing.Callable[[Message], None], message: Message, exc: BaseException
+) -> None:
     """kombu's ``on_decode_error``: the message goes on like any other, its error noted in
     ``message.errors``, so it is dead-lettered (or, a retry copy, sent on raw)."""
     errors = getattr(message, "errors", None)

@@ -53,7 +53,6 @@ PRIORITIES = frozenset({"audit", "debug", "info", "warn", "error", "critical", "
 CONTEXT_PREFIX = "_context_"
 
 
-
 class NotificationResult:
     """What a handler may return, as ``oslo_messaging.NotificationResult`` (same values,
     so an endpoint returning oslo's constant works unchanged)."""
@@ -118,8 +117,9 @@ def decode(body: typing.Any) -> Notification:
         priority=str(message.get("priority") or "").lower(),
         timestamp=_optional_str(message.get("timestamp")),
         message_id=_optional_str(message.get("message_id")),
-        context={k[len(CONTEXT_PREFIX):]: v for k, v in message.items()
-                 if k.startswith(CONTEXT_PREFIX)},
+        context={
+            k[len(CONTEXT_PREFIX) :]: v for k, v in message.items() if k.startswith(CONTEXT_PREFIX)
+        },
     )
 
 
@@ -160,9 +160,9 @@ class Listener:
     publisher_id: str | None = None
     """A regex the publisher id must :func:`re.match` (``NotificationFilter(publisher_id=)``)."""
     _matches: typing.Callable[[str], bool] = dataclasses.field(
-        init=False, repr=False, compare=False)
-    _publisher: re.Pattern[str] | None = dataclasses.field(
-        init=False, repr=False, compare=False)
+        init=False, repr=False, compare=False
+    )
+    _publisher: re.Pattern[str] | None = dataclasses.field(init=False, repr=False, compare=False)
     _dropped: int = dataclasses.field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,16 +172,16 @@ class Listener:
             raise ValueError(f"topic must be a non-empty word, not {self.topic!r}")
         unknown = sorted(set(self.priorities) - PRIORITIES)
         if not self.priorities or unknown:
-            raise ValueError(f"priorities must be some of {sorted(PRIORITIES)}, "
-                             f"not {list(self.priorities)!r}")
+            raise ValueError(
+                f"priorities must be some of {sorted(PRIORITIES)}, not {list(self.priorities)!r}"
+            )
         if len(set(self.priorities)) != len(self.priorities):
             raise ValueError(f"priorities listed twice in {list(self.priorities)!r}")
         if self.pool is not None and not _is_word(self.pool):
             raise ValueError(f"pool must be a non-empty word, not {self.pool!r}")
         self._matches = event_type_matcher(self.event_types)
         try:
-            self._publisher = None if self.publisher_id is None else re.compile(
-                self.publisher_id)
+            self._publisher = None if self.publisher_id is None else re.compile(self.publisher_id)
         except (re.error, TypeError) as exc:
             raise ValueError(f"publisher_id {self.publisher_id!r} is not a regex: {exc}") from None
 
@@ -200,23 +200,35 @@ class Listener:
 
         keys = self.routing_keys if self.pool is not None else [name]
         bindings = [
-            binding(Exchange(exchange, "topic", durable=self.durable,
-                             auto_delete=self.auto_delete), routing_key=key)
+            binding(
+                Exchange(exchange, "topic", durable=self.durable, auto_delete=self.auto_delete),
+                routing_key=key,
+            )
             for exchange in self.exchanges
             for key in keys
         ]
-        return Queue(name, bindings=bindings, durable=self.durable,
-                     auto_delete=self.auto_delete, queue_arguments=self.queue_arguments)
+        return Queue(
+            name,
+            bindings=bindings,
+            durable=self.durable,
+            auto_delete=self.auto_delete,
+            queue_arguments=self.queue_arguments,
+        )
 
     def prepare(self, body: typing.Any) -> Notification | None:
         notification = decode(body)
         if self._matches(notification.event_type) and (
-                self._publisher is None or self._publisher.match(notification.publisher_id)):
+            self._publisher is None or self._publisher.match(notification.publisher_id)
+        ):
             return notification
         self._dropped += 1
-        LOG.debug("dropped %s notification %s from %s (%d dropped so far)",
-                  notification.event_type, notification.message_id,
-                  notification.publisher_id, self._dropped)
+        LOG.debug(
+            "dropped %s notification %s from %s (%d dropped so far)",
+            notification.event_type,
+            notification.message_id,
+            notification.publisher_id,
+            self._dropped,
+        )
         return None
 
 

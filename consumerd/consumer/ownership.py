@@ -164,8 +164,9 @@ class Membership:
         tmp = f"{path}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # a leftover of a dead process with our pid
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         os.replace(tmp, path)
@@ -184,9 +185,10 @@ class Membership:
         for entry in os.listdir(self.dir):
             if not entry.isdigit() or int(entry) <= highest:
                 continue
-            with contextlib.suppress(OSError, ValueError), _open_nofollow(
-                os.path.join(self.dir, entry)
-            ) as f:
+            with (
+                contextlib.suppress(OSError, ValueError),
+                _open_nofollow(os.path.join(self.dir, entry)) as f,
+            ):
                 if pid_exists(int(f.read())):
                     highest = int(entry)
         return highest

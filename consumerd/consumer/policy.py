@@ -104,8 +104,10 @@ def read_attempt(headers: Headers) -> int:
         number = int(value)
     if isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= MAX_ATTEMPT:
         return number
-    raise BadHeader(f"header {ATTEMPT} is {short_repr(value)}: "
-                    f"not an attempt number (an int from 1 to {MAX_ATTEMPT})")
+    raise BadHeader(
+        f"header {ATTEMPT} is {short_repr(value)}: "
+        f"not an attempt number (an int from 1 to {MAX_ATTEMPT})"
+    )
 
 
 def read_retry_at(headers: Headers, now: float | None = None) -> float:
@@ -120,8 +122,10 @@ def read_retry_at(headers: Headers, now: float | None = None) -> float:
     if not math.isfinite(due):
         raise BadHeader(f"header {RETRY_AT} is {short_repr(value)}: not a finite number")
     if due > (time.time() if now is None else now) + MAX_RETRY_AHEAD:
-        raise BadHeader(f"header {RETRY_AT} is {short_repr(value)}: "
-                        f"more than {MAX_RETRY_AHEAD / 86400:.0f} days ahead")
+        raise BadHeader(
+            f"header {RETRY_AT} is {short_repr(value)}: "
+            f"more than {MAX_RETRY_AHEAD / 86400:.0f} days ahead"
+        )
     return due
 
 
@@ -153,6 +157,7 @@ def dead_letter_headers(headers: Headers | None, error: str, queue: str) -> Head
     """The headers of a dead letter: the original ones (minus the retry time), and why.
     An unusable ``consumerd-attempt`` is replaced by 1 (the error names the value)."""
     out = {k: v for k, v in (headers or {}).items() if k != RETRY_AT}
-    out.update({ERROR: error, TARGET: queue, ATTEMPT: attempt_of(headers),
-                DEAD_AT: round(time.time(), 3)})
+    out.update(
+        {ERROR: error, TARGET: queue, ATTEMPT: attempt_of(headers), DEAD_AT: round(time.time(), 3)}
+    )
     return out

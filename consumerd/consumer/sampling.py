@@ -34,8 +34,9 @@ SAMPLE_EVERY = 15.0
 class DepthSampler:
     """Samples the queue depths of the app ``app()`` returns, on ``url``, until :meth:`stop`."""
 
-    def __init__(self, app: typing.Callable[[], App], url: str,
-                 every: float = SAMPLE_EVERY) -> None:
+    def __init__(
+        self, app: typing.Callable[[], App], url: str, every: float = SAMPLE_EVERY
+    ) -> None:
         self.app = app
         self.url = url
         self.every = every
@@ -57,8 +58,12 @@ class DepthSampler:
                 self._failing = False
             except Exception as exc:
                 if not self._failing:
-                    LOG.warning("queue depths for /metrics: sampling failed (%s: %s); "
-                                "retrying every %gs", type(exc).__name__, exc, self.every)
+                    LOG.warning(
+                        "queue depths for /metrics: sampling failed (%s: %s); retrying every %gs",
+                        type(exc).__name__,
+                        exc,
+                        self.every,
+                    )
                 self._failing = True
                 self._close()
             self._stopped.wait(self.every)
@@ -78,8 +83,11 @@ class DepthSampler:
         specs = list(self.app().consumers.values())
         names: list[str] = []
         for spec in specs:
-            names += [*spec.queue_names, routing.retry_queue(spec.name),
-                      routing.dead_letter_queue(spec.name)]
+            names += [
+                *spec.queue_names,
+                routing.retry_queue(spec.name),
+                routing.dead_letter_queue(spec.name),
+            ]
         depths = self._inspector.depths(names)
         for spec in specs:
             mine = [depths[q] for q in spec.queue_names]
@@ -90,4 +98,5 @@ class DepthSampler:
             retry = depths[routing.retry_queue(spec.name)]
             metrics.set_queue_messages(spec.name, "retry", retry.ready + (retry.unacked or 0))
             metrics.set_queue_messages(
-                spec.name, "dead", depths[routing.dead_letter_queue(spec.name)].ready)
+                spec.name, "dead", depths[routing.dead_letter_queue(spec.name)].ready
+            )

@@ -35,9 +35,15 @@ _worker: tuple[str | None, int | None] = (None, None)
 _installed: logging.Handler | None = None
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__
-) | {"message", "asctime", "service", "worker_id", "queue", "message_id", "taskName"}
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "service",
+    "worker_id",
+    "queue",
+    "message_id",
+    "taskName",
+}
 
 
 def set_worker(service: str, worker_id: int) -> None:

@@ -45,20 +45,28 @@ OWNER_ENV = "CONSUMERD_METRICS_OWNER"
 
 #: Handler durations from sub-millisecond to a minute.
 DURATION_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
     60.0,
 )
 # prometheus_client's multiprocess helpers carry no type hints; typed views of the few used.
 _Rows = typing.Iterable[tuple[str, float, float, int]]
-_read_file = typing.cast(
-    typing.Callable[[str], _Rows], MmapedDict.read_all_values_from_file
-)
-_mark_process_dead = typing.cast(
-    typing.Callable[[int, str], None], multiprocess.mark_process_dead
-)
-_new_collector = typing.cast(
-    typing.Callable[..., object], multiprocess.MultiProcessCollector
-)
+_read_file = typing.cast(typing.Callable[[str], _Rows], MmapedDict.read_all_values_from_file)
+_mark_process_dead = typing.cast(typing.Callable[[int, str], None], multiprocess.mark_process_dead)
+_new_collector = typing.cast(typing.Callable[..., object], multiprocess.MultiProcessCollector)
 _new_value_class = typing.cast(typing.Callable[[], type], values.MultiProcessValue)
 
 
@@ -98,53 +106,79 @@ class _Instruments:
     def __init__(self) -> None:
         per_consumer = ("consumer",)
         self.received = prometheus_client.Counter(
-            "consumerd_messages_received", "Messages delivered to a handler.", per_consumer,
+            "consumerd_messages_received",
+            "Messages delivered to a handler.",
+            per_consumer,
             registry=None,
         )
         self.acked = prometheus_client.Counter(
-            "consumerd_messages_acked", "Messages acknowledged after handling.", per_consumer,
+            "consumerd_messages_acked",
+            "Messages acknowledged after handling.",
+            per_consumer,
             registry=None,
         )
         self.retried = prometheus_client.Counter(
-            "consumerd_messages_retried", "Messages sent back for another attempt.",
-            per_consumer, registry=None,
+            "consumerd_messages_retried",
+            "Messages sent back for another attempt.",
+            per_consumer,
+            registry=None,
         )
         self.dead_lettered = prometheus_client.Counter(
-            "consumerd_messages_dead_lettered", "Messages given up on and dead-lettered.",
-            per_consumer, registry=None,
+            "consumerd_messages_dead_lettered",
+            "Messages given up on and dead-lettered.",
+            per_consumer,
+            registry=None,
         )
         self.duration = prometheus_client.Histogram(
-            "consumerd_handler_duration_seconds", "Time spent in the handler.", per_consumer,
-            buckets=DURATION_BUCKETS, registry=None,
+            "consumerd_handler_duration_seconds",
+            "Time spent in the handler.",
+            per_consumer,
+            buckets=DURATION_BUCKETS,
+            registry=None,
         )
         self.in_flight = prometheus_client.Gauge(
-            "consumerd_messages_in_flight", "Messages being handled now.", per_consumer,
-            multiprocess_mode="livesum", registry=None,
+            "consumerd_messages_in_flight",
+            "Messages being handled now.",
+            per_consumer,
+            multiprocess_mode="livesum",
+            registry=None,
         )
         per_worker = ("service", "worker_id")  # prometheus_client adds "pid"
         self.connected = prometheus_client.Gauge(
-            _CONNECTED, "1 while the worker holds a broker connection.", per_worker,
-            multiprocess_mode="liveall", registry=None,
+            _CONNECTED,
+            "1 while the worker holds a broker connection.",
+            per_worker,
+            multiprocess_mode="liveall",
+            registry=None,
         )
         self.consuming = prometheus_client.Gauge(
-            _CONSUMING, "1 while the worker consumes its queues.", per_worker,
-            multiprocess_mode="liveall", registry=None,
+            _CONSUMING,
+            "1 while the worker consumes its queues.",
+            per_worker,
+            multiprocess_mode="liveall",
+            registry=None,
         )
         self.queue_messages = prometheus_client.Gauge(
             "consumerd_queue_messages",
             "Messages in a consumer's queues by state (ready, unacked, retry, dead), "
-            "sampled by worker 0 (consumerd.consumer.sampling).", ("consumer", "state"),
-            multiprocess_mode="livemax", registry=None,
+            "sampled by worker 0 (consumerd.consumer.sampling).",
+            ("consumer", "state"),
+            multiprocess_mode="livemax",
+            registry=None,
         )
         per_service = ("service",)
         self.restarts = prometheus_client.Counter(
-            "consumerd_worker_restarts", "Workers that died and were replaced.", per_service,
+            "consumerd_worker_restarts",
+            "Workers that died and were replaced.",
+            per_service,
             registry=None,
         )
         self.backoff = prometheus_client.Gauge(
             "consumerd_respawn_backoff_seconds",
             "Delay before the slowest failing worker slot of the service is respawned.",
-            per_service, multiprocess_mode="max", registry=None,
+            per_service,
+            multiprocess_mode="max",
+            registry=None,
         )
 
 
@@ -231,8 +265,15 @@ class _Recording(ConsumerMetrics):
     """
 
     __slots__ = (
-        "_active", "_buckets", "_counters", "_due", "_duration", "_in_flight", "_pending",
-        "_seconds", "_shown",
+        "_active",
+        "_buckets",
+        "_counters",
+        "_due",
+        "_duration",
+        "_in_flight",
+        "_pending",
+        "_seconds",
+        "_shown",
     )
 
     # Label lookups cost microseconds: resolve them once per consumer, not per message.
@@ -240,7 +281,9 @@ class _Recording(ConsumerMetrics):
         self._counters = tuple(
             c.labels(name)
             for c in (
-                instruments.received, instruments.acked, instruments.retried,
+                instruments.received,
+                instruments.acked,
+                instruments.retried,
                 instruments.dead_lettered,
             )
         )

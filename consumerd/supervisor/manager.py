@@ -146,7 +146,8 @@ class ServiceManager:
         ServiceManager._created = True
         self.wait_interval = wait_interval
         self.mp_context: multiprocessing.context.BaseContext = (
-            mp_context or multiprocessing.get_context("fork"))
+            mp_context or multiprocessing.get_context("fork")
+        )
         self._graceful_shutdown_timeout = graceful_shutdown_timeout
         self._policy = respawn_policy or RespawnPolicy()
         self._services: dict[ServiceId, _ServiceConfig] = {}

@@ -34,7 +34,7 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 # A test app whose behaviour is driven by environment variables, so one module covers
 # every scenario. Each handled message appends one line to $T_OUT:
 #   pid queue id attempt redelivered start end
-APP_SOURCE = '''
+APP_SOURCE = """
 import faulthandler, json, os, signal, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on demand when debugging
 import consumerd
@@ -84,7 +84,7 @@ def make(sleep, is_async):
 for c in CONFIG["consumers"]:
     app.consumer(c["name"], prefetch=c.get("prefetch"), partitions=c.get("partitions"),
                  concurrency=c.get("concurrency"))(make(c.get("sleep", 0), c.get("async")))
-'''
+"""
 
 
 @dataclasses.dataclass
@@ -107,8 +107,17 @@ def read_records(path: str, failed: bool = False) -> list[Record]:
         for line in f:
             parts = line.split()
             if len(parts) == (8 if failed else 7):
-                out.append(Record(int(parts[0]), parts[1], int(parts[2]), int(parts[3]),
-                                  parts[4] == "1", float(parts[5]), float(parts[6])))
+                out.append(
+                    Record(
+                        int(parts[0]),
+                        parts[1],
+                        int(parts[2]),
+                        int(parts[3]),
+                        parts[4] == "1",
+                        float(parts[5]),
+                        float(parts[6]),
+                    )
+                )
     return out
 
 
@@ -154,8 +163,9 @@ class Broker:
         if not os.path.exists(path):
             return 0
         with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
-            return int(db.execute(f"SELECT count(*) FROM messages WHERE {where}", args)
-                       .fetchone()[0])
+            return int(
+                db.execute(f"SELECT count(*) FROM messages WHERE {where}", args).fetchone()[0]
+            )
 
     def depth(self, queue: str) -> int:
         """Ready messages in ``queue`` (not counting unacked ones); 0 if it does not exist.
@@ -180,9 +190,18 @@ class Broker:
             return int(self.client().hlen(self.prefix + "unacked"))
         assert self.name, "unacked() on RabbitMQ needs the test's queue name prefix"
         listed = subprocess.run(
-            ["rabbitmqctl", "list_queues", "name", "messages_unacknowledged",
-             "--no-table-headers", "-q"],
-            capture_output=True, text=True, timeout=60, check=True,
+            [
+                "rabbitmqctl",
+                "list_queues",
+                "name",
+                "messages_unacknowledged",
+                "--no-table-headers",
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         ).stdout
         rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
         return sum(int(count) for queue, count in rows if queue.startswith(self.name))
@@ -192,9 +211,15 @@ class Broker:
 
         self.created.add(queue)
         with connect(self.url) as conn:
-            conn.Producer().publish(body, exchange="", routing_key=queue,
-                                    content_type=content_type, content_encoding="binary",
-                                    headers=headers, declare=[declare_queue(queue)])
+            conn.Producer().publish(
+                body,
+                exchange="",
+                routing_key=queue,
+                content_type=content_type,
+                content_encoding="binary",
+                headers=headers,
+                declare=[declare_queue(queue)],
+            )
 
     def get(self, queue: str):
         """Take one message off ``queue`` (acked), or None."""
@@ -258,12 +283,19 @@ class Consumerd:
         return env
 
     def cli(self, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "consumerd.cli", *args], cwd=self.tmp,
-                              env={**self.env(), **env}, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "consumerd.cli", *args],
+            cwd=self.tmp,
+            env={**self.env(), **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
-    def start(self, *args: str, workers: int | None = 2, url: str | None = None,
-              cwd: str | None = None) -> None:
+    def start(
+        self, *args: str, workers: int | None = 2, url: str | None = None, cwd: str | None = None
+    ) -> None:
         """``workers=None`` leaves the count to the environment or a --config file;
         ``cwd`` (default: the test's directory) is also given as $PWD, as a shell does."""
         self.logf = open(self.log, "ab")  # noqa: SIM115 - the child writes to it
@@ -271,10 +303,22 @@ class Consumerd:
         broker = ["--broker", url] if url else []  # none: the embedded default
         count = ["--workers", str(workers)] if workers is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumerd.cli", "--app", "tapp", *broker, *count,
-             "--log-level", "INFO", *args],
-            cwd=cwd or self.tmp, env={**self.env(), "PWD": str(cwd or self.tmp)},
-            stdout=self.logf, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "consumerd.cli",
+                "--app",
+                "tapp",
+                *broker,
+                *count,
+                "--log-level",
+                "INFO",
+                *args,
+            ],
+            cwd=cwd or self.tmp,
+            env={**self.env(), "PWD": str(cwd or self.tmp)},
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
         )
 
     def workers(self) -> list[int]:
@@ -286,8 +330,9 @@ class Consumerd:
             return []
 
     def wait_workers(self, count: int, timeout: float = 15) -> list[int]:
-        return wait_for(lambda: len(self.workers()) == count and self.workers(), timeout,
-                        f"{count} workers")
+        return wait_for(
+            lambda: len(self.workers()) == count and self.workers(), timeout, f"{count} workers"
+        )
 
     def logged(self, text: str) -> int:
         with open(self.log, errors="replace") as f:
@@ -342,8 +387,9 @@ def consumerd(tmp_path, name, broker):
     broker.cleanup([name])
 
 
-def publish_many(url: str, name: str, count: int, partitions: int | None = None,
-                 start: int = 0, **fields) -> None:
+def publish_many(
+    url: str, name: str, count: int, partitions: int | None = None, start: int = 0, **fields
+) -> None:
     """Publish ``count`` messages ``{"i": n}`` through the App's own routing."""
     import consumerd
 
@@ -462,10 +508,23 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
-             "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis_lib.Redis(port=self.port)
 

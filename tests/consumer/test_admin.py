@@ -26,7 +26,7 @@ from tests.helpers import wait_for
 # Consumers NAME (dead-letters a failure at once), NAME-r (one retry, two minutes
 # later), NAME-slow (holds what it gets), NAME-p (3 partitions, dead-letters at once).
 # T_HEAL=1 makes every handler succeed. Each success appends "i attempt queue" to $T_OUT.
-APP = '''
+APP = """
 import json, os, time
 import consumerd
 
@@ -60,7 +60,7 @@ def partitioned(body, delivery):
     if body.get("fail") and not HEAL:
         raise RuntimeError(f"boom {body['i']}")
     done(body, delivery)
-'''
+"""
 
 
 @pytest.fixture(params=["redis", "amqp", "sqlite"])
@@ -143,8 +143,7 @@ def test_queues_counts_ready_held_retrying_and_dead(ops, name):
     # Before any worker: everything is ready, nothing held.
     before = queues(ops)
     assert _summary(before[name])[0] == 8 and before[name]["dead"] == 0
-    assert [q["ready"] for q in before[f"{name}-p"]["queues"]] == [expected_p[p]
-                                                                   for p in range(3)]
+    assert [q["ready"] for q in before[f"{name}-p"]["queues"]] == [expected_p[p] for p in range(3)]
     ops.start("--queues", f"{name},{name}-r,{name}-slow", workers=1)
     amqp = ops.kind == "amqp"
     idle = None if amqp else 0  # RabbitMQ cannot tell held messages of an attached queue
@@ -158,13 +157,19 @@ def test_queues_counts_ready_held_retrying_and_dead(ops, name):
         report = queues(ops)
         entry = report[f"{name}-slow"]
         held = _rabbit_unacked(f"{name}-slow") if amqp else entry["unacked"]
-        return report if (
-            _summary(report[name]) == (0, idle, {"ready": 0, "held": idle}, 3)
-            and entry["ready"] + held == slow and (held >= 1 or not slow)
-            and (entry["unacked"] is None) == (amqp and bool(entry["consumers"]))
-            and report[f"{name}-r"]["ready"] == 0 and retrying(report[f"{name}-r"]) == 4
-            and len(handled(ops)) == 5
-        ) else None
+        return (
+            report
+            if (
+                _summary(report[name]) == (0, idle, {"ready": 0, "held": idle}, 3)
+                and entry["ready"] + held == slow
+                and (held >= 1 or not slow)
+                and (entry["unacked"] is None) == (amqp and bool(entry["consumers"]))
+                and report[f"{name}-r"]["ready"] == 0
+                and retrying(report[f"{name}-r"]) == 4
+                and len(handled(ops)) == 5
+            )
+            else None
+        )
 
     wait_for(lambda: settled(0), 60, "failures and retries to settle", interval=0.2)
     # The worker handles one message at a time: the slow one comes last, and holds the
@@ -199,8 +204,18 @@ def test_queues_counts_ready_held_retrying_and_dead(ops, name):
 
 def _rabbit_unacked(queue: str) -> int:
     listed = subprocess.run(
-        ["rabbitmqctl", "list_queues", "name", "messages_unacknowledged",
-         "--no-table-headers", "-q"], capture_output=True, text=True, timeout=60, check=True,
+        [
+            "rabbitmqctl",
+            "list_queues",
+            "name",
+            "messages_unacknowledged",
+            "--no-table-headers",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     rows = dict(line.split("\t") for line in listed.splitlines() if line.strip())
     return int(rows.get(queue, 0))
@@ -209,8 +224,9 @@ def _rabbit_unacked(queue: str) -> int:
 def test_dlq_list_show_replay_purge(ops, name):
     publish(ops, name, [{"i": i, "fail": i < 6} for i in range(10)])
     ops.start(workers=1)
-    wait_for(lambda: queues(ops)[name]["dead"] == 6 and len(handled(ops)) == 4, 60,
-             "six dead letters")
+    wait_for(
+        lambda: queues(ops)[name]["dead"] == 6 and len(handled(ops)) == 4, 60, "six dead letters"
+    )
     assert ops.stop() == 0
 
     listed = json.loads(dlq(ops, "list", name, "--json").stdout)
@@ -297,8 +313,11 @@ def _fill(url: str, queue: str, count: int, target: str) -> None:
     app.configure(broker_url=url)
     try:
         for i in range(count):
-            app.publish(queue, {"i": i}, headers={policy.ERROR: f"E: {i}", policy.ATTEMPT: 2,
-                                                  policy.TARGET: target})
+            app.publish(
+                queue,
+                {"i": i},
+                headers={policy.ERROR: f"E: {i}", policy.ATTEMPT: 2, policy.TARGET: target},
+            )
     finally:
         app.close()
 
@@ -316,8 +335,19 @@ def _empty(url: str, queue: str) -> None:
 def test_replay_killed_at_any_point_loses_and_duplicates_nothing(ops, name):
     count = 1000
     dead = routing.dead_letter_queue(name)
-    command = [sys.executable, "-m", "consumerd.cli", "dlq", "replay", name, "--all",
-               "--app", "tapp", "--broker", ops.url]
+    command = [
+        sys.executable,
+        "-m",
+        "consumerd.cli",
+        "dlq",
+        "replay",
+        name,
+        "--all",
+        "--app",
+        "tapp",
+        "--broker",
+        ops.url,
+    ]
     rng = random.Random()
     kills = partial = 0
     for _ in range(4):  # a loaded machine may let a replay finish before a kill lands
@@ -325,14 +355,22 @@ def test_replay_killed_at_any_point_loses_and_duplicates_nothing(ops, name):
         _empty(ops.url, name)
         for round_ in range(8):
             before = _depth(ops.url, name)
-            proc = subprocess.Popen(command, cwd=ops.tmp, env=ops.env(),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                command,
+                cwd=ops.tmp,
+                env=ops.env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             if round_ % 2:  # anywhere: start-up, connecting, reading, moving
                 time.sleep(rng.uniform(0, 1.5))
             else:  # once moves have begun
                 deadline = time.monotonic() + 20
-                while (proc.poll() is None and _depth(ops.url, name) == before
-                       and time.monotonic() < deadline):
+                while (
+                    proc.poll() is None
+                    and _depth(ops.url, name) == before
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.002)
                 time.sleep(rng.uniform(0, 0.01))
             if proc.poll() is None:
@@ -410,10 +448,12 @@ def test_metrics_export_queue_depths_and_the_monitoring_files_use_real_names(tmp
         def sampled():
             with contextlib.suppress(OSError):
                 text = scrape()
-                want = [f'consumerd_queue_messages{{consumer="{name}",state="dead"}} 3.0',
-                        f'consumerd_queue_messages{{consumer="{name}-r",state="retry"}} 1.0',
-                        f'consumerd_queue_messages{{consumer="{name}",state="ready"}} 0.0',
-                        f'consumerd_queue_messages{{consumer="{name}",state="unacked"}} 0.0']
+                want = [
+                    f'consumerd_queue_messages{{consumer="{name}",state="dead"}} 3.0',
+                    f'consumerd_queue_messages{{consumer="{name}-r",state="retry"}} 1.0',
+                    f'consumerd_queue_messages{{consumer="{name}",state="ready"}} 0.0',
+                    f'consumerd_queue_messages{{consumer="{name}",state="unacked"}} 0.0',
+                ]
                 # The first sample comes at start, the next within the sampling period.
                 return text if all(w in text for w in want) else None
             return None
@@ -422,8 +462,11 @@ def test_metrics_export_queue_depths_and_the_monitoring_files_use_real_names(tmp
     finally:
         c.kill()
         _cleanup("redis", name)
-    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-                if line and not line.startswith("#")}
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     exported |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     deploy = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
     for path in sorted(deploy.iterdir()):

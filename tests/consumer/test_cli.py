@@ -16,9 +16,16 @@ def run(tmp_path, *args, stdin=None, env=None):
     environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{tmp_path}")
     environ.pop("CONSUMERD_BROKER", None)
     environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "consumerd.cli", *args], cwd=tmp_path,
-                          env=environ, capture_output=True, text=True, timeout=30, input=stdin,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "consumerd.cli", *args],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        input=stdin,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -53,8 +60,10 @@ def apps(tmp_path):
         (["--app", "good", "--workers", "0"], "--workers: expected an integer >= 1"),
         (["--app", "good", "--workers", "100000"], "workers: 100000 is above the limit of"),
         (["--app", "exits"], "--app 'exits': importing it called sys.exit(0)"),
-        (["--app", "good", "--metrics-port", "0", "--metrics-address", "192.0.2.1"],
-         "--metrics-address 192.0.2.1 --metrics-port 0: cannot listen: Cannot assign"),
+        (
+            ["--app", "good", "--metrics-port", "0", "--metrics-address", "192.0.2.1"],
+            "--metrics-address 192.0.2.1 --metrics-port 0: cannot listen: Cannot assign",
+        ),
         (["--app", "good", "--member", "2/2"], "M >= 1 and 0 <= I < M"),
         (["--app", "good", "--graceful-timeout", "soon"], "expected a finite number of seconds"),
         (["--app", "good", "--graceful-timeout", "inf"], "expected a finite number of seconds"),
@@ -92,12 +101,12 @@ def test_env_broker_url_is_validated_too(apps):
 def test_every_command_reads_and_checks_the_environment(apps, command):
     # The retired name would have sent messages to another broker without a word.
     args = {"publish": ["q", "{}"], "health": ["--pidfile", "x.pid"]}.get(
-        command, ["--app", "good"])
+        command, ["--app", "good"]
+    )
     result = run(apps, command, *args, env={"CONSUMERD_BROKER_URL": "redis://127.0.0.1:6379/0"})
     assert result.returncode == 2, result
     assert result.stderr.strip().splitlines() == [
-        "consumerd: error: $CONSUMERD_BROKER_URL: unknown setting "
-        "(did you mean $CONSUMERD_BROKER?)"
+        "consumerd: error: $CONSUMERD_BROKER_URL: unknown setting (did you mean $CONSUMERD_BROKER?)"
     ]
 
 
@@ -128,9 +137,16 @@ def test_check_into_a_closed_pipe_exits_quietly(apps):
     os.close(read)  # the reader is gone before consumerd writes: `... | head -0`
     environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}")
     try:
-        result = subprocess.run([sys.executable, "-m", "consumerd.cli", "check", "--app", "good"],
-                                cwd=apps, env=environ, stdout=write, stderr=subprocess.PIPE,
-                                text=True, timeout=30, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "consumerd.cli", "check", "--app", "good"],
+            cwd=apps,
+            env=environ,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     finally:
         os.close(write)
     assert result.stderr == ""
@@ -159,8 +175,18 @@ def test_help_is_written_for_a_terminal(apps, command):
 
 
 def test_check_prints_consumers_queues_and_map_without_a_broker(apps):
-    result = run(apps, "check", "--app", "good", "--workers", "2", "--member", "1/2",
-                 "--broker", "redis://127.0.0.1:1/0")
+    result = run(
+        apps,
+        "check",
+        "--app",
+        "good",
+        "--workers",
+        "2",
+        "--member",
+        "1/2",
+        "--broker",
+        "redis://127.0.0.1:1/0",
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "consumer jobs: handler handle" in out
@@ -177,11 +203,18 @@ def test_check_names_the_embedded_default(apps):
 
 
 def test_master_does_not_import_kombu(apps):
-    code = ("import sys\nfrom consumerd import cli\nfrom consumerd.consumer import loading, "
-            "service\nloading.load_app('good')\nassert 'kombu' not in sys.modules, 'kombu'\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=apps, capture_output=True,
-                            text=True, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}"),
-                            check=False)
+    code = (
+        "import sys\nfrom consumerd import cli\nfrom consumerd.consumer import loading, "
+        "service\nloading.load_app('good')\nassert 'kombu' not in sys.modules, 'kombu'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=apps,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}"),
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -191,8 +224,20 @@ def test_publish_from_the_shell_routes_like_the_app(apps, name):
 
     client = redis.Redis()
     try:
-        result = run(apps, "publish", "--app", "good", "--broker", REDIS_URL, name,
-                     '{"a": 1}', '{"a": 2}', "--key", "resource-42", env={"T_JOBS": name})
+        result = run(
+            apps,
+            "publish",
+            "--app",
+            "good",
+            "--broker",
+            REDIS_URL,
+            name,
+            '{"a": 1}',
+            '{"a": 2}',
+            "--key",
+            "resource-42",
+            env={"T_JOBS": name},
+        )
         assert result.returncode == 0, result.stderr
         from consumerd.consumer.routing import partition_of
 
@@ -213,9 +258,13 @@ def test_pidfile_is_written_guarded_and_removed(apps):
     pidfile = apps / "consumerd.pid"
     environ = dict(os.environ, PYTHONPATH=f"{ROOT}:{apps}")
     environ.pop("CONSUMERD_BROKER", None)
-    proc = subprocess.Popen([sys.executable, "-m", "consumerd.cli", "--app", "good",
-                             "--pidfile", str(pidfile)], cwd=apps, env=environ,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consumerd.cli", "--app", "good", "--pidfile", str(pidfile)],
+        cwd=apps,
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 15
         while not (pidfile.exists() and pidfile.read_text().strip()):
@@ -249,5 +298,7 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_2(apps):
         result = run(apps, "--app", "good", "--metrics-port", str(port))
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"consumerd: error: --metrics-address 127.0.0.1 --metrics-port {port}: "
-                     "cannot listen: Address already in use"], result.stderr
+    assert lines == [
+        f"consumerd: error: --metrics-address 127.0.0.1 --metrics-port {port}: "
+        "cannot listen: Address already in use"
+    ], result.stderr

@@ -64,8 +64,9 @@ def test_one_key_never_runs_twice_at_once_and_keeps_publish_order(consumerd, bro
 def test_sigterm_lets_running_handlers_finish_and_hands_back_the_rest(
     consumerd, broker, name, is_async
 ):
-    consumerd.configure([{"name": name, "concurrency": 16, "sleep": 1.0, "async": is_async,
-                          "prefetch": 40}])
+    consumerd.configure(
+        [{"name": name, "concurrency": 16, "sleep": 1.0, "async": is_async, "prefetch": 40}]
+    )
     publish_many(broker.url, name, 40)
     consumerd.start(workers=1)
     wait_for(lambda: len(consumerd.started()) == 16, 30, "16 handlers running")
@@ -84,8 +85,9 @@ def test_sigterm_lets_running_handlers_finish_and_hands_back_the_rest(
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["threads", "coroutines"])
 def test_retries_and_dead_letters_from_pool_handlers(consumerd, broker, name, is_async):
-    consumerd.configure([{"name": name, "concurrency": 8, "async": is_async}],
-                        retries=2, delay=0.05)
+    consumerd.configure(
+        [{"name": name, "concurrency": 8, "async": is_async}], retries=2, delay=0.05
+    )
     publish_many(broker.url, name, 20, fail_until=1)  # fail once, then succeed
     publish_many(broker.url, name, 4, start=20, fail_until=99)  # never succeed
     consumerd.start(workers=1)

@@ -94,8 +94,15 @@ def test_sighup_applies_live_settings_in_the_workers(consumerd, broker, name, tm
     assert consumerd.workers() == [second], "a rejected reload changed the worker count"
 
     # A good one applies at once; settings that cannot change live are reported.
-    _write(cfg, app="tapp", broker=broker.url, workers=2, metrics_port=19999,
-           prefetch=7, max_messages_per_worker=100000)
+    _write(
+        cfg,
+        app="tapp",
+        broker=broker.url,
+        workers=2,
+        metrics_port=19999,
+        prefetch=7,
+        max_messages_per_worker=100000,
+    )
     consumerd.signal(signal.SIGHUP)
     consumerd.wait_workers(2)
     consumerd.wait_logged("metrics_port changed from None to 19999; applies at the next restart")

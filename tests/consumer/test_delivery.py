@@ -38,8 +38,9 @@ def test_sigterm_mid_stream_hands_back_prefetched(consumerd, broker, name):
     assert sum(handled.values()) == len(handled)
     # nothing stuck as unacked: what was not handled is ready in the queue right now
     assert broker.unacked() == 0
-    wait_for(lambda: broker.depth(name) == N - len(handled), 5,
-             "unhandled messages back in the queue")
+    wait_for(
+        lambda: broker.depth(name) == N - len(handled), 5, "unhandled messages back in the queue"
+    )
     assert stop_seconds < 5
     consumerd.start(workers=2)
     wait_for(lambda: len(consumerd.ids()) == N, 60, "the rest handled")
@@ -82,8 +83,11 @@ def test_sigkill_of_a_worker_mid_stream_loses_nothing(consumerd, broker, name):
     import os
 
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: victim not in consumerd.workers() and len(consumerd.workers()) == 2, 15,
-             "the killed worker respawned")
+    wait_for(
+        lambda: victim not in consumerd.workers() and len(consumerd.workers()) == 2,
+        15,
+        "the killed worker respawned",
+    )
     wait_for(lambda: len(consumerd.ids()) == N, 60, "all messages handled")
     assert time.monotonic() - signal_time < 60
     assert consumerd.stop() == 0

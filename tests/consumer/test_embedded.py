@@ -18,14 +18,21 @@ def test_quick_start_on_the_embedded_broker(tmp_path, name):
 
         published = subprocess.run(
             [sys.executable, "-m", "consumerd.cli", "publish", "--app", "tapp", name, "-"],
-            cwd=tmp_path, env=consumerd.env(), input=lines, capture_output=True, text=True,
-            timeout=60, check=False,
+            cwd=tmp_path,
+            env=consumerd.env(),
+            input=lines,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert published.returncode == 0, published.stderr
         database = tmp_path / ".consumerd" / "broker.db"
         assert database.exists()
         consumerd.start(workers=2)
-        consumerd.wait_logged(f"no broker configured: using the embedded broker sqlite:///{database}")
+        consumerd.wait_logged(
+            f"no broker configured: using the embedded broker sqlite:///{database}"
+        )
         victim = consumerd.wait_workers(2)[0]
         wait_for(lambda: len(consumerd.ids()) >= 60, 30, "60 messages handled")
         os.kill(victim, signal.SIGKILL)  # its claimed messages come back (pid gone)
@@ -53,8 +60,13 @@ def test_sqlite_urls_read_paths_as_sqlalchemy_does(tmp_path, name):
             lines = "".join(f'{{"i": {i}}}\n' for i in range(first, first + 50))
             published = subprocess.run(
                 [sys.executable, "-m", "consumerd.cli", "publish", "--broker", url, name, "-"],
-                cwd=tmp_path, env=consumerd.env(), input=lines, capture_output=True, text=True,
-                timeout=60, check=False,
+                cwd=tmp_path,
+                env=consumerd.env(),
+                input=lines,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
             assert published.returncode == 0, published.stderr
         assert (tmp_path / "data" / f"{name}.db").exists()
@@ -89,12 +101,17 @@ def test_a_relative_url_that_used_to_name_an_existing_file_is_warned_about(tmp_p
     old.write_bytes(b"")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "tapp.py").write_text(
-        "import consumerd\napp = consumerd.App('w')\napp.consumer('q')(print)\n")
+        "import consumerd\napp = consumerd.App('w')\napp.consumer('q')(print)\n"
+    )
     url = "sqlite:///" + str(old).lstrip("/")
     checked = subprocess.run(
         [sys.executable, "-m", "consumerd.cli", "check", "--app", "tapp", "--broker", url],
-        cwd=tmp_path / "elsewhere", env=dict(os.environ, PYTHONPATH=f"{ROOT}:."),
-        capture_output=True, text=True, timeout=30, check=False,
+        cwd=tmp_path / "elsewhere",
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}:."),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert checked.returncode == 0, checked.stderr
     assert f"broker sqlite:///{tmp_path}/elsewhere/{str(old).lstrip('/')}" in checked.stdout

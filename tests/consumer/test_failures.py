@@ -85,7 +85,7 @@ def test_undecodable_and_pickle_go_straight_to_dead_letters(consumerd, broker, n
     assert 666 not in consumerd.ids()  # pickle never loaded
 
 
-RETRY_APP = '''
+RETRY_APP = """
 import logging, time
 import consumerd
 
@@ -97,7 +97,7 @@ def handle(body, delivery):
     log.info("start %d %d %.6f", body["i"], delivery.attempt, time.time())
     if body["fail_until"] >= delivery.attempt:
         raise RuntimeError("boom")
-'''
+"""
 
 
 def test_retry_log_states_the_policy_delay_and_the_retry_waits_for_it(consumerd, broker, name):
@@ -115,8 +115,11 @@ def test_retry_log_states_the_policy_delay_and_the_retry_waits_for_it(consumerd,
         with open(consumerd.log) as f:
             return [json.loads(line) for line in f if line.startswith("{")]
 
-    wait_for(lambda: any(r["message"].startswith("start 0 4 ") for r in records()), 30,
-             "the fourth attempt")
+    wait_for(
+        lambda: any(r["message"].startswith("start 0 4 ") for r in records()),
+        30,
+        "the fourth attempt",
+    )
     assert consumerd.stop() == 0
     starts, failures = {}, {}
     for r in records():
@@ -124,15 +127,15 @@ def test_retry_log_states_the_policy_delay_and_the_retry_waits_for_it(consumerd,
             _, _, attempt, at = r["message"].split()
             starts[int(attempt)] = float(at)
         elif "failed" in r["message"]:
-            attempt, delay = re.search(r"attempt (\d+) failed .*: retry in (\S+)s$",
-                                       r["message"]).groups()
+            attempt, delay = re.search(
+                r"attempt (\d+) failed .*: retry in (\S+)s$", r["message"]
+            ).groups()
             # The record's time is before the retry's due time is computed, and is
             # truncated to the millisecond: a lower bound of when the failure was seen.
             when = datetime.datetime.fromisoformat(r["time"].replace("Z", "+00:00"))
             failures[int(attempt)] = (when.timestamp(), float(delay))
     retry = policy.RetryPolicy(3, 0.03)
-    assert {a: d for a, (_, d) in failures.items()} == {
-        a: retry.delay_after(a) for a in (1, 2, 3)}
+    assert {a: d for a, (_, d) in failures.items()} == {a: retry.delay_after(a) for a in (1, 2, 3)}
     assert {a: d for a, (_, d) in failures.items()} == {1: 0.03, 2: 0.06, 3: 0.12}
     for attempt, (failed_at, delay) in failures.items():
         assert starts[attempt + 1] >= failed_at + delay, attempt

@@ -81,8 +81,11 @@ def test_broker_down_past_the_limit_exits_75_and_backs_off(consumerd, broker, pr
     # counts as a failure: the back-off grows instead of respawning at once each time.
     consumerd.wait_logged("(failed start #3)", timeout=60)
     with open(consumerd.log) as f:
-        delays = [float(line.rsplit("respawning in ", 1)[1].rstrip("s\n"))
-                  for line in f if "exited with status 75" in line and "failed start #" in line]
+        delays = [
+            float(line.rsplit("respawning in ", 1)[1].rstrip("s\n"))
+            for line in f
+            if "exited with status 75" in line and "failed start #" in line
+        ]
     assert len(delays) >= 3
     assert delays[0] < delays[2]  # #3's delay is at least #1's ceiling: 2x the minimum
     assert consumerd.proc.poll() is None  # the master stays up and respawns

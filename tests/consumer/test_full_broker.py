@@ -25,7 +25,8 @@ def full_redis(tmp_path, name):
 
 
 def test_workers_on_a_full_redis_do_not_crash_or_reconnect_in_a_tight_loop(
-        tmp_path, name, full_redis):
+    tmp_path, name, full_redis
+):
     consumerd = Consumerd(tmp_path, name, full_redis.url)
     try:
         consumerd.configure([{"name": name, "prefetch": 20}])
@@ -40,15 +41,21 @@ def test_workers_on_a_full_redis_do_not_crash_or_reconnect_in_a_tight_loop(
         consumerd.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="the fetch script writes the unacked record, which "
-                   "Redis refuses at maxmemory (needs '#!lua flags=allow-oom', Redis 7+)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the fetch script writes the unacked record, which "
+    "Redis refuses at maxmemory (needs '#!lua flags=allow-oom', Redis 7+)",
+)
 def test_redis_at_maxmemory_noeviction_is_drained(tmp_path, name, full_redis):
     consumerd = Consumerd(tmp_path, name, full_redis.url)
     try:
         consumerd.configure([{"name": name, "prefetch": 20}])
         consumerd.start(workers=2)
-        wait_for(lambda: len({r.id for r in consumerd.records()}) >= 500, 30,
-                 "every queued message handled")
+        wait_for(
+            lambda: len({r.id for r in consumerd.records()}) >= 500,
+            30,
+            "every queued message handled",
+        )
         assert consumerd.stop() == 0
     finally:
         consumerd.kill()

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def as_nobody(*command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*NOBODY, *command], capture_output=True, text=True, check=True,
-                          timeout=30)
+    return subprocess.run(
+        [*NOBODY, *command], capture_output=True, text=True, check=True, timeout=30
+    )
 
 
 @pytest.fixture
@@ -73,13 +74,29 @@ def test_a_lease_root_planted_by_another_user_is_refused(c, shared, planted):
 def test_the_lease_root_is_private(c, shared):
     env = {**c.env(), "TMPDIR": shared}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "consumerd.cli", "--app", "tapp", "--broker", c.url,
-         "--workers", "1"], cwd=c.tmp, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "consumerd.cli",
+            "--app",
+            "tapp",
+            "--broker",
+            c.url,
+            "--workers",
+            "1",
+        ],
+        cwd=c.tmp,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         root = os.path.join(shared, f"consumerd-{os.getuid()}")
-        wait_for(lambda: os.path.isdir(root) and any(
-            "leases" in dirs for _, dirs, _ in os.walk(root)), 20, "the lease directories")
+        wait_for(
+            lambda: os.path.isdir(root) and any("leases" in dirs for _, dirs, _ in os.walk(root)),
+            20,
+            "the lease directories",
+        )
         for path, dirs, _ in os.walk(root):
             for d in [path, *(os.path.join(path, d) for d in dirs)]:
                 info = os.lstat(d)
@@ -99,16 +116,43 @@ def test_the_pidfile_never_writes_through_a_planted_symlink(c, shared):
     pidfile = os.path.join(shared, "consumerd.pid")
     # The master's pid is known before it runs: `exec` keeps the shell's.
     proc = subprocess.Popen(
-        ["sh", "-c", 'read go; exec "$@"', "sh", sys.executable, "-m", "consumerd.cli",
-         "--app", "tapp", "--broker", c.url, "--workers", "1", "--pidfile", pidfile],
-        cwd=c.tmp, env=c.env(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, text=True)
+        [
+            "sh",
+            "-c",
+            'read go; exec "$@"',
+            "sh",
+            sys.executable,
+            "-m",
+            "consumerd.cli",
+            "--app",
+            "tapp",
+            "--broker",
+            c.url,
+            "--workers",
+            "1",
+            "--pidfile",
+            pidfile,
+        ],
+        cwd=c.tmp,
+        env=c.env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         as_nobody("ln", "-s", str(victim), f"{pidfile}.{proc.pid}")  # the old temporary name
         proc.stdin.write("go\n")
         proc.stdin.close()
-        wait_for(lambda: os.path.isfile(pidfile) and not os.path.islink(pidfile)
-                 and Path(pidfile).read_text().strip() == str(proc.pid), 20, "the pid file")
+        wait_for(
+            lambda: (
+                os.path.isfile(pidfile)
+                and not os.path.islink(pidfile)
+                and Path(pidfile).read_text().strip() == str(proc.pid)
+            ),
+            20,
+            "the pid file",
+        )
         assert victim.read_text() == "root's data\n"
         assert stat.S_IMODE(os.stat(pidfile).st_mode) == 0o644
         wait_for(lambda: children(proc.pid), 20, "a worker")  # the master's handlers are set

@@ -32,11 +32,15 @@ OSLO_URL = "rabbit://guest:guest@127.0.0.1:5672/"
 
 def oslo_message(**overrides):
     message = {
-        "message_id": "m-1", "publisher_id": "compute.host1",
-        "event_type": "compute.instance.create.end", "priority": "INFO",
+        "message_id": "m-1",
+        "publisher_id": "compute.host1",
+        "event_type": "compute.instance.create.end",
+        "priority": "INFO",
         "payload": {"instance_id": "i-1", "n": [1, 2]},
-        "timestamp": "2026-11-23 13:19:13.123456", "_unique_id": "u",
-        "_context_user": "u1", "_context_request_id": "req-1",
+        "timestamp": "2026-11-23 13:19:13.123456",
+        "_unique_id": "u",
+        "_context_user": "u1",
+        "_context_request_id": "req-1",
     }
     message.update(overrides)
     return message
@@ -46,9 +50,13 @@ def test_v2_envelope_is_unwrapped():
     body = {"oslo.version": "2.0", "oslo.message": json.dumps(oslo_message())}
     n = notifications.decode(body)
     assert n == notifications.Notification(
-        event_type="compute.instance.create.end", payload={"instance_id": "i-1", "n": [1, 2]},
-        publisher_id="compute.host1", priority="info", timestamp="2026-11-23 13:19:13.123456",
-        message_id="m-1", context={"user": "u1", "request_id": "req-1"},
+        event_type="compute.instance.create.end",
+        payload={"instance_id": "i-1", "n": [1, 2]},
+        publisher_id="compute.host1",
+        priority="info",
+        timestamp="2026-11-23 13:19:13.123456",
+        message_id="m-1",
+        context={"user": "u1", "request_id": "req-1"},
     )
     assert n.time is not None and n.time.isoformat() == "2026-11-23T13:19:13.123456+00:00"
 
@@ -56,19 +64,26 @@ def test_v2_envelope_is_unwrapped():
 def test_v1_plain_dict_is_accepted():
     n = notifications.decode(oslo_message(priority="ERROR", timestamp=None))
     assert (n.event_type, n.priority, n.timestamp, n.time) == (
-        "compute.instance.create.end", "error", None, None)
+        "compute.instance.create.end",
+        "error",
+        None,
+        None,
+    )
 
 
-@pytest.mark.parametrize("body", [
-    [1, 2],
-    "text",
-    {"oslo.version": "1.0", "oslo.message": "{}"},
-    {"oslo.version": "2.0", "oslo.message": {"event_type": "x"}},
-    {"oslo.version": "2.0", "oslo.message": "[1]"},
-    {"oslo.version": "2.0", "oslo.message": "{not json"},
-    {"oslo.version": "2.0", "oslo.message": json.dumps({"payload": {}})},
-    {"payload": {}, "event_type": ""},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        [1, 2],
+        "text",
+        {"oslo.version": "1.0", "oslo.message": "{}"},
+        {"oslo.version": "2.0", "oslo.message": {"event_type": "x"}},
+        {"oslo.version": "2.0", "oslo.message": "[1]"},
+        {"oslo.version": "2.0", "oslo.message": "{not json"},
+        {"oslo.version": "2.0", "oslo.message": json.dumps({"payload": {}})},
+        {"payload": {}, "event_type": ""},
+    ],
+)
 def test_what_is_not_a_notification_is_refused(body):
     with pytest.raises(ValueError):
         notifications.decode(body)
@@ -83,8 +98,7 @@ def test_unreadable_timestamp_is_kept_as_text():
 
 
 def test_event_type_patterns():
-    match = notifications.event_type_matcher(["compute.instance.*", "volume.*.end",
-                                              "image.upload"])
+    match = notifications.event_type_matcher(["compute.instance.*", "volume.*.end", "image.upload"])
     assert match("compute.instance.create.start")
     assert match("compute.instance.delete.end")
     assert match("volume.attach.end")
@@ -113,14 +127,27 @@ def test_listener_declares_like_oslo_messaging():
     assert listener.queue_names == ["notifications.info", "notifications.error"]
     queue = listener.queue("notifications.error")
     assert (queue.name, queue.durable, queue.auto_delete, queue.queue_arguments) == (
-        "notifications.error", False, False, None)
-    assert {(b.exchange.name, b.exchange.type, b.exchange.durable, b.exchange.auto_delete,
-             b.routing_key) for b in queue.bindings} == {
+        "notifications.error",
+        False,
+        False,
+        None,
+    )
+    assert {
+        (
+            b.exchange.name,
+            b.exchange.type,
+            b.exchange.durable,
+            b.exchange.auto_delete,
+            b.routing_key,
+        )
+        for b in queue.bindings
+    } == {
         ("nova", "topic", False, False, "notifications.error"),
         ("glance", "topic", False, False, "notifications.error"),
     }
-    quorum = notifications.Listener(("nova",), durable=True,
-                                    queue_arguments={"x-queue-type": "quorum"})
+    quorum = notifications.Listener(
+        ("nova",), durable=True, queue_arguments={"x-queue-type": "quorum"}
+    )
     queue = quorum.queue("notifications.info")
     assert queue.durable and queue.queue_arguments == {"x-queue-type": "quorum"}
     assert all(b.exchange.durable for b in queue.bindings)
@@ -130,14 +157,18 @@ def test_a_pool_is_one_queue_bound_with_every_routing_key():
     """oslo.messaging's rabbit driver: ``listen_for_notifications`` declares, for each
     target and priority, a topic consumer with ``queue_name=pool``: one queue named after
     the pool, bound to each exchange once per ``<topic>.<priority>``."""
-    listener = notifications.Listener(("nova", "glance"), "notifications", ("info", "error"),
-                                      pool="ceilometer")
+    listener = notifications.Listener(
+        ("nova", "glance"), "notifications", ("info", "error"), pool="ceilometer"
+    )
     assert listener.queue_names == ["ceilometer"]
     queue = listener.queue("ceilometer")
     assert (queue.name, queue.durable, queue.auto_delete) == ("ceilometer", False, False)
     assert sorted((b.exchange.name, b.routing_key) for b in queue.bindings) == [
-        ("glance", "notifications.error"), ("glance", "notifications.info"),
-        ("nova", "notifications.error"), ("nova", "notifications.info")]
+        ("glance", "notifications.error"),
+        ("glance", "notifications.info"),
+        ("nova", "notifications.error"),
+        ("nova", "notifications.info"),
+    ]
     app = consumerd.App("agent")
     app.notifications("default", exchanges=["nova"])(lambda n: None)
     app.notifications("pool-a", exchanges=["nova"], pool="a")(lambda n: None)
@@ -148,8 +179,10 @@ def test_a_pool_is_one_queue_bound_with_every_routing_key():
 
 def test_publisher_id_filter_is_oslos_regex_match():
     """``NotificationFilter(publisher_id=...)``: ``re.match``, anchored at the start only."""
-    listener = notifications.Listener(("nova",), publisher_id=r"compute\.",
-                                      event_types=("compute.*",))
+    listener = notifications.Listener(
+        ("nova",), publisher_id=r"compute\.", event_types=("compute.*",)
+    )
+
     def kept(publisher_id, event_type="compute.instance.update"):
         body = oslo_message(publisher_id=publisher_id, event_type=event_type)
         return listener.prepare(body) is not None
@@ -170,23 +203,27 @@ def test_requeue_result_is_oslos():
 
     assert notifications.NotificationResult.REQUEUE == oslo_messaging.NotificationResult.REQUEUE
     assert notifications.NotificationResult.HANDLED == oslo_messaging.NotificationResult.HANDLED
-    results = iter([oslo_messaging.NotificationResult.REQUEUE,
-                    notifications.NotificationResult.HANDLED, None])
+    results = iter(
+        [oslo_messaging.NotificationResult.REQUEUE, notifications.NotificationResult.HANDLED, None]
+    )
     call = notifications.adapt(lambda n: next(results))
     assert call("n", "d") is policy.REQUEUE
     assert call("n", "d") == "handled" and call("n", "d") is None
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"exchanges": ()},
-    {"exchanges": ("no va",)},
-    {"exchanges": ("nova",), "priorities": ("warning",)},  # oslo sends "warn"
-    {"exchanges": ("nova",), "priorities": ()},
-    {"exchanges": ("nova",), "priorities": ("info", "info")},
-    {"exchanges": ("nova",), "topic": ""},
-    {"exchanges": ("nova",), "pool": ""},
-    {"exchanges": ("nova",), "pool": "a b"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"exchanges": ()},
+        {"exchanges": ("no va",)},
+        {"exchanges": ("nova",), "priorities": ("warning",)},  # oslo sends "warn"
+        {"exchanges": ("nova",), "priorities": ()},
+        {"exchanges": ("nova",), "priorities": ("info", "info")},
+        {"exchanges": ("nova",), "topic": ""},
+        {"exchanges": ("nova",), "pool": ""},
+        {"exchanges": ("nova",), "pool": "a b"},
+    ],
+)
 def test_listener_refuses_bad_declarations(kwargs):
     with pytest.raises(ValueError):
         notifications.Listener(**kwargs)
@@ -199,8 +236,14 @@ def test_app_notifications_declares_a_consumer():
     app = consumerd.App("agent", prefetch=2)
     seen = []
 
-    @app.notifications("agent", exchanges=["nova"], priorities=["info", "error"],
-                       event_types=["compute.*"], batch_size=10, batch_timeout=0.5)
+    @app.notifications(
+        "agent",
+        exchanges=["nova"],
+        priorities=["info", "error"],
+        event_types=["compute.*"],
+        batch_size=10,
+        batch_timeout=0.5,
+    )
     def handle(batch):
         seen.append(batch)
 
@@ -219,14 +262,16 @@ def test_app_notifications_refuses_what_cannot_work():
     app = consumerd.App("agent")
     with pytest.raises(ValueError, match="could never fill"):
         app.notifications("a", exchanges=["nova"], batch_size=50, prefetch=10)
-    for bad in ({"batch_size": 0}, {"batch_size": 5, "batch_timeout": 0},
-                {"batch_size": 5, "batch_timeout": math.inf}):
+    for bad in (
+        {"batch_size": 0},
+        {"batch_size": 5, "batch_timeout": 0},
+        {"batch_size": 5, "batch_timeout": math.inf},
+    ):
         with pytest.raises(ValueError):
             app.notifications("a", exchanges=["nova"], **bad)
     app.notifications("a", exchanges=["nova"])(lambda n: None)
     with pytest.raises(ValueError, match=r"both consume notifications\.info"):
-        app.notifications("b", exchanges=["glance"], priorities=["error", "info"])(
-            lambda n: None)
+        app.notifications("b", exchanges=["glance"], priorities=["error", "info"])(lambda n: None)
     with pytest.raises(ValueError, match="both consume"):
         app.consumer("notifications.info")(lambda body, message: None)
 
@@ -258,7 +303,7 @@ def test_batch_fills_and_times_out():
 # The agent under test; its declaration comes from $T_CONFIG. Each successful handler call
 # appends one JSON line per notification to $T_OUT: {"call", "size", "n": fields}. A batch
 # holding a payload {"poison": true} fails the first time it is seen (a marker file).
-AGENT_SOURCE = '''
+AGENT_SOURCE = """
 import json, os, uuid
 import consumerd
 from consumerd.consumer.notifications import NotificationResult
@@ -298,7 +343,7 @@ def handle(notes):
             record(os.environ["T_OUT"] + ".failed", notes)
             raise RuntimeError("poisoned batch")
     record(os.environ["T_OUT"], notes)
-'''
+"""
 
 
 class Notifier:
@@ -320,12 +365,17 @@ class Notifier:
         import oslo_messaging
         from oslo_context.context import RequestContext
 
-        notifier = oslo_messaging.Notifier(self.transport, publisher_id=publisher_id,
-                                           driver="messagingv2", topics=[self.topic])
+        notifier = oslo_messaging.Notifier(
+            self.transport, publisher_id=publisher_id, driver="messagingv2", topics=[self.topic]
+        )
         context = RequestContext(user_id="u1", project_id="p1", request_id="req-1")
         getattr(notifier, priority)(context, event_type, payload)
-        return (event_type, json.dumps(payload, sort_keys=True), publisher_id,
-                "warn" if priority == "warning" else priority)
+        return (
+            event_type,
+            json.dumps(payload, sort_keys=True),
+            publisher_id,
+            "warn" if priority == "warning" else priority,
+        )
 
     def close(self) -> None:
         self.transport.cleanup()
@@ -348,14 +398,30 @@ class Agent:
             json.dump({"name": name, "declare": declare}, f)
 
     def start(self, workers: int = 1) -> None:
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{self.tmp}", T_OUT=self.out,
-                   T_CONFIG=self.config)
+        env = dict(
+            os.environ, PYTHONPATH=f"{ROOT}:{self.tmp}", T_OUT=self.out, T_CONFIG=self.config
+        )
         env.pop("CONSUMERD_BROKER", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consumerd.cli", "--app", "tagent", "--broker", AMQP_URL,
-                 "--workers", str(workers), "--log-level", "DEBUG"],
-                cwd=self.tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "consumerd.cli",
+                    "--app",
+                    "tagent",
+                    "--broker",
+                    AMQP_URL,
+                    "--workers",
+                    str(workers),
+                    "--log-level",
+                    "DEBUG",
+                ],
+                cwd=self.tmp,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def logged(self, text: str) -> int:
         with open(self.log, errors="replace") as f:
@@ -385,8 +451,14 @@ class Agent:
     def received(self) -> collections.Counter:
         """How many times each (event_type, payload, publisher_id, priority) was handled."""
         return collections.Counter(
-            (r["n"]["event_type"], json.dumps(r["n"]["payload"], sort_keys=True),
-             r["n"]["publisher_id"], r["n"]["priority"]) for r in self.records())
+            (
+                r["n"]["event_type"],
+                json.dumps(r["n"]["payload"], sort_keys=True),
+                r["n"]["publisher_id"],
+                r["n"]["priority"],
+            )
+            for r in self.records()
+        )
 
 
 class Rabbit:
@@ -425,8 +497,9 @@ def names(rabbit):
     tag = uuid.uuid4().hex[:8]
     name, topic, exchanges = f"agent{tag}", f"notif{tag}", [f"nova{tag}", f"glance{tag}"]
     rabbit.exchanges.update(exchanges)
-    rabbit.queues.update({f"{name}.retry", f"{name}.dlq"} | {
-        f"{topic}.{p}" for p in notifications.PRIORITIES})
+    rabbit.queues.update(
+        {f"{name}.retry", f"{name}.dlq"} | {f"{topic}.{p}" for p in notifications.PRIORITIES}
+    )
     return name, topic, exchanges
 
 
@@ -477,8 +550,7 @@ def publish_mix(senders, rounds: int) -> tuple[list[tuple], list[tuple], list[tu
                 for event_type, keep in EVENTS:
                     i += 1
                     payload = {"i": i, "round": r, "nested": {"exchange": sender.exchange}}
-                    sent = sender.send(priority, event_type, payload,
-                                       f"compute.host{i % 3}")
+                    sent = sender.send(priority, event_type, payload, f"compute.host{i % 3}")
                     if priority == "warn":
                         other.append(sent)
                     else:
@@ -487,20 +559,27 @@ def publish_mix(senders, rounds: int) -> tuple[list[tuple], list[tuple], list[tu
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["oslo-defaults", "durable-queues"])
-def test_agent_receives_each_notification_exactly_as_sent(rabbit, names, agent, notifiers,
-                                                          durable):
+def test_agent_receives_each_notification_exactly_as_sent(rabbit, names, agent, notifiers, durable):
     """The notifiers publish first (they declare the exchanges and queues, as in a
     deployment where the services run before the agent); the agent's declarations must
     be equivalent or RabbitMQ would close its channel with PRECONDITION_FAILED."""
     name, topic, exchanges = names
     senders = [notifiers(exchange, topic, durable) for exchange in exchanges]
     wanted, filtered, other = publish_mix(senders, rounds=2)
-    assert rabbit.depth(f"{topic}.info") + rabbit.depth(f"{topic}.error") == len(
-        wanted) + len(filtered)
+    assert rabbit.depth(f"{topic}.info") + rabbit.depth(f"{topic}.error") == len(wanted) + len(
+        filtered
+    )
 
-    a = agent(name, {"exchanges": exchanges, "topic": topic, "priorities": ["info", "error"],
-                     "event_types": ["compute.instance.*", "volume.*.end"],
-                     "durable": durable})
+    a = agent(
+        name,
+        {
+            "exchanges": exchanges,
+            "topic": topic,
+            "priorities": ["info", "error"],
+            "event_types": ["compute.instance.*", "volume.*.end"],
+            "durable": durable,
+        },
+    )
     a.start(workers=2)
     wait_for(lambda: sum(a.received().values()) >= len(wanted), 30, "every notification")
     # then more while it runs, straight to the running agent
@@ -512,8 +591,10 @@ def test_agent_receives_each_notification_exactly_as_sent(rabbit, names, agent, 
 
     assert a.received() == collections.Counter(wanted)  # each once, exactly as sent
     records = a.records()
-    assert all(r["n"]["context"]["request_id"] == "req-1" and r["n"]["context"]["user"] == "u1"
-               for r in records)
+    assert all(
+        r["n"]["context"]["request_id"] == "req-1" and r["n"]["context"]["user"] == "u1"
+        for r in records
+    )
     assert all(r["n"]["timestamp"] and r["n"]["message_id"] for r in records)
     assert len({r["n"]["message_id"] for r in records}) == len(wanted)
     # the filtered ones were acked (not left behind), the warn ones never came here
@@ -531,11 +612,23 @@ def test_batches_are_acked_and_retried_as_a_whole(rabbit, names, agent, notifier
     sent = []
     for i in range(23):
         payload = {"i": i, "poison": i == 7}
-        sent.append(sender.send("info" if i % 2 else "error", "compute.instance.update",
-                                payload, "compute.host1"))
+        sent.append(
+            sender.send(
+                "info" if i % 2 else "error", "compute.instance.update", payload, "compute.host1"
+            )
+        )
         sender.send("info", "image.upload", {"i": i}, "glance.host1")  # filtered out
-    a = agent(name, {"exchanges": exchanges, "topic": topic, "priorities": ["info", "error"],
-                     "event_types": ["compute.*"], "batch_size": 5, "batch_timeout": 1.0})
+    a = agent(
+        name,
+        {
+            "exchanges": exchanges,
+            "topic": topic,
+            "priorities": ["info", "error"],
+            "event_types": ["compute.*"],
+            "batch_size": 5,
+            "batch_timeout": 1.0,
+        },
+    )
     a.start(workers=1)
     wait_for(lambda: sum(a.received().values()) >= len(sent), 30, "every notification")
     assert a.stop() == 0
@@ -564,8 +657,9 @@ def test_batch_timeout_flushes_a_short_batch(rabbit, names, agent, notifiers):
     """A batch that never fills is handed over ``batch_timeout`` after its first message:
     the loop does not block waiting for more."""
     name, topic, exchanges = names
-    a = agent(name, {"exchanges": exchanges, "topic": topic, "batch_size": 100,
-                     "batch_timeout": 0.8})
+    a = agent(
+        name, {"exchanges": exchanges, "topic": topic, "batch_size": 100, "batch_timeout": 0.8}
+    )
     a.start(workers=1)
     wait_for(lambda: a.logged("consuming") >= 1, 20, "the agent consuming")
     sender = notifiers(exchanges[1], topic)
@@ -585,8 +679,9 @@ def test_sigterm_hands_a_partial_batch_back(rabbit, names, agent, notifiers):
     and the next agent handles each of them once."""
     name, topic, exchanges = names
     sender = notifiers(exchanges[0], topic)
-    sent = [sender.send("info", "compute.instance.exists", {"i": i}, "compute.host1")
-            for i in range(7)]
+    sent = [
+        sender.send("info", "compute.instance.exists", {"i": i}, "compute.host1") for i in range(7)
+    ]
     declare = {"exchanges": exchanges, "topic": topic, "batch_size": 50, "batch_timeout": 60}
     a = agent(name, declare)
     a.start(workers=1)
@@ -627,8 +722,12 @@ class OsloListener:
             filter_rule = oslo_messaging.NotificationFilter(publisher_id=publisher_id)
 
             def info(self, ctxt, publisher_id, event_type, payload, metadata):
-                seen = (event_type, json.dumps(payload, sort_keys=True), publisher_id,
-                        outer.priority_of(payload))
+                seen = (
+                    event_type,
+                    json.dumps(payload, sort_keys=True),
+                    publisher_id,
+                    outer.priority_of(payload),
+                )
                 with outer.lock:
                     if payload.get("requeue_once") and not outer.requeued:
                         outer.requeued.append(seen)
@@ -642,8 +741,13 @@ class OsloListener:
         self.transport = oslo_messaging.get_notification_transport(self.conf, url=OSLO_URL)
         targets = [oslo_messaging.Target(exchange=e, topic=topic) for e in exchanges]
         self.listener = oslo_messaging.get_notification_listener(
-            self.transport, targets, [Endpoint()], executor="threading", pool=pool,
-            allow_requeue=True)
+            self.transport,
+            targets,
+            [Endpoint()],
+            executor="threading",
+            pool=pool,
+            allow_requeue=True,
+        )
         self.listener.start()
 
     @staticmethod
@@ -657,8 +761,9 @@ class OsloListener:
 
 
 @pytest.mark.parametrize("batch_size", [None, 4], ids=["single", "batches"])
-def test_pools_get_every_notification_like_oslo_listener_pools(rabbit, names, agent,
-                                                               notifiers, batch_size):
+def test_pools_get_every_notification_like_oslo_listener_pools(
+    rabbit, names, agent, notifiers, batch_size
+):
     """One oslo.messaging listener pool and one consumerd pool on the same exchanges, with
     the same publisher_id filter: each gets every matching notification exactly once, and
     the pool-less queues ``<topic>.<priority>`` keep their own copy of all of them. One
@@ -676,8 +781,13 @@ def test_pools_get_every_notification_like_oslo_listener_pools(rabbit, names, ag
     senders[1].send("audit", "setup", {}, "setup")
     listener = OsloListener(exchanges, topic, oslo_pool, publisher_id)
     try:
-        declare = {"exchanges": exchanges, "topic": topic, "priorities": ["info", "error"],
-                   "pool": our_pool, "publisher_id": publisher_id}
+        declare = {
+            "exchanges": exchanges,
+            "topic": topic,
+            "priorities": ["info", "error"],
+            "pool": our_pool,
+            "publisher_id": publisher_id,
+        }
         if batch_size:
             declare.update(batch_size=batch_size, batch_timeout=0.3)
         a = agent(name, declare)
@@ -689,8 +799,12 @@ def test_pools_get_every_notification_like_oslo_listener_pools(rabbit, names, ag
         i = 0
         for sender in senders:
             for priority in ("info", "error", "warn"):
-                for publisher in ("compute.host1", "compute.host2", "network.host1",
-                                  "xcompute.host1"):
+                for publisher in (
+                    "compute.host1",
+                    "compute.host2",
+                    "network.host1",
+                    "xcompute.host1",
+                ):
                     for event_type in ("compute.instance.update", "port.create.end"):
                         i += 1
                         payload = {"i": i, "priority": priority, "requeue_once": i == 3}

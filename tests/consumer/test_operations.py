@@ -66,8 +66,9 @@ def test_metrics_readyz_and_healthz(consumerd, broker, name) -> None:
     # A killed worker is restarted and counted; readiness follows the respawn.
     victim = consumerd.workers()[0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: victim not in consumerd.workers() and len(consumerd.workers()) == 2, 20,
-             "respawn")
+    wait_for(
+        lambda: victim not in consumerd.workers() and len(consumerd.workers()) == 2, 20, "respawn"
+    )
     wait_for(lambda: http_get(port, "/readyz")[0] == 200, 30, "/readyz ready again")
     restarts = metric(http_get(port, "/metrics")[1], "consumerd_worker_restarts_total")
     assert restarts == 1
@@ -121,8 +122,13 @@ def test_restarts_count_replaced_workers_not_a_scale_down(consumerd, broker, nam
         before = set(consumerd.workers())
         action()
         (gone,) = wait_for(lambda: before - set(consumerd.workers()), 20, "a worker gone")
-        wait_for(lambda: consumerd.logged(f"(pid {gone}) exited")
-                 + consumerd.logged(f"(pid {gone}) killed"), 20, "the master reaped it")
+        wait_for(
+            lambda: (
+                consumerd.logged(f"(pid {gone}) exited") + consumerd.logged(f"(pid {gone}) killed")
+            ),
+            20,
+            "the master reaped it",
+        )
         return gone
 
     assert restarts() == 0
@@ -164,8 +170,9 @@ def _notify_socket(tmp_path, monkeypatch):
     return sock, messages
 
 
-def test_all_workers_started_waits_for_a_broker(consumerd, broker, name, tmp_path,
-                                                 monkeypatch) -> None:
+def test_all_workers_started_waits_for_a_broker(
+    consumerd, broker, name, tmp_path, monkeypatch
+) -> None:
     """Workers that cannot reach the broker are built but not started: no "all workers
     started", no READY=1; against the real broker both come after every worker consumes."""
     sock, messages = _notify_socket(tmp_path, monkeypatch)
@@ -174,8 +181,7 @@ def test_all_workers_started_waits_for_a_broker(consumerd, broker, name, tmp_pat
 
     def retrying() -> set[str]:
         with open(consumerd.log) as f:
-            return {line.split("[", 1)[1].split("]", 1)[0] for line in f
-                    if "unreachable (" in line}
+            return {line.split("[", 1)[1].split("]", 1)[0] for line in f if "unreachable (" in line}
 
     wait_for(lambda: len(retrying()) == 2, 30, "both workers retrying")
     # A barrier: the announcements the workers made before those retries (the master

@@ -64,8 +64,9 @@ def test_scale_up_and_down_never_two_consumers(consumerd, broker, name):
     wait_for(lambda: len(consumerd.ids()) >= 250, 60, "250 messages handled")
     consumerd.signal(signal.SIGTTIN)
     consumerd.wait_workers(3)
-    wait_for(lambda: len({r.pid for r in consumerd.records()}) == 3, 30,
-             "the third worker consuming")
+    wait_for(
+        lambda: len({r.pid for r in consumerd.records()}) == 3, 30, "the third worker consuming"
+    )
     consumerd.wait_logged("of 3 consumes partitions", 3, timeout=30)
     consumerd.signal(signal.SIGTTOU)
     consumerd.wait_workers(2)
@@ -124,8 +125,10 @@ def test_a_second_instance_says_it_waits_for_the_partitions(tmp_path, consumerd,
         second.start(workers=1)
         (waiter,) = second.wait_workers(1)
         for p in range(4):
-            second.wait_logged(f"WARNING [{waiter}] consumerd.consumer: waiting for partition "
-                               f"{p} of consumer {name}: held by another process (pid {holder})")
+            second.wait_logged(
+                f"WARNING [{waiter}] consumerd.consumer: waiting for partition "
+                f"{p} of consumer {name}: held by another process (pid {holder})"
+            )
         publish_many(broker.url, name, 100, partitions=4)
         wait_for(lambda: len(consumerd.ids()) == 100, 60, "the first 100 handled")
         assert {r.pid for r in consumerd.records()} == {holder}

@@ -31,7 +31,7 @@ from tests.consumer.conftest import (
 
 # Each handled message appends "pid queue id attempt redelivered 0 0" to $T_OUT (the
 # conftest's record format); "do" in the body picks a way to misbehave.
-APP_SOURCE = '''
+APP_SOURCE = """
 import json, os, signal
 import consumerd
 
@@ -58,7 +58,7 @@ def handle(body, message):
     fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(fd, line.encode())
     os.close(fd)
-'''
+"""
 
 _DEATH = re.compile(r"worker \d+ \(pid \d+\) .* after")
 
@@ -101,15 +101,28 @@ class AnyBroker(Broker):
             with amqp.Connection("127.0.0.1:5672", userid="guest", password="guest") as conn:
                 channel = conn.channel()
                 channel.queue_declare(queue, durable=True, auto_delete=False)
-                channel.basic_publish(amqp.Message(body, application_headers=headers or {}),
-                                      exchange="", routing_key=queue)
+                channel.basic_publish(
+                    amqp.Message(body, application_headers=headers or {}),
+                    exchange="",
+                    routing_key=queue,
+                )
             return
-        self.push_entry(queue, dumps({
-            "body": base64.b64encode(body).decode(), "headers": headers or {},
-            "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
-                           "delivery_info": {"exchange": "", "routing_key": queue},
-                           "priority": 0, "delivery_mode": 2},
-        }).encode())
+        self.push_entry(
+            queue,
+            dumps(
+                {
+                    "body": base64.b64encode(body).decode(),
+                    "headers": headers or {},
+                    "properties": {
+                        "body_encoding": "base64",
+                        "delivery_tag": str(uuid.uuid4()),
+                        "delivery_info": {"exchange": "", "routing_key": queue},
+                        "priority": 0,
+                        "delivery_mode": 2,
+                    },
+                }
+            ).encode(),
+        )
 
 
 @pytest.fixture(params=["redis", "amqp", "sqlite"])
@@ -143,8 +156,15 @@ def _good(broker: AnyBroker, name: str, start: int) -> None:
     publish_many(broker.url, name, 5, start=start)
 
 
-def _run(runner: Consumerd, broker: AnyBroker, name: str, *, workers: int = 1,
-         max_deaths: int = 6, timeout: float = 60) -> object:
+def _run(
+    runner: Consumerd,
+    broker: AnyBroker,
+    name: str,
+    *,
+    workers: int = 1,
+    max_deaths: int = 6,
+    timeout: float = 60,
+) -> object:
     """Run until the 10 good messages are handled and the poison is dead-lettered; check
     the counts; return the dead letter."""
     dlq = f"{name}.dlq"
@@ -169,22 +189,36 @@ def _run(runner: Consumerd, broker: AnyBroker, name: str, *, workers: int = 1,
 
 DECODE_CASES = {
     "compression-unknown": (
-        b'{"i": 99}', "application/json", {"compression": "x"},
-        "undecodable: the body does not decompress as 'x'"),
+        b'{"i": 99}',
+        "application/json",
+        {"compression": "x"},
+        "undecodable: the body does not decompress as 'x'",
+    ),
     "compression-not-gzip": (
-        b'{"i": 99}', "application/json", {"compression": "application/x-gzip"},
-        "undecodable: the body does not decompress as 'application/x-gzip'"),
+        b'{"i": 99}',
+        "application/json",
+        {"compression": "application/x-gzip"},
+        "undecodable: the body does not decompress as 'application/x-gzip'",
+    ),
     "attempt-infinity": (
-        b'{"i": 99}', "application/json", {policy.ATTEMPT: float("inf")},
-        "undecodable: header consumerd-attempt is inf: not an attempt number"),
+        b'{"i": 99}',
+        "application/json",
+        {policy.ATTEMPT: float("inf")},
+        "undecodable: header consumerd-attempt is inf: not an attempt number",
+    ),
     "attempt-1e999": (
-        b'{"i": 99}', "application/json", {policy.ATTEMPT: "1e999"},
-        "undecodable: header consumerd-attempt is '1e999': not an attempt number"),
+        b'{"i": 99}',
+        "application/json",
+        {policy.ATTEMPT: "1e999"},
+        "undecodable: header consumerd-attempt is '1e999': not an attempt number",
+    ),
     "attempt-huge": (
-        b'{"i": 99}', "application/json", {policy.ATTEMPT: 2**62},
-        "undecodable: header consumerd-attempt is 4611686018427387904: not an attempt"),
-    "not-utf8-json": (
-        b'\xff\xfe{"i": 99}', "application/json", None, "undecodable: "),
+        b'{"i": 99}',
+        "application/json",
+        {policy.ATTEMPT: 2**62},
+        "undecodable: header consumerd-attempt is 4611686018427387904: not an attempt",
+    ),
+    "not-utf8-json": (b'\xff\xfe{"i": 99}', "application/json", None, "undecodable: "),
 }
 
 
@@ -215,16 +249,19 @@ def test_no_content_type_is_json_or_dead_lettered(runner, any_broker, name):
     letter = _run(runner, any_broker, name, max_deaths=0)
     assert letter.body == b"\x80 not json"
     assert letter.headers[policy.ERROR].startswith(
-        "undecodable: no content type, and the body is not JSON in UTF-8")
+        "undecodable: no content type, and the body is not JSON in UTF-8"
+    )
 
 
 def test_retry_copy_with_nan_due_time_stalls_nothing(runner, any_broker, name):
     """A retry copy due at NaN used to sit at the top of the timer heap, holding every
     later retry; now it is a dead letter and the retries around it are released."""
+
     def retry_copy(i: int, due: float | str) -> None:
         headers = {policy.TARGET: name, policy.RETRY_AT: due, policy.ATTEMPT: 2}
-        any_broker.publish_raw(f"{name}.retry", json.dumps({"i": i}).encode(),
-                               "application/json", headers=headers)
+        any_broker.publish_raw(
+            f"{name}.retry", json.dumps({"i": i}).encode(), "application/json", headers=headers
+        )
 
     for i in range(5):
         retry_copy(i, time.time() + 0.5)
@@ -238,17 +275,22 @@ def test_retry_copy_with_nan_due_time_stalls_nothing(runner, any_broker, name):
     assert json.loads(letter.body) == {"i": 99}
     assert letter.headers[policy.ERROR] == (
         f"undecodable: header consumerd-retry-at is {nan!r}: not a "
-        + ("number" if any_broker.kind == "amqp" else "finite number"))
+        + ("number" if any_broker.kind == "amqp" else "finite number")
+    )
     assert {r.attempt for r in runner.records()} == {2}
 
 
 # -- handlers that raise BaseException or kill their worker ----------------------------
 
-@pytest.mark.parametrize(("do", "error"), [
-    ("exit", "SystemExit: 3"),
-    ("interrupt", "KeyboardInterrupt: "),
-    ("base", "BaseException: from the handler"),
-])
+
+@pytest.mark.parametrize(
+    ("do", "error"),
+    [
+        ("exit", "SystemExit: 3"),
+        ("interrupt", "KeyboardInterrupt: "),
+        ("base", "BaseException: from the handler"),
+    ],
+)
 def test_handler_base_exception_is_a_handler_failure(runner, any_broker, name, do, error):
     _good(any_broker, name, 0)
     publish_many(any_broker.url, name, 1, start=99, do=do)
@@ -260,8 +302,7 @@ def test_handler_base_exception_is_a_handler_failure(runner, any_broker, name, d
 
 
 @pytest.mark.parametrize("do", ["os_exit", "sigkill"])
-def test_handler_killing_its_worker_is_dead_lettered_after_max_deaths(
-        runner, any_broker, name, do):
+def test_handler_killing_its_worker_is_dead_lettered_after_max_deaths(runner, any_broker, name, do):
     runner.configure([], name=name, max_deaths=3, prefetch=1)
     _good(any_broker, name, 0)
     publish_many(any_broker.url, name, 1, start=99, do=do)
@@ -274,13 +315,20 @@ def test_handler_killing_its_worker_is_dead_lettered_after_max_deaths(
 
 # -- stored entries that are not kombu envelopes (Redis lists, SQLite rows) ------------
 
+
 def _envelope(**changes) -> bytes:
     payload = {
-        "body": base64.b64encode(b'{"i": 99}').decode(), "content-encoding": "utf-8",
-        "content-type": "application/json", "headers": {},
-        "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
-                       "delivery_info": {"exchange": "", "routing_key": "q"},
-                       "priority": 0, "delivery_mode": 2},
+        "body": base64.b64encode(b'{"i": 99}').decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+            "delivery_info": {"exchange": "", "routing_key": "q"},
+            "priority": 0,
+            "delivery_mode": 2,
+        },
     }
     for key, value in changes.items():
         if key in payload["properties"] and key not in payload:
@@ -302,7 +350,8 @@ ENVELOPE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ENVELOPE_CASES))
 def test_entry_that_is_not_an_envelope_is_moved_raw_to_the_dead_letter_queue(
-        runner, any_broker, name, case):
+    runner, any_broker, name, case
+):
     if any_broker.kind == "amqp":
         pytest.skip("AMQP messages are frames, not stored envelopes")  # by design, not a gap
     entry, reason = ENVELOPE_CASES[case]

@@ -30,8 +30,12 @@ from consumerd.consumer import policy
 from consumerd.consumer.loop import Loop, _Binding
 from consumerd.consumer.transport import envelope
 
-SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 class Channel:
@@ -102,38 +106,96 @@ def loop(tmp_path, monkeypatch):
 # -- generated junk ---------------------------------------------------------------------
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
 )
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3),
-), max_leaves=8)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
 amqp_scalars = st.one_of(
-    json_scalars, st.binary(max_size=20),
-    st.decimals(allow_nan=False, allow_infinity=False, places=2,
-                min_value=-(10**6), max_value=10**6),
+    json_scalars,
+    st.binary(max_size=20),
+    st.decimals(
+        allow_nan=False, allow_infinity=False, places=2, min_value=-(10**6), max_value=10**6
+    ),
     st.datetimes(min_value=datetime.datetime(1970, 1, 2), max_value=datetime.datetime(9999, 1, 1)),
 )
 own_header_values = st.one_of(
-    json_scalars, st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e999, 2**64,
-                                   "1e999", "Infinity", "NaN", "3", " 2 ", "²", 0, -1, True]),
+    json_scalars,
+    st.sampled_from(
+        [
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            1e999,
+            2**64,
+            "1e999",
+            "Infinity",
+            "NaN",
+            "3",
+            " 2 ",
+            "²",
+            0,
+            -1,
+            True,
+        ]
+    ),
 )
 headers = st.one_of(
     st.none(),
     st.dictionaries(
-        st.one_of(st.sampled_from([policy.ATTEMPT, policy.RETRY_AT, policy.TARGET,
-                                   "compression", "redelivered", "x-delivery-count"]),
-                  st.text(max_size=10)),
-        st.one_of(own_header_values, json_values, st.sampled_from(
-            ["x", "application/x-gzip", "gzip", "zlib", "application/x-bz2", "q", "q.retry"])),
-        max_size=5),
+        st.one_of(
+            st.sampled_from(
+                [
+                    policy.ATTEMPT,
+                    policy.RETRY_AT,
+                    policy.TARGET,
+                    "compression",
+                    "redelivered",
+                    "x-delivery-count",
+                ]
+            ),
+            st.text(max_size=10),
+        ),
+        st.one_of(
+            own_header_values,
+            json_values,
+            st.sampled_from(
+                ["x", "application/x-gzip", "gzip", "zlib", "application/x-bz2", "q", "q.retry"]
+            ),
+        ),
+        max_size=5,
+    ),
 )
-content_types = st.one_of(st.none(), st.just(""), st.sampled_from([
-    "application/json", "application/x-python-serialize", "application/data",
-    "application/text", "text/plain", "application/x-yaml", "application/x-msgpack",
-]), st.text(max_size=10))
-content_encodings = st.one_of(st.none(), st.sampled_from(
-    ["utf-8", "binary", "latin-1", "x-unknown", "utf-16", ""]), st.text(max_size=5))
+content_types = st.one_of(
+    st.none(),
+    st.just(""),
+    st.sampled_from(
+        [
+            "application/json",
+            "application/x-python-serialize",
+            "application/data",
+            "application/text",
+            "text/plain",
+            "application/x-yaml",
+            "application/x-msgpack",
+        ]
+    ),
+    st.text(max_size=10),
+)
+content_encodings = st.one_of(
+    st.none(),
+    st.sampled_from(["utf-8", "binary", "latin-1", "x-unknown", "utf-16", ""]),
+    st.text(max_size=5),
+)
 bodies = st.one_of(
     st.binary(max_size=60),
     json_values.map(lambda v: json.dumps(v).encode()),
@@ -163,12 +225,18 @@ def _check_outcome(loop, message, channel, calls_before):
 
 
 @SETTINGS
-@given(body=bodies, headers=headers, content_type=content_types,
-       content_encoding=content_encodings, do=st.sampled_from(sorted(BEHAVIOURS)),
-       ack_itself=st.booleans(), redelivered=st.booleans())
-def test_any_amqp_delivery_is_settled_exactly_once(loop, *, body, headers, content_type,
-                                                   content_encoding, do, ack_itself,
-                                                   redelivered):
+@given(
+    body=bodies,
+    headers=headers,
+    content_type=content_types,
+    content_encoding=content_encodings,
+    do=st.sampled_from(sorted(BEHAVIOURS)),
+    ack_itself=st.booleans(),
+    redelivered=st.booleans(),
+)
+def test_any_amqp_delivery_is_settled_exactly_once(
+    loop, *, body, headers, content_type, content_encoding, do, ack_itself, redelivered
+):
     loop.state.update(do=do, ack_itself=ack_itself)
     loop._producer.sent.clear()
     channel = Channel()
@@ -187,12 +255,17 @@ def test_any_amqp_delivery_is_settled_exactly_once(loop, *, body, headers, conte
 
 def _payload(body, headers, content_type, content_encoding, body_encoding):
     payload = {
-        "body": base64.b64encode(body).decode() if body_encoding == "base64" else body.decode(
-            "latin-1"),
+        "body": base64.b64encode(body).decode()
+        if body_encoding == "base64"
+        else body.decode("latin-1"),
         "headers": headers,
-        "properties": {"body_encoding": body_encoding, "delivery_tag": str(uuid.uuid4()),
-                       "delivery_info": {"exchange": "", "routing_key": "q"},
-                       "priority": 0, "delivery_mode": 2},
+        "properties": {
+            "body_encoding": body_encoding,
+            "delivery_tag": str(uuid.uuid4()),
+            "delivery_info": {"exchange": "", "routing_key": "q"},
+            "priority": 0,
+            "delivery_mode": 2,
+        },
     }
     if content_type is not None:
         payload["content-type"] = content_type
@@ -202,16 +275,21 @@ def _payload(body, headers, content_type, content_encoding, body_encoding):
 
 
 @SETTINGS
-@given(body=bodies, headers=headers, content_type=content_types,
-       content_encoding=content_encodings, do=st.sampled_from(sorted(BEHAVIOURS)),
-       body_encoding=st.sampled_from(["base64", None]))
-def test_any_stored_envelope_is_settled_exactly_once(loop, *, body, headers, content_type,
-                                                     content_encoding, do, body_encoding):
+@given(
+    body=bodies,
+    headers=headers,
+    content_type=content_types,
+    content_encoding=content_encodings,
+    do=st.sampled_from(sorted(BEHAVIOURS)),
+    body_encoding=st.sampled_from(["base64", None]),
+)
+def test_any_stored_envelope_is_settled_exactly_once(
+    loop, *, body, headers, content_type, content_encoding, do, body_encoding
+):
     loop.state.update(do=do, ack_itself=False)
     loop._producer.sent.clear()
     channel = Channel()
-    payload = loads(dumps(_payload(body, headers, content_type, content_encoding,
-                                   body_encoding)))
+    payload = loads(dumps(_payload(body, headers, content_type, content_encoding, body_encoding)))
     assert envelope.error_of(payload) is None
     message = virtual.Message(payload, channel=channel)
     before = len(loop.state["calls"])
@@ -224,13 +302,41 @@ envelope_junk = st.one_of(
     json_values.map(lambda v: dumps(v).encode()),
     st.builds(
         lambda p, drop, change: dumps(_mutate(p, drop, change)).encode(),
-        st.builds(_payload, bodies, headers, content_types, content_encodings,
-                  st.sampled_from(["base64", None])),
-        st.sampled_from([None, "body", "headers", "properties", "delivery_tag",
-                         "delivery_info", "body_encoding"]),
-        st.tuples(st.sampled_from(["body", "headers", "properties", "delivery_tag",
-                                   "delivery_info", "body_encoding", "content-type",
-                                   "priority", "routing_key"]), json_values),
+        st.builds(
+            _payload,
+            bodies,
+            headers,
+            content_types,
+            content_encodings,
+            st.sampled_from(["base64", None]),
+        ),
+        st.sampled_from(
+            [
+                None,
+                "body",
+                "headers",
+                "properties",
+                "delivery_tag",
+                "delivery_info",
+                "body_encoding",
+            ]
+        ),
+        st.tuples(
+            st.sampled_from(
+                [
+                    "body",
+                    "headers",
+                    "properties",
+                    "delivery_tag",
+                    "delivery_info",
+                    "body_encoding",
+                    "content-type",
+                    "priority",
+                    "routing_key",
+                ]
+            ),
+            json_values,
+        ),
     ),
 )
 
@@ -294,8 +400,11 @@ def test_any_retry_copy_is_held_released_or_dead_lettered(loop, headers, body):
 def test_unpickling_never_happens(loop, monkeypatch):
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
     channel = Channel()
-    raw = amqp.Message(pickle.dumps({"i": 1}), content_type="application/x-python-serialize",
-                       content_encoding="binary")
+    raw = amqp.Message(
+        pickle.dumps({"i": 1}),
+        content_type="application/x-python-serialize",
+        content_encoding="binary",
+    )
     raw.delivery_info = {"routing_key": "q", "delivery_tag": 1}
     message = pyamqp.Message(raw, channel=channel)
     loop._on_message(loop.binding, message)
@@ -307,8 +416,11 @@ def test_unpickling_never_happens(loop, monkeypatch):
 def test_decimals_and_dates_survive(loop):
     """AMQP-only header types reach the dead letter (the producer re-encodes them)."""
     channel = Channel()
-    raw = amqp.Message(b"junk", content_type="application/json", application_headers={
-        "d": decimal.Decimal("1.5"), "t": datetime.datetime(2020, 1, 1)})
+    raw = amqp.Message(
+        b"junk",
+        content_type="application/json",
+        application_headers={"d": decimal.Decimal("1.5"), "t": datetime.datetime(2020, 1, 1)},
+    )
     raw.delivery_info = {"routing_key": "q", "delivery_tag": 1}
     message = pyamqp.Message(raw, channel=channel)
     loop._on_message(loop.binding, message)

@@ -36,7 +36,7 @@ from tests.consumer.conftest import (
 )
 from tests.helpers import pid_alive, wait_for
 
-APP = '''
+APP = """
 import json, os, time
 import consumerd
 
@@ -67,7 +67,7 @@ def make(c):
 for c in CONFIG["consumers"]:
     app.consumer(c["name"], prefetch=c.get("prefetch"), partitions=c.get("partitions"))(
         make(c))
-'''
+"""
 
 
 @pytest.fixture(params=["redis", "amqp", "sqlite"])
@@ -114,8 +114,7 @@ def app(tmp_path, name, anybroker):
 # -- 1. consumerd health ------------------------------------------------------------------
 
 
-def test_health_command_fails_without_a_master_or_a_worker_and_passes_with_both(
-        tmp_path, name):
+def test_health_command_fails_without_a_master_or_a_worker_and_passes_with_both(tmp_path, name):
     """On the embedded broker (health reads /proc only)."""
     c = App(tmp_path, name, None)
     c.configure([{"name": name}])
@@ -164,8 +163,19 @@ def test_health_command_fails_without_a_master_or_a_worker_and_passes_with_both(
 
 def test_publish_header_reaches_the_handler(app, anybroker, name):
     app.configure([{"name": name}])
-    done = app.cli("publish", "--broker", anybroker.url, "--header", "x-trace=abc-1",
-                   "--header", "tenant=t=1", name, '{"i": 1}', '{"i": 2}', '{"i": 3}')
+    done = app.cli(
+        "publish",
+        "--broker",
+        anybroker.url,
+        "--header",
+        "x-trace=abc-1",
+        "--header",
+        "tenant=t=1",
+        name,
+        '{"i": 1}',
+        '{"i": 2}',
+        '{"i": 3}',
+    )
     assert done.returncode == 0, done.stderr
     assert anybroker.depth(name) == 3
     app.start(workers=1)
@@ -205,8 +215,11 @@ def test_prefetch_option_bounds_what_a_stalled_worker_holds(app, anybroker, name
     publish_many(anybroker.url, name, total)
     app.start("--prefetch", str(prefetch), workers=1)
     wait_for(lambda: app.rows("started"), 30, "the first handler started")
-    wait_for(lambda: (anybroker.unacked(), anybroker.depth(name)) == (prefetch, total - prefetch),
-             30, f"{prefetch} unacked, {total - prefetch} ready")
+    wait_for(
+        lambda: (anybroker.unacked(), anybroker.depth(name)) == (prefetch, total - prefetch),
+        30,
+        f"{prefetch} unacked, {total - prefetch} ready",
+    )
     assert len(app.rows("started")) == 1
     app.open_gate()
     wait_for(lambda: len(app.rows()) == total, 60, "every message handled")
@@ -219,7 +232,8 @@ def test_prefetch_option_bounds_what_a_stalled_worker_holds(app, anybroker, name
 
 
 def test_max_memory_per_worker_recycles_with_the_same_worker_id_and_loses_nothing(
-        app, anybroker, name):
+    app, anybroker, name
+):
     """A 1 MB limit: every worker is over it, so each recycles at the first check, after
     64 messages; the master replaces it at once in slot 0."""
     total = 200
@@ -303,8 +317,7 @@ def test_rabbitmq_holds_off_a_second_consumer_of_a_partition(tmp_path, broker, n
 
                 wait_for(step, timeout, what, interval=0)
 
-            with conn.Consumer(queue, callbacks=[on_message], accept=["json"],
-                               prefetch_count=10):
+            with conn.Consumer(queue, callbacks=[on_message], accept=["json"], prefetch_count=10):
                 publish_many(broker.url, name, 60, partitions=2)
                 drain_until(lambda: len(app.rows()) == 60, 30, "consumerd handled all 60")
                 assert app.done() == collections.Counter(range(60))
@@ -327,7 +340,7 @@ def test_rabbitmq_holds_off_a_second_consumer_of_a_partition(tmp_path, broker, n
 # -- 9. dead letters of notification consumers -------------------------------------------
 
 # The notification agent's handler, with a payload {"doom": true} failing every time.
-DOOM = '''
+DOOM = """
 @app.notifications(CONFIG["name"], **CONFIG["declare"])
 def handle(notes):
     notes = notes if isinstance(notes, list) else [notes]
@@ -335,7 +348,7 @@ def handle(notes):
         record(os.environ["T_OUT"] + ".failed", notes)
         raise RuntimeError("doomed batch")
     record(os.environ["T_OUT"], notes)
-'''
+"""
 
 
 @pytest.fixture
@@ -389,14 +402,20 @@ def test_a_message_that_is_not_a_notification_is_dead_lettered(notification_agen
     agent, notifier, name, topic = make({"priorities": ["info"]})
     agent.start(workers=1)
     wait_for(lambda: agent.logged("consuming") >= 1, 20, "the agent consuming")
-    sent = [notifier.send("info", "compute.instance.update", {"i": i}, "compute.h1")
-            for i in range(3)]
+    sent = [
+        notifier.send("info", "compute.instance.update", {"i": i}, "compute.h1") for i in range(3)
+    ]
     not_notifications = [b'{"hello": "world"}', b"[1, 2, 3]", b"not json at all"]
     with connect(AMQP_URL) as conn:
         producer = conn.Producer()
         for body in not_notifications:
-            producer.publish(body, exchange="", routing_key=f"{topic}.info",
-                             content_type="application/json", content_encoding="utf-8")
+            producer.publish(
+                body,
+                exchange="",
+                routing_key=f"{topic}.info",
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
     wait_for(lambda: depth(f"{name}.dlq") == 3, 20, "3 dead letters")
     wait_for(lambda: sum(agent.received().values()) == 3, 20, "the 3 notifications")
     assert agent.stop() == 0
@@ -415,13 +434,16 @@ def test_a_failing_batch_is_dead_lettered_after_max_retries(notification_agent):
     notifications is in <name>.dlq; the batches after it are handled normally."""
     make, rabbit = notification_agent
     agent, notifier, name, topic = make(
-        {"priorities": ["info"], "batch_size": 4, "batch_timeout": 0.5})
+        {"priorities": ["info"], "batch_size": 4, "batch_timeout": 0.5}
+    )
     for i in range(4):
         notifier.send("info", "compute.instance.update", {"i": i, "doom": True}, "compute.h1")
     agent.start(workers=1)
     wait_for(lambda: depth(f"{name}.dlq") == 4, 30, "the doomed batch dead-lettered")
-    good = [notifier.send("info", "compute.instance.update", {"i": i}, "compute.h1")
-            for i in range(10, 14)]
+    good = [
+        notifier.send("info", "compute.instance.update", {"i": i}, "compute.h1")
+        for i in range(10, 14)
+    ]
     wait_for(lambda: sum(agent.received().values()) == 4, 20, "the good ones")
     assert agent.stop() == 0
     failed = collections.Counter(r["n"]["payload"]["i"] for r in agent.records(".failed"))
@@ -471,17 +493,32 @@ def test_embedded_publish_is_fsynced_before_it_returns(tmp_path):
     trace = tmp_path / "trace.txt"
     env = dict(os.environ, PYTHONPATH=ROOT)
     done = subprocess.run(
-        ["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync,write", "-o", str(trace),
-         sys.executable, str(script), url, "q"],
-        env=env, capture_output=True, timeout=60, check=False)
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,write",
+            "-o",
+            str(trace),
+            sys.executable,
+            str(script),
+            url,
+            "q",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert done.stdout == b"BEFORE\nAFTER\n", done.stderr
     assert done.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), done
     assert read_all(url, "q") == [{"n": 0}, {"n": 42}]
     lines = trace.read_text().splitlines()
     before = next(i for i, line in enumerate(lines) if '"BEFORE\\n"' in line)
     after = next(i for i, line in enumerate(lines) if '"AFTER\\n"' in line)
-    synced = [line for line in lines[before:after]
-              if "sync(" in line and "broker.db" in line]
+    synced = [line for line in lines[before:after] if "sync(" in line and "broker.db" in line]
     assert synced, "\n".join(lines[before:after])
 
 

@@ -915,8 +915,10 @@ def test_fetch_script_pops_in_priority_order_and_records(fake):
     r, fetch, _ = fake
     r.lpush("q", kombu_message(0, "t0"), kombu_message(1, "t1"))
     r.lpush("q\x06\x163", kombu_message(2, "t2"))
-    out = fetch(keys=["h", "z", "q", "q\x06\x163", "q.dlq", "q.dlq", "held"],
-                args=[10, "100.5", 0, "q", "q.dlq", "q", "q.dlq"])
+    out = fetch(
+        keys=["h", "z", "q", "q\x06\x163", "q.dlq", "q.dlq", "held"],
+        args=[10, "100.5", 0, "q", "q.dlq", "q", "q.dlq"],
+    )
     assert [out[i] for i in range(0, len(out), 3)] == [1, 1, 2]
     assert [json.loads(out[i])["properties"]["delivery_tag"] for i in range(2, len(out), 3)] == [
         "t0",
@@ -963,9 +965,12 @@ def test_fetch_script_does_not_record_garbage(fake):
     assert out == [1, 2, b"not json"] and r.hlen("h") == 0 and r.hlen("held") == 0
     (letter,) = [json.loads(x) for x in r.lrange("q.dlq", 0, -1)]
     assert letter["body"] == "not json" and letter["properties"]["delivery_info"] == {
-        "exchange": "", "routing_key": "q.dlq"}
+        "exchange": "",
+        "routing_key": "q.dlq",
+    }
     assert letter["headers"]["consumerd-error"] == (
-        "undecodable: not a kombu message envelope: the entry is not a JSON object")
+        "undecodable: not a kombu message envelope: the entry is not a JSON object"
+    )
 
 
 def test_touch_script_restamps_only_indexed_tags(fake):

@@ -37,8 +37,11 @@ def switch(root, target: str) -> None:
 
 def handled_by_the_same_workers(c: Consumerd, pids: list[int], start: int) -> None:
     publish_many(c.url, c.name, 10, start=start)
-    wait_for(lambda: {r.id for r in c.records()} >= set(range(start, start + 10)), 30,
-             "10 later messages handled")
+    wait_for(
+        lambda: {r.id for r in c.records()} >= set(range(start, start + 10)),
+        30,
+        "10 later messages handled",
+    )
     assert sorted(c.workers()) == sorted(pids)
     assert {r.pid for r in c.records() if r.id >= start} <= set(pids)
 

@@ -350,8 +350,12 @@ print(ready, claimed)
 
 def rows_elsewhere(url: str) -> tuple[int, int]:
     """(ready, claimed) as another process sees them; its connection closes after."""
-    out = subprocess.run([sys.executable, "-c", COUNT_AND_CLOSE, database_path(url)],
-                         check=True, capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", COUNT_AND_CLOSE, database_path(url)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     return int(out[0]), int(out[1])
 
 

@@ -26,17 +26,25 @@ ROUNDS = 9  # three before the SIGTTIN, three between it and the SIGTTOU, three 
 class Telemetry:
     def __init__(self, tmp_path) -> None:
         tag = uuid.uuid4().hex[:8]
-        self.exchanges = {"nova": f"nova{tag}", "cinder": f"cinder{tag}",
-                          "neutron": f"neutron{tag}"}
+        self.exchanges = {
+            "nova": f"nova{tag}",
+            "cinder": f"cinder{tag}",
+            "neutron": f"neutron{tag}",
+        }
         self.topic, self.pool, self.samples = f"notif{tag}", f"pool{tag}", f"samples{tag}"
         self.store = tmp_path / "samples.jsonl"
         self.log = tmp_path / "agent.log"
         self.env = dict(
-            os.environ, PYTHONPATH=ROOT, TELEMETRY_STORE=str(self.store),
+            os.environ,
+            PYTHONPATH=ROOT,
+            TELEMETRY_STORE=str(self.store),
             NOVA_CONTROL_EXCHANGE=self.exchanges["nova"],
             CINDER_CONTROL_EXCHANGE=self.exchanges["cinder"],
             NEUTRON_CONTROL_EXCHANGE=self.exchanges["neutron"],
-            TELEMETRY_TOPIC=self.topic, TELEMETRY_POOL=self.pool, TELEMETRY_SAMPLES=self.samples)
+            TELEMETRY_TOPIC=self.topic,
+            TELEMETRY_POOL=self.pool,
+            TELEMETRY_SAMPLES=self.samples,
+        )
         self.env.pop("CONSUMERD_BROKER", None)
         self.proc: subprocess.Popen | None = None
         self.cwd = tmp_path
@@ -44,9 +52,24 @@ class Telemetry:
     def start(self, workers: int) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consumerd.cli", "--app", "examples.telemetry_agent",
-                 "--broker", AMQP_URL, "--workers", str(workers), "--log-level", "DEBUG"],
-                cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "consumerd.cli",
+                    "--app",
+                    "examples.telemetry_agent",
+                    "--broker",
+                    AMQP_URL,
+                    "--workers",
+                    str(workers),
+                    "--log-level",
+                    "DEBUG",
+                ],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def logged(self, text: str) -> int:
         return self.log.read_text(errors="replace").count(text)
@@ -76,9 +99,17 @@ def telemetry(tmp_path):
     t = Telemetry(tmp_path)
     rabbit = Rabbit()
     rabbit.exchanges.update(t.exchanges.values())
-    rabbit.queues.update({t.pool, f"{t.topic}.info", f"{t.pool}.retry", f"{t.pool}.dlq",
-                          f"{t.samples}.retry", f"{t.samples}.dlq"}
-                         | {f"{t.samples}.p{p}" for p in range(PARTITIONS)})
+    rabbit.queues.update(
+        {
+            t.pool,
+            f"{t.topic}.info",
+            f"{t.pool}.retry",
+            f"{t.pool}.dlq",
+            f"{t.samples}.retry",
+            f"{t.samples}.dlq",
+        }
+        | {f"{t.samples}.p{p}" for p in range(PARTITIONS)}
+    )
     notifiers: list[Notifier] = []
     yield t, rabbit, notifiers
     t.kill()
@@ -117,16 +148,18 @@ def test_telemetry_agent_keeps_per_resource_order_across_scaling(telemetry):
     def send_round(seq: int) -> None:
         nonlocal dropped
         for service, event_type, resource_id in all_resources:
-            senders[service].send("info", event_type, payload_for(event_type, resource_id, seq),
-                                  f"{service}.host1")
+            senders[service].send(
+                "info", event_type, payload_for(event_type, resource_id, seq), f"{service}.host1"
+            )
             sent[(resource_id, seq)] += 1
         # not a sample: filtered out by event type
         senders["nova"].send("info", "compute.metrics.update", {"seq": seq}, "nova.host1")
         dropped += 1
 
     t.start(workers=2)
-    wait_for(lambda: len(t.workers()) == 2 and t.logged("consuming") >= 2, 30,
-             "two workers consuming")
+    wait_for(
+        lambda: len(t.workers()) == 2 and t.logged("consuming") >= 2, 30, "two workers consuming"
+    )
     wait_for(lambda: t.logged("of 2 consumes partitions") >= 2, 30, "partitions assigned")
 
     for seq in range(3):
@@ -151,8 +184,9 @@ def test_telemetry_agent_keeps_per_resource_order_across_scaling(telemetry):
     assert t.proc.wait(30) == 0
 
     stored = t.stored()
-    got = collections.Counter((r["sample"]["resource_id"], r["sample"]["resource_metadata"]["seq"])
-                              for r in stored)
+    got = collections.Counter(
+        (r["sample"]["resource_id"], r["sample"]["resource_metadata"]["seq"]) for r in stored
+    )
     assert got == sent  # 450 samples, each once
     assert len(sent) == ROUNDS * 50
     by_resource = collections.defaultdict(list)

@@ -77,10 +77,15 @@ def test_attempt_header_parsing():
 
 def test_dead_letter_headers_keep_the_user_headers():
     headers = policy.dead_letter_headers(
-        {"trace": "x", policy.RETRY_AT: 1.0, policy.ATTEMPT: 4}, "E: boom", "q.p1")
+        {"trace": "x", policy.RETRY_AT: 1.0, policy.ATTEMPT: 4}, "E: boom", "q.p1"
+    )
     assert time.time() - headers.pop(policy.DEAD_AT) < 5
-    assert headers == {"trace": "x", policy.ATTEMPT: 4, policy.ERROR: "E: boom",
-                       policy.TARGET: "q.p1"}
+    assert headers == {
+        "trace": "x",
+        policy.ATTEMPT: 4,
+        policy.ERROR: "E: boom",
+        policy.TARGET: "q.p1",
+    }
     assert len(policy.describe_error(ValueError("x" * 5000))) == 2000
 
 
@@ -181,8 +186,13 @@ def test_redact_and_validate():
 
 def test_query_becomes_transport_options():
     conn = broker.connect("redis://127.0.0.1:6379/0?visibility_timeout=30&x=y")
-    assert conn.transport_options == {"visibility_timeout": 30, "x": "y", "socket_timeout": 10,
-                                      "socket_connect_timeout": 5, "unacked_mutex_expire": 15}
+    assert conn.transport_options == {
+        "visibility_timeout": 30,
+        "x": "y",
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "unacked_mutex_expire": 15,
+    }
     amqp = broker.connect("amqp://guest:guest@127.0.0.1:5672//")
     assert amqp.transport_options == {"confirm_publish": True}
 
@@ -332,8 +342,10 @@ def test_publish_failure_leaves_the_message_unacked(loop):
     assert not message.acked
 
 
-@pytest.mark.parametrize(("body", "ctype"), [(b"{x", "application/json"),
-                                             (b"\x80\x04K\x01.", "application/x-python-serialize")])
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [(b"{x", "application/json"), (b"\x80\x04K\x01.", "application/x-python-serialize")],
+)
 def test_undecodable_goes_straight_to_dead_letters(loop, body, ctype):
     message = FakeMessage(body, content_type=ctype)
     loop._on_message(loop.binding, message)
@@ -347,8 +359,7 @@ def test_undecodable_goes_straight_to_dead_letters(loop, body, ctype):
 
 def test_retry_copy_is_held_until_due_then_released(loop):
     loop._retry_channel = None
-    due = FakeMessage(b"{}", headers={policy.TARGET: "q.p3", policy.RETRY_AT: 0,
-                                      policy.ATTEMPT: 2})
+    due = FakeMessage(b"{}", headers={policy.TARGET: "q.p3", policy.RETRY_AT: 0, policy.ATTEMPT: 2})
     later = FakeMessage(b"{}", headers={policy.TARGET: "q", policy.RETRY_AT: time.time() + 60})
     loop._on_retry_copy(due)
     loop._on_retry_copy(later)
@@ -363,5 +374,6 @@ def test_retry_copy_is_held_until_due_then_released(loop):
 def test_delivery_exposes_headers_and_attempt():
     d = Delivery(FakeMessage(b"{}", headers={policy.ATTEMPT: 2}), "q.p1")
     assert (d.queue, d.attempt, d.redelivered) == ("q.p1", 2, False)
-    assert isinstance(ConsumerSpec.queue_name(
-        ConsumerSpec("q", print, None, 4, policy.RetryPolicy()), 2), str)
+    assert isinstance(
+        ConsumerSpec.queue_name(ConsumerSpec("q", print, None, 4, policy.RetryPolicy()), 2), str
+    )

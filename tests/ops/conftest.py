@@ -36,7 +36,7 @@ def samples(exposition: str, name: str) -> dict[str, float]:
     for line in exposition.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             head, value = line.rsplit(" ", 1)
-            found[head[len(name):]] = float(value)
+            found[head[len(name) :]] = float(value)
     return found
 
 
@@ -45,8 +45,13 @@ class OpsMaster:
         self.control = tmp_path / "control"
         self.control.mkdir()
         info_path = tmp_path / "info.json"
-        config = {"workers": workers, "counted": counted, "control": str(self.control),
-                  "info": str(info_path), "start_method": start_method}
+        config = {
+            "workers": workers,
+            "counted": counted,
+            "control": str(self.control),
+            "info": str(info_path),
+            "start_method": start_method,
+        }
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         env.pop("CONSUMERD_METRICS_OWNER", None)
@@ -54,7 +59,9 @@ class OpsMaster:
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("master.py")), json.dumps(config)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         info = wait_for(lambda: info_path.exists() and info_path.read_text(), 10, "master up")
         info = json.loads(info)
@@ -72,8 +79,9 @@ class OpsMaster:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def wait_starts(self, count: int) -> list[dict[str, Any]]:
-        return wait_for(lambda: len(self.starts()) >= count and self.starts(), 10,
-                        f"{count} worker starts")
+        return wait_for(
+            lambda: len(self.starts()) >= count and self.starts(), 10, f"{count} worker starts"
+        )
 
     def live_pids(self) -> set[int]:
         return {row["pid"] for row in self.starts() if pid_alive(row["pid"])}

@@ -49,9 +49,7 @@ def test_metrics_sum_all_workers_and_keep_counts_of_dead_ones(ops_master):
     assert samples(text, "consumerd_messages_received_total") == {'{consumer="orders"}': 200}
     assert samples(text, "consumerd_messages_acked_total") == {'{consumer="orders"}': 200}
     assert samples(text, "consumerd_messages_retried_total") == {'{consumer="orders"}': 2}
-    assert samples(text, "consumerd_handler_duration_seconds_count") == {
-        '{consumer="orders"}': 200
-    }
+    assert samples(text, "consumerd_handler_duration_seconds_count") == {'{consumer="orders"}': 200}
     assert samples(text, "consumerd_worker_restarts_total") == {'{service="ops"}': 0}
     assert len(samples(text, "consumerd_worker_consuming")) == 2
 
@@ -66,9 +64,7 @@ def test_metrics_sum_all_workers_and_keep_counts_of_dead_ones(ops_master):
     _, text = master.get("/metrics")
     assert samples(text, "consumerd_messages_received_total") == {'{consumer="orders"}': 600}
     assert samples(text, "consumerd_messages_acked_total") == {'{consumer="orders"}': 600}
-    assert samples(text, "consumerd_handler_duration_seconds_count") == {
-        '{consumer="orders"}': 600
-    }
+    assert samples(text, "consumerd_handler_duration_seconds_count") == {'{consumer="orders"}': 600}
     assert samples(text, "consumerd_worker_restarts_total") == {'{service="ops"}': 4}
     # Only the live workers appear in the per-worker gauges.
     live = {row["pid"] for row in starts[-2:]}
@@ -121,7 +117,8 @@ def test_a_stalled_client_does_not_stall_the_master(ops_master):
         # The stalled ones are dropped once their budget (2 s) is spent, at the next wake-up.
         wait_for(
             lambda: get(master.port, "/healthz")[0] == 200 and closed(silent) and closed(partial),
-            10, "stalled clients dropped",
+            10,
+            "stalled clients dropped",
         )
         assert time.monotonic() - opened >= 2.0
     finally:
@@ -143,7 +140,6 @@ def test_bad_requests_get_clear_statuses(ops_master):
         sock.sendall(b"GET /" + b"x" * 9000)
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 431")
     assert master.get("/healthz?verbose=1")[0] == 200
-
 
 
 class Flood:

@@ -15,10 +15,15 @@ from consumerd.ops.http import HTTPResponder, Response, text
 @pytest.fixture
 def responder():
     server = HTTPResponder(
-        "127.0.0.1", 0,
-        {"/big": lambda: Response(200, b"x" * (32 << 20)), "/ok": lambda: text(200, "ok"),
-         "/boom": lambda: 1 / 0},
-        budget=1.0, max_connections=4,
+        "127.0.0.1",
+        0,
+        {
+            "/big": lambda: Response(200, b"x" * (32 << 20)),
+            "/ok": lambda: text(200, "ok"),
+            "/boom": lambda: 1 / 0,
+        },
+        budget=1.0,
+        max_connections=4,
     )
     yield server
     server.close()

@@ -21,7 +21,10 @@ def run_master(tmp_path: Path, fmt: str) -> tuple[str, int]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CONTROL": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("log_master.py")), fmt],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for((tmp_path / "done").exists, 10, "the worker's messages")
@@ -46,9 +49,16 @@ def test_every_line_is_one_json_object_with_the_context(tmp_path):
     worker_pid = handling["pid"]
     assert worker_pid != master_pid
     assert handling | {"time": None} == {
-        "time": None, "level": "INFO", "logger": "app", "message": "handling m-1",
-        "pid": worker_pid, "service": "consumers", "worker_id": 0,
-        "queue": "orders", "message_id": "m-1", "attempt": 2,
+        "time": None,
+        "level": "INFO",
+        "logger": "app",
+        "message": "handling m-1",
+        "pid": worker_pid,
+        "service": "consumers",
+        "worker_id": 0,
+        "queue": "orders",
+        "message_id": "m-1",
+        "attempt": 2,
     }
     failed = next(r for r in records if r["message"] == "handler failed")
     assert failed["level"] == "ERROR" and failed["queue"] == "orders"

@@ -16,15 +16,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run(code: str, *args: str) -> dict:
     """Run ``code`` as a script (``sys.argv[0]`` is its path); returns its last line's JSON."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PROMETHEUS_MULTIPROC_DIR", "CONSUMERD_METRICS_OWNER")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PROMETHEUS_MULTIPROC_DIR", "CONSUMERD_METRICS_OWNER")
+    }
     env["PYTHONPATH"] = str(ROOT)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write(textwrap.dedent(code))
     try:
         result = subprocess.run(
             [sys.executable, script.name, *args],
-            check=False, env=env, capture_output=True, text=True, timeout=60,
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     finally:
         os.unlink(script.name)
@@ -72,9 +79,16 @@ def test_counts_are_batched_then_flushed_and_durations_land_in_their_buckets():
         master.close()
     """)
     assert out == {
-        "in_flight_during": 1.0, "in_flight_before_flush": 1.0, "in_flight_after": 0.0,
-        "received_before_flush": 0.0, "received": 1.0, "acked": 1.0,
-        "le_0025": 0.0, "le_inf": 1.0, "slept": True, "count": 1.0,
+        "in_flight_during": 1.0,
+        "in_flight_before_flush": 1.0,
+        "in_flight_after": 0.0,
+        "received_before_flush": 0.0,
+        "received": 1.0,
+        "acked": 1.0,
+        "le_0025": 0.0,
+        "le_inf": 1.0,
+        "slept": True,
+        "count": 1.0,
     }
 
 
@@ -118,7 +132,8 @@ def test_off_unless_enabled_and_enabled_once():
 
 def test_a_code_reload_keeps_the_directory_and_the_counts():
     # Re-executing the master (SIGUSR2) keeps its pid: the new image finds its directory.
-    out = run("""
+    out = run(
+        """
         import json, os, sys, uuid
         from consumerd.ops import metrics
         master = metrics.enable()
@@ -131,7 +146,9 @@ def test_a_code_reload_keeps_the_directory_and_the_counts():
         restarts = 'consumerd_worker_restarts_total{service="svc"} 2.0' in text
         print(json.dumps({"same_dir": master.directory == sys.argv[2], "restarts": restarts}))
         master.close()
-    """, "first")
+    """,
+        "first",
+    )
     assert out == {"same_dir": True, "restarts": True}
 
 

@@ -37,8 +37,12 @@ def record(event, **fields):
 
 
 def seen(conf):
-    return {"colour": conf.colour, "shape": conf.shape,
-            "timeout": conf.graceful_shutdown_timeout, "log_options": conf.log_options}
+    return {
+        "colour": conf.colour,
+        "shape": conf.shape,
+        "timeout": conf.graceful_shutdown_timeout,
+        "log_options": conf.log_options,
+    }
 
 
 class Agent(cotyledon.Service):
@@ -60,8 +64,12 @@ class Agent(cotyledon.Service):
 
 class ReloadableAgent(Agent):
     def reload(self):
-        record("reload", wid=self.worker_id, own_timeout=self.graceful_shutdown_timeout,
-               **seen(self.conf))
+        record(
+            "reload",
+            wid=self.worker_id,
+            own_timeout=self.graceful_shutdown_timeout,
+            **seen(self.conf),
+        )
 
 
 def main():
@@ -72,8 +80,11 @@ def main():
     service = ReloadableAgent if CONFIG.get("reload", True) else Agent
     manager.add(service, workers=CONFIG.get("workers", 2), args=(conf,))
     oslo_config_glue.setup(manager, conf, reload_method=CONFIG.get("reload_method", "reload"))
-    manager.register_hooks(on_reload=lambda: record(
-        "master_reload", manager_timeout=manager._graceful_shutdown_timeout, **seen(conf)))
+    manager.register_hooks(
+        on_reload=lambda: record(
+            "master_reload", manager_timeout=manager._graceful_shutdown_timeout, **seen(conf)
+        )
+    )
     record("master", manager_timeout=manager._graceful_shutdown_timeout, **seen(conf))
     manager.run()
 

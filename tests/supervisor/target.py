@@ -158,8 +158,11 @@ def main():
                 "reader", data=os.read(read_end, 64).decode(), threads=threading.active_count()
             ),
         )
-    record("master", threads=threading.active_count(),
-           start_method=manager.mp_context.get_start_method())
+    record(
+        "master",
+        threads=threading.active_count(),
+        start_method=manager.mp_context.get_start_method(),
+    )
     manager.run()
 
 

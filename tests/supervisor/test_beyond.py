@@ -217,8 +217,14 @@ def test_master_as_pid_1_reaps_orphans_and_obeys_signals(tmp_path) -> None:
 
 def test_a_service_that_announces_ready_is_started_only_once_it_says_so(master, tmp_path) -> None:
     gate = tmp_path / "ready"
-    m = master({"services": [{"name": "Late", "workers": 2, "ready_after": str(gate)},
-                             {"name": "Plain", "workers": 1}]})
+    m = master(
+        {
+            "services": [
+                {"name": "Late", "workers": 2, "ready_after": str(gate)},
+                {"name": "Plain", "workers": 1},
+            ]
+        }
+    )
     m.wait_events("run", 3)
     # A barrier: the master reads its status pipe before it handles a signal, so any
     # announcement made before the SIGTTIN is counted once its log line is out.
@@ -226,7 +232,8 @@ def test_a_service_that_announces_ready_is_started_only_once_it_says_so(master, 
     wait_for(lambda: "SIGTTIN: now [3, 2] workers" in m.output(), 10, "SIGTTIN handled")
     assert "all workers started" not in m.output()
     gate.touch()
-    wait_for(lambda: "all workers started: 5 workers running" in m.output(), 10,
-             "all workers started")
+    wait_for(
+        lambda: "all workers started: 5 workers running" in m.output(), 10, "all workers started"
+    )
     m.signal(signal.SIGTERM)
     assert m.wait_exit() == 0

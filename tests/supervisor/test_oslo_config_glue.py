@@ -21,8 +21,9 @@ FULL_SET = "consumerd.oslo_config_glue Full set of CONF:"
 
 
 def write_conf(path: Path, **values: object) -> None:
-    lines = ["[DEFAULT]"] + [f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
-                             for k, v in values.items()]
+    lines = ["[DEFAULT]"] + [
+        f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -32,8 +33,11 @@ def glue(tmp_path):
     conf_file = tmp_path / "gluetest.conf"
 
     def start(**config) -> Master:
-        m = Master(tmp_path, {"config_file": str(conf_file), **config},
-                   argv=[sys.executable, str(GLUE_TARGET)])
+        m = Master(
+            tmp_path,
+            {"config_file": str(conf_file), **config},
+            argv=[sys.executable, str(GLUE_TARGET)],
+        )
         started.append(m)
         return m
 
@@ -67,8 +71,7 @@ def test_options_are_cotyledons():
 
 @pytest.mark.parametrize("log_options", [True, False])
 def test_setup_applies_and_logs_the_options(glue, log_options):
-    write_conf(glue.conf_file, graceful_shutdown_timeout=7, colour="blue",
-               log_options=log_options)
+    write_conf(glue.conf_file, graceful_shutdown_timeout=7, colour="blue", log_options=log_options)
     m = glue(workers=2)
     m.wait_events("start", 2, timeout=20)
     [master] = m.events("master")
@@ -90,8 +93,13 @@ def test_sighup_rereads_the_files_in_the_master_and_the_workers(glue, method):
     write_conf(glue.conf_file, colour="blue", shape="circle", graceful_shutdown_timeout=30)
     m = glue(workers=2, reload_method=method)
     m.wait_events("start", 2, timeout=20)
-    write_conf(glue.conf_file, colour="green", shape="triangle", graceful_shutdown_timeout=5,
-               log_options=False)
+    write_conf(
+        glue.conf_file,
+        colour="green",
+        shape="triangle",
+        graceful_shutdown_timeout=5,
+        log_options=False,
+    )
     m.signal(signal.SIGHUP)
     [master] = m.wait_events("master_reload", 1, timeout=20)
     reloads = m.wait_events("reload", 2, timeout=20)
@@ -104,7 +112,8 @@ def test_sighup_rereads_the_files_in_the_master_and_the_workers(glue, method):
     assert all({k: r[k] for k in expected} == expected for r in reloads)
     assert all(r["own_timeout"] == 5 for r in reloads)  # running workers take it too
     assert ("Ignoring change to immutable option DEFAULT.shape" in m.output()) == (
-        method == "mutate")
+        method == "mutate"
+    )
     assert len(m.events("start")) == 2  # reloaded, not restarted
     m.signal(signal.SIGTERM)
     assert m.wait_exit(20) == 0
@@ -151,9 +160,20 @@ def test_oslo_config_generator_lists_the_options(tmp_path):
     the installed one: re-run ``pip install -e .`` after changing pyproject.toml)."""
     out = tmp_path / "sample.conf"
     result = subprocess.run(
-        [sys.executable, "-m", "oslo_config.generator", "--namespace", "consumerd",
-         "--output-file", str(out)], check=False, capture_output=True, text=True,
-        timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "oslo_config.generator",
+            "--namespace",
+            "consumerd",
+            "--output-file",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     sample = out.read_text()
     assert "[DEFAULT]" in sample

@@ -20,7 +20,7 @@ from tests.helpers import pid_alive, wait_for
 
 PROMISES_TARGET = str(Path(__file__).with_name("promises_target.py"))
 DECISION = re.compile(
-    r"worker (\d+) died [\d.]+s after start \(failed start #(\d+)\): respawning in ([\d.]+)s"
+    r"worker (\d+) [^\n]*? [\d.]+s after start \(failed start #(\d+)\): respawning in ([\d.]+)s"
 )
 
 

@@ -535,7 +535,9 @@ class Channel(stock.Channel):
             queues = [self._queue_of(key) for key in keys]
             dead = [self.dead_letter_queue_of(queue) for queue in queues]
             prefixed = [
-                *self._bookkeeping_keys(), *map(self._key, keys), *map(self._key, dead),
+                *self._bookkeeping_keys(),
+                *map(self._key, keys),
+                *map(self._key, dead),
                 self._holder_key(),
             ]
             command = [
@@ -663,8 +665,11 @@ class Channel(stock.Channel):
             key, recorded, item = keys[int(flat[i]) - 1], int(flat[i + 1]), flat[i + 2]
             queue = self._queue_of(key)
             if recorded == 2:  # the script moved it to the dead-letter queue already
-                LOG.error("Dead-lettered an entry of %r that is not a kombu message: %r",
-                          queue, item[:200])
+                LOG.error(
+                    "Dead-lettered an entry of %r that is not a kombu message: %r",
+                    queue,
+                    item[:200],
+                )
                 continue
             payload: typing.Any = None
             try:
@@ -681,15 +686,32 @@ class Channel(stock.Channel):
             if tag is not None:
                 # Recorded as unacked: moved from there to the dead-letter queue in one
                 # atomic step below, so a death in between loses nothing.
-                LOG.error("Dead-lettering a message of %r that kombu cannot read: %s",
-                          queue, reason)
+                LOG.error(
+                    "Dead-lettering a message of %r that kombu cannot read: %s", queue, reason
+                )
                 dlq = self.dead_letter_queue_of(queue)
-                bad.append(_Restore(tag, dlq, dumps(envelope.dead_letter(
-                    item if isinstance(item, bytes) else item.encode(), queue, dlq, reason))))
+                bad.append(
+                    _Restore(
+                        tag,
+                        dlq,
+                        dumps(
+                            envelope.dead_letter(
+                                item if isinstance(item, bytes) else item.encode(),
+                                queue,
+                                dlq,
+                                reason,
+                            )
+                        ),
+                    )
+                )
                 continue
             # Cannot happen (the script found a tag Python does not): left to the sweep.
-            LOG.error("Left an unreadable entry of %r in the unacked hash: %s: %r",
-                      queue, reason, item[:200])
+            LOG.error(
+                "Left an unreadable entry of %r in the unacked hash: %s: %r",
+                queue,
+                reason,
+                item[:200],
+            )
         if bad:
             self._restore_many(bad, head=False)
         if queue is not None:

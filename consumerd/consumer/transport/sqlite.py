@@ -294,8 +294,9 @@ class Store:
     def move(self, message_id: int, owner: Owner, queue: str, payload: str) -> bool:
         """Replace one claimed message by ``payload`` on ``queue``, in one transaction."""
         with self._transaction(self.publish_synchronous) as db:
-            gone = db.execute("DELETE FROM messages WHERE id = ? AND owner = ?",
-                              (message_id, owner.token)).rowcount
+            gone = db.execute(
+                "DELETE FROM messages WHERE id = ? AND owner = ?", (message_id, owner.token)
+            ).rowcount
             if gone == 1:
                 db.execute("INSERT INTO messages (queue, payload) VALUES (?, ?)", (queue, payload))
         return gone == 1
@@ -501,8 +502,12 @@ class Channel(virtual.Channel):
         dead_letters = self.dead_letter_queues.get(queue) or queue + ".dlq"
         data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
         logger.error("Dead-lettering a message of %r that kombu cannot read: %s", queue, reason)
-        self.store.move(message_id, self.owner, dead_letters,
-                        dumps(envelope.dead_letter(data, queue, dead_letters, reason)))
+        self.store.move(
+            message_id,
+            self.owner,
+            dead_letters,
+            dumps(envelope.dead_letter(data, queue, dead_letters, reason)),
+        )
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         payload = self._take(queue, self._window())
@@ -704,8 +709,7 @@ def _private_file(path: str) -> None:
 def _create_private(path: str) -> None:
     """An empty (valid) database file at ``path``, mode 0600, unless one appeared."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     os.close(fd)  # a file only we know of: no lock of any connection is on it
     try:
         os.link(tmp, path)  # never replaces a file another process created meanwhile
