@@ -129,6 +129,18 @@ def check_broker(url: str) -> None:
         pytest.fail(f"broker {url} is down: {exc}")
 
 
+def rabbit_unacked() -> dict[str, int]:
+    """Unacked messages per queue on the local RabbitMQ, as the broker counts them
+    (rabbitmqctl: AMQP itself cannot tell); any error fails the test."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_queues", "name", "messages_unacknowledged",
+         "--no-table-headers", "-q"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
+    return {queue: int(count) for queue, count in rows}
+
+
 class Broker:
     """One real broker: queue inspection and clean-up by name.
 
@@ -189,22 +201,8 @@ class Broker:
         if self.kind == "redis":
             return int(self.client().hlen(self.prefix + "unacked"))
         assert self.name, "unacked() on RabbitMQ needs the test's queue name prefix"
-        listed = subprocess.run(
-            [
-                "rabbitmqctl",
-                "list_queues",
-                "name",
-                "messages_unacknowledged",
-                "--no-table-headers",
-                "-q",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
-        return sum(int(count) for queue, count in rows if queue.startswith(self.name))
+        counts = rabbit_unacked()
+        return sum(count for queue, count in counts.items() if queue.startswith(self.name))
 
     def publish_raw(self, queue: str, body: bytes, content_type: str, headers=None) -> None:
         from consumerd.consumer.app import declare_queue

@@ -20,7 +20,13 @@ import redis as redis_lib
 
 from consumerd.consumer import inspection, policy, routing
 from consumerd.consumer.broker import connect
-from tests.consumer.conftest import AMQP_URL, REDIS_URL, Consumerd, check_broker
+from tests.consumer.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    Consumerd,
+    check_broker,
+    rabbit_unacked,
+)
 from tests.helpers import wait_for
 
 # Consumers NAME (dead-letters a failure at once), NAME-r (one retry, two minutes
@@ -203,22 +209,7 @@ def test_queues_counts_ready_held_retrying_and_dead(ops, name):
 
 
 def _rabbit_unacked(queue: str) -> int:
-    listed = subprocess.run(
-        [
-            "rabbitmqctl",
-            "list_queues",
-            "name",
-            "messages_unacknowledged",
-            "--no-table-headers",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    rows = dict(line.split("\t") for line in listed.splitlines() if line.strip())
-    return int(rows.get(queue, 0))
+    return rabbit_unacked().get(queue, 0)
 
 
 def test_dlq_list_show_replay_purge(ops, name):
