@@ -1,37 +1,40 @@
 """Handlers running concurrently inside one worker, in order where order is promised.
 
 The consume loop's thread owns the broker connection (kombu channels are not
-thread-safe), so a handler on another thread never acks: a :class:`Pool` takes jobs from
-the loop, runs at most ``concurrency`` of them at once — plain functions on threads,
-``async def`` handlers as tasks of one event loop per worker — and hands each outcome
-back through :meth:`Pool.completed`, which the loop calls and then settles every job
-itself (ack, retry or dead letter).
+thread-safe), so a handler on another thread never acks. A :class:`Pool` has
+``concurrency`` runners — threads for plain functions, tasks of the worker's one asyncio
+event loop for ``async def`` handlers — that take jobs as soon as they are free, run the
+handler and leave the outcome for :meth:`Pool.completed`, which the loop polls and then
+settles every job itself (ack, retry or dead letter). A runner never waits for the loop
+between two jobs: the loop hands over every job that may start, and the runners' number
+is the limit.
 
 Order: jobs with the same key never run at the same time and start in the order they
 arrived, so they also finish in that order; jobs with other keys run beside them. A key
-of None means no order at all. Waiting behind a busy key costs nothing to the others:
-each key has its own line, and only the head of a line is ever ready.
+of None means no order at all. The loop keeps a line per key with a job in hand, and
+hands over the next job of a key only once the previous one completed.
 
-A job that has not started belongs to no thread: :meth:`Pool.drop_waiting` forgets them
-at a stop or a rebind, and the loop hands their messages back with their channel.
+A job handed over but not started is the pool's to take back (:meth:`Pool.pause`,
+:meth:`Pool.drop_waiting`): at a stop or a rebind the loop forgets them, and their
+messages go back to the broker with their channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import inspect
+import queue
 import threading
 import time
 import typing
 from collections.abc import Callable, Hashable
 
-#: Threads a pool may ever start: the live limit is :attr:`Pool.concurrency` (SIGHUP may
-#: raise it), the executor only needs a ceiling.
-MAX_THREADS = 1024
+#: Runners a pool may have: the in-flight record of a worker has a slot for each (see
+#: :mod:`consumerd.consumer.deaths`), slot 0 being the loop's own.
+MAX_RUNNERS = 1024
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,11 +49,22 @@ class Job:
     """Entered around the handler, in the thread or task that runs it (log context)."""
     identity: str = ""
     """What the worker's in-flight record notes while it runs (see deaths.py)."""
-    slot: int | None = None
-    """Its slot in that record, while it runs (None: not noted)."""
     seconds: float = 0.0
     result: object = None
     error: BaseException | None = None
+
+
+class Hooks(typing.Protocol):
+    """What a pool tells its worker, from the runners' threads."""
+
+    def started(self, job: Job, slot: int | None) -> None:
+        """A runner (in-flight record slot ``slot``, None: none was free) begins ``job``."""
+
+    def ended(self, job: Job, slot: int | None) -> None:
+        """That runner's handler returned or raised."""
+
+    def retired(self, slot: int | None) -> None:
+        """A runner ended (fewer runners wanted): its slot is free again."""
 
 
 def is_async(handler: Callable[..., typing.Any]) -> bool:
@@ -78,30 +92,47 @@ class _EventLoop:
 
 
 class Pool:
-    """Runs one consumer's handler, ``concurrency`` jobs at a time. Every method is for
-    the loop's thread except :meth:`_finish`, which the handlers' threads call; the loop
-    polls :meth:`completed` (it drains the broker with a short timeout while a job runs)."""
+    """Runs one consumer's handler, ``concurrency`` jobs at a time. Its methods are for
+    the loop's thread; the runners only take jobs, call the hooks and leave outcomes."""
 
     def __init__(
         self,
         handler: Callable[..., typing.Any],
         concurrency: int,
-        started: Callable[[Job], None],
+        hooks: Hooks,
+        slots: Callable[[], int | None],
     ) -> None:
         self.handler = handler
-        self.concurrency = concurrency
-        self._started = started
-        self._ready: collections.deque[Job] = collections.deque()
+        self._hooks = hooks
+        self._slots = slots  # a free in-flight record slot for a new runner
+        self._async = is_async(handler)
+        self._todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._async_todo: asyncio.Queue[Job | None] | None = None
+        self._held: collections.deque[Job] = collections.deque()  # while paused
         self._lines: dict[Hashable, collections.deque[Job]] = {}
-        """Per key with a job ready or running: the jobs waiting behind it."""
-        self._done: collections.deque[Job] = collections.deque()  # appended by handlers
-        self.running = 0
+        """Per key with a job handed over (queued or running): the jobs waiting behind it."""
+        self._done: collections.deque[Job] = collections.deque()  # appended by runners
+        self.outstanding = 0
+        """Jobs handed over and not completed yet (queued for a runner, or running)."""
         self.paused = False
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._runners = 0
+        self.concurrency = concurrency
 
-    def __len__(self) -> int:
-        """Jobs accepted and not yet completed (waiting, ready or running)."""
-        return self.running + len(self._ready) + sum(len(q) for q in self._lines.values())
+    @property
+    def concurrency(self) -> int:
+        return self._runners
+
+    @concurrency.setter
+    def concurrency(self, wanted: int) -> None:
+        """Start or end runners (SIGHUP may change it); an ending runner finishes the job
+        it has first."""
+        wanted = min(wanted, MAX_RUNNERS)
+        while self._runners < wanted:
+            self._runners += 1
+            self._start_runner(self._slots())
+        while self._runners > wanted:
+            self._runners -= 1
+            self._hand_over(None)
 
     def submit(self, job: Job) -> None:
         if job.key is not None:
@@ -110,78 +141,132 @@ class Pool:
                 line.append(job)  # behind the same key's job in hand
                 return
             self._lines[job.key] = collections.deque()
-        self._ready.append(job)
-        self._start()
+        self._give(job)
 
     def completed(self) -> list[Job]:
         """Jobs whose handler returned or raised since the last call, in that order; the
-        jobs they held back start now."""
+        jobs of their keys waiting behind them are handed over now."""
         finished = []
         while self._done:
             job = self._done.popleft()
             finished.append(job)
-            self.running -= 1
+            self.outstanding -= 1
             if job.key is not None:
-                line = self._lines[job.key]
+                line = self._lines.get(job.key)
                 if line:
-                    self._ready.append(line.popleft())
-                else:
+                    self._give(line.popleft())
+                elif line is not None:
                     del self._lines[job.key]
-        if finished:
-            self._start()
         return finished
+
+    def pause(self) -> None:
+        """Take back what no runner started yet; hand over nothing until :meth:`resume`
+        (a rebind is waiting for the running handlers)."""
+        self.paused = True
+        self._held.extend(self._take_back())
 
     def resume(self) -> None:
         self.paused = False
-        self._start()
+        while self._held:
+            self._give(self._held.popleft())
 
     def drop_waiting(self) -> int:
-        """Forget the jobs not started yet (their messages go back with their channel);
-        the running ones finish. Returns how many were dropped."""
-        dropped = len(self) - self.running
-        # A key has a line while one job of it is ready or running (never both): the
-        # lines of the ready jobs go, those of the running ones stay, emptied.
-        ready = {job.key for job in self._ready}
-        self._lines = {k: collections.deque() for k in self._lines if k not in ready}
-        self._ready.clear()
-        return dropped
+        """Forget the jobs not started (their messages go back with their channel); the
+        running ones finish. Returns how many were dropped."""
+        dropped = [*self._held, *self._take_back()]
+        self._held.clear()
+        # A key's line exists while one job of it is handed over: the lines of the jobs
+        # taken back go, those of the running ones stay, emptied.
+        gone = {job.key for job in dropped}
+        self._lines = {k: collections.deque() for k in self._lines if k not in gone}
+        return len(dropped) + sum(len(q) for q in self._lines.values())
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """End the runners once their current job is done (the worker is stopping)."""
+        self.concurrency = 0
 
-    def _start(self) -> None:
-        while self._ready and self.running < self.concurrency and not self.paused:
-            job = self._ready.popleft()
-            self.running += 1
-            self._started(job)
-            if is_async(self.handler):
-                asyncio.run_coroutine_threadsafe(self._run_async(job), _EventLoop.get())
-            else:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        MAX_THREADS, thread_name_prefix="consumerd-handler"
-                    )
-                self._executor.submit(self._run, job)
+    # -- runners ----------------------------------------------------------------------
 
-    def _run(self, job: Job) -> None:
-        start = time.perf_counter()
-        try:
-            with job.context:
-                job.result = self.handler(job.body, job.delivery)
-        except BaseException as exc:
-            job.error = exc
-        self._finish(job, start)
+    def _give(self, job: Job) -> None:
+        if self.paused:
+            self._held.append(job)
+            return
+        self.outstanding += 1
+        self._hand_over(job)
 
-    async def _run_async(self, job: Job) -> None:
-        start = time.perf_counter()
-        try:
-            with job.context:
-                job.result = await self.handler(job.body, job.delivery)
-        except BaseException as exc:
-            job.error = exc
-        self._finish(job, start)
+    def _hand_over(self, job: Job | None) -> None:
+        if self._async_todo is not None:
+            loop = _EventLoop.get()
+            loop.call_soon_threadsafe(self._async_todo.put_nowait, job)
+        else:
+            self._todo.put(job)
 
-    def _finish(self, job: Job, start: float) -> None:
+    def _take_back(self) -> list[Job]:
+        """The jobs handed over that no runner has taken (runners may take more meanwhile:
+        those run); the stop signals of ending runners stay queued."""
+        if self._async_todo is not None:
+            todo = self._async_todo
+
+            async def drain() -> list[Job | None]:
+                return _drain(todo.get_nowait, asyncio.QueueEmpty, todo.put_nowait)
+
+            items = asyncio.run_coroutine_threadsafe(drain(), _EventLoop.get()).result()
+        else:
+            items = _drain(self._todo.get_nowait, queue.Empty, self._todo.put)
+        taken = [job for job in items if job is not None]
+        self.outstanding -= len(taken)
+        return taken
+
+    def _start_runner(self, slot: int | None) -> None:
+        if self._async:
+            loop = _EventLoop.get()
+            if self._async_todo is None:
+                self._async_todo = asyncio.Queue()
+            asyncio.run_coroutine_threadsafe(self._run_async(self._async_todo, slot), loop)
+        else:
+            threading.Thread(
+                target=self._run, args=(slot,), name=f"consumerd-handler-{slot}", daemon=True
+            ).start()
+
+    def _run(self, slot: int | None) -> None:
+        while (job := self._todo.get()) is not None:
+            self._hooks.started(job, slot)
+            start = time.perf_counter()
+            try:
+                with job.context:
+                    job.result = self.handler(job.body, job.delivery)
+            except BaseException as exc:  # any way a handler ends is its message's outcome
+                job.error = exc
+            self._finish(job, slot, start)
+        self._hooks.retired(slot)
+
+    async def _run_async(self, todo: asyncio.Queue[Job | None], slot: int | None) -> None:
+        while (job := await todo.get()) is not None:
+            self._hooks.started(job, slot)
+            start = time.perf_counter()
+            try:
+                with job.context:
+                    job.result = await self.handler(job.body, job.delivery)
+            except BaseException as exc:  # cancelled included
+                job.error = exc
+            self._finish(job, slot, start)
+        self._hooks.retired(slot)
+
+    def _finish(self, job: Job, slot: int | None, start: float) -> None:
         job.seconds = time.perf_counter() - start
+        self._hooks.ended(job, slot)
         self._done.append(job)  # deque.append is atomic: no lock on the hot path
+
+
+def _drain(
+    get: Callable[[], Job | None], empty: type[Exception], put: Callable[[Job | None], None]
+) -> list[Job | None]:
+    """Everything queued now, the stop signals (None) put back."""
+    items: list[Job | None] = []
+    with contextlib.suppress(empty):
+        while True:
+            items.append(get())
+    for item in items:
+        if item is None:
+            put(item)
+    return [item for item in items if item is not None]

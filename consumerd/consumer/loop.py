@@ -336,7 +336,7 @@ class Loop:
         deadline = min(self._next_rebalance, self._next_restore, self._next_flush)
         if self._without_wake:
             deadline = min(deadline, time.monotonic() + FULL_POLL)
-        if any(pool.running for pool in self._pools.values()):
+        if any(pool.outstanding for pool in self._pools.values()):
             deadline = min(deadline, time.monotonic() + HANDLER_POLL)
         if self._timers:
             deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
@@ -640,27 +640,24 @@ class Loop:
             if concurrency == 1 and not dispatch.is_async(spec.handler):
                 self._inline.add(spec.name)
                 return None
-            meter = metrics.for_consumer(spec.name)
-
-            def started(job: dispatch.Job) -> None:
-                meter.started()
-                if self._free_slots:  # noted like the loop's own handler (deaths.py)
-                    job.slot = self._free_slots.pop()
-                    self._deaths.handling(job.identity, job.slot)
-
-            pool = self._pools[spec.name] = dispatch.Pool(spec.handler, concurrency, started)
+            hooks = _PoolHooks(metrics.for_consumer(spec.name), self._deaths, self._free_slots)
+            pool = dispatch.Pool(spec.handler, concurrency, hooks, self._take_slot)
+            self._pools[spec.name] = pool
         pool.concurrency = concurrency  # SIGHUP may have changed it
         return pool
+
+    def _take_slot(self) -> int | None:
+        """A slot of the in-flight record for a new runner (None: all taken)."""
+        return self._free_slots.pop() if self._free_slots else None
 
     def _settle_completed(self) -> None:
         """Settle, from this thread (kombu channels are not thread-safe), what the pools
         ran: each message as if its handler had run inline."""
         for name, pool in self._pools.items():
+            meter = metrics.for_consumer(name)
             for job in pool.completed():
-                metrics.for_consumer(name).finished(job.seconds)
-                if job.slot is not None:  # its handler ended: a death now is not its doing
-                    self._deaths.settled(job.slot)
-                    self._free_slots.append(job.slot)
+                with _METER_LOCK:
+                    meter.finished(job.seconds)
                 binding = self._bindings.get(name)
                 if binding is None or job.message.channel is not binding.channel:
                     continue  # its channel was closed: the broker has the message back
@@ -674,15 +671,16 @@ class Loop:
         a rebind closes channels, and a message whose channel is gone cannot be acked."""
         pools = list(self._pools.values()) if name is None else [self._pools[name]]
         for pool in pools:
-            pool.paused = True
-        return not any(pool.running for pool in pools)
+            if not pool.paused:
+                pool.pause()
+        return not any(pool.outstanding for pool in pools)
 
     def _finish_handlers(self) -> None:
         """At a stop: unstarted jobs go back with their channels; running handlers may
         finish (within the graceful timeout, which :meth:`stop` enforces) and are settled."""
         for pool in self._pools.values():
             pool.drop_waiting()
-        while self._conn is not None and any(p.running for p in self._pools.values()):
+        while self._conn is not None and any(p.outstanding for p in self._pools.values()):
             time.sleep(HANDLER_POLL)  # the stop is already requested: nothing to wait on
             self._settle_completed()
 
@@ -1013,9 +1011,11 @@ class Loop:
             if (
                 spec is not None
                 and spec.binding_key() == binding.spec.binding_key()
+                and app.prefetch_of(spec, settings.prefetch, settings.concurrency)
+                == binding.prefetch
                 and (
-                    app.prefetch_of(spec, settings.prefetch, settings.concurrency)
-                    == binding.prefetch
+                    pool is None
+                    or dispatch.is_async(pool.handler) == dispatch.is_async(spec.handler)
                 )
             ):
                 binding.spec = spec  # same queues: only the handler may have changed
@@ -1110,6 +1110,36 @@ def _undecodable(
     if not errors:
         errors.append((type(exc), exc, exc.__traceback__))
     on_message(message)
+
+
+_METER_LOCK = threading.Lock()
+"""A meter is written by the loop's thread; a pool's runners start handlers on theirs."""
+
+
+class _PoolHooks:
+    """What a pool's runners do as a handler starts and ends: the in-flight gauge, and the
+    in-flight record (deaths.py) in the runner's own slot."""
+
+    def __init__(
+        self, meter: metrics.ConsumerMetrics, record: deaths.DeathCounter, free: list[int]
+    ) -> None:
+        self._meter = meter
+        self._record = record
+        self._free = free
+
+    def started(self, job: dispatch.Job, slot: int | None) -> None:
+        with _METER_LOCK:
+            self._meter.started()
+        if slot is not None:
+            self._record.handling(job.identity, slot)
+
+    def ended(self, job: dispatch.Job, slot: int | None) -> None:
+        if slot is not None:  # its handler ended: a death from now on is not its doing
+            self._record.settled(slot)
+
+    def retired(self, slot: int | None) -> None:
+        if slot is not None:
+            self._free.append(slot)  # list.append is atomic; the loop pops
 
 
 def _key_of(message: Message, queue: str) -> tuple[str, str]:
