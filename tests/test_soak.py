@@ -46,8 +46,9 @@ def test_quick_soak_loses_nothing(tmp_path):
         assert r["lost"] == 0, f"{broker} lost {r['lost_ids']}: {report}"
         assert r["broker_restarts"] == 2 and r["kills"] > 0, f"{broker}: {report}"
         assert r["code_reloads"] == 1 and r["master_restarts"] == 1, f"{broker}: {report}"
-        # every worker alive at the SIGHUP rebound; one worker added and one removed
-        assert r["sighup"] >= 2 and r["scaled"] == "1 up, 1 down", f"{broker}: {report}"
+        # the SIGHUP rebound workers (a worker SIGKILLed meanwhile may not log it); one
+        # worker added and one removed
+        assert r["sighup"] >= 1 and r["scaled"] == "1 up, 1 down", f"{broker}: {report}"
         assert r["exit_codes"] == "0, 0", f"{broker}: {report}"  # both master stops clean
         assert r["left_over"] == 0, f"{broker}: {report}"
     assert proc.returncode == 0, report
