@@ -12,8 +12,11 @@ N = 1500
 
 def test_consumes_everything_once(consumerd, broker, name):
     consumerd.configure([{"name": name}])
-    publish_many(broker.url, name, N)
     consumerd.start(workers=2)
+    # Both consuming before anything is published: a worker that comes up first could
+    # otherwise take a whole pre-filled queue on a fast machine (or a loaded one).
+    consumerd.wait_logged(f"consuming {name} from", count=2)
+    publish_many(broker.url, name, N)
     wait_for(lambda: len(consumerd.ids()) == N, 60, "all messages handled")
     assert consumerd.stop() == 0
     ids = consumerd.ids()

@@ -170,11 +170,12 @@ def test_code_reload_keeps_the_master_pid_and_follows_a_switched_symlink(master,
     assert {r["ppid"] for r in new_inits} == {m.pid}  # same master pid
     # each old worker drained through terminate()...
     assert {r["pid"] for r in m.events("terminated")} == set(old.values())
-    # ...and only once its replacement ran: start the new, then stop the old, per slot, so
-    # three workers serve at all times. The events file is appended in the order of events.
+    # ...and only once its replacement had built its service (what the master waits for
+    # before it stops the old one): start the new, then stop the old, per slot. The
+    # events file is appended in the order of events.
     order = {(r["e"], r["pid"]): n for n, r in enumerate(m.events())}
     for r in new_inits:
-        assert order[("run", r["pid"])] < order[("terminate", old[r["wid"]])], r
+        assert order[("init", r["pid"])] < order[("terminate", old[r["wid"]])], r
     m.signal(signal.SIGTERM)
     assert m.wait_exit() == 0
 
