@@ -12,7 +12,8 @@ into the dead letter's ``consumerd-error`` header (after ``undecodable: ``):
   must be JSON in UTF-8, like a ``application/json`` one, never raw bytes;
 * a content type other than JSON (pickle above all: never loaded) or a body that does not
   parse;
-* one of our own headers holding a value we cannot use (:mod:`~consumerd.consumer.policy`).
+* one of our own headers holding a value we cannot use (:mod:`~consumerd.consumer.policy`),
+  or an AMQP timestamp no ``datetime`` can hold (:mod:`~consumerd.consumer.amqp_headers`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import typing
 from kombu.serialization import loads as kombu_loads
 from kombu.utils.json import loads
 
-from consumerd.consumer import policy
+from consumerd.consumer import amqp_headers, policy
 
 RAW_CONTENT_TYPES = frozenset({"application/data", "application/text"})
 """kombu's "trusted" types, which it would hand over undecoded: decoded as JSON here."""
@@ -72,6 +73,9 @@ def check_headers(message: typing.Any) -> int:
     headers = message.headers
     if not isinstance(headers, dict):
         raise Undecodable(f"headers are a {type(headers).__name__}, not a table")
+    bad = amqp_headers.find_out_of_range(headers)
+    if bad is not None:
+        raise Undecodable(f"header {bad[0]} is an AMQP timestamp out of range ({bad[1]} s)")
     try:
         return policy.read_attempt(headers)
     except policy.BadHeader as exc:

@@ -45,13 +45,23 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
 from consumerd.config import Config, Settings
-from consumerd.consumer import batching, broker, deaths, decoding, dispatch, policy, routing
+from consumerd.consumer import (
+    amqp_headers,
+    batching,
+    broker,
+    deaths,
+    decoding,
+    dispatch,
+    policy,
+    routing,
+)
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.ops import logs, metrics
 from consumerd.supervisor.osproc import parent_of
 
 LOG = logging.getLogger("consumerd.consumer")
+amqp_headers.install()  # a header py-amqp cannot decode must not stop the queue
 
 EX_TEMPFAIL = 75
 """Exit code of a worker whose broker stayed unreachable past the limit (sysexits.h)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import struct
 import textwrap
 import time
 import uuid
@@ -366,3 +367,42 @@ def test_entry_that_is_not_an_envelope_is_moved_raw_to_the_dead_letter_queue(
     assert error.startswith("undecodable: not a kombu message envelope: "), error
     assert reason in error, error
     assert runner.logged("Traceback") == 0
+
+
+# -- frames py-amqp cannot decode --------------------------------------------------------
+
+
+class _Timestamp(int):
+    """Seconds written as an AMQP timestamp ('T'), whatever datetime can hold."""
+
+
+def test_amqp_timestamp_out_of_datetime_range_is_dead_lettered(
+    runner, any_broker, name, monkeypatch
+):
+    """py-amqp decodes header tables while reading the frame: a timestamp past year 9999
+    raised inside drain_events, so the worker reconnected and got the same message again,
+    for ever. Now it is a decode error like any other."""
+    if any_broker.kind != "amqp":
+        pytest.skip("AMQP frames only")
+    import amqp.serialization
+
+    original = amqp.serialization._write_item
+
+    def write_item(value, write, bits):  # what another client may send
+        if isinstance(value, _Timestamp):
+            write(struct.pack(">cQ", b"T", int(value)))
+            return
+        original(value, write, bits)
+
+    monkeypatch.setattr(amqp.serialization, "_write_item", write_item)
+    _good(any_broker, name, 0)
+    far = _Timestamp(2**62)
+    any_broker.publish_raw(name, b'{"i": 99}', "application/json", headers={"at": far})
+    _good(any_broker, name, 5)
+    letter = _run(runner, any_broker, name, max_deaths=0)
+    assert letter.body == b'{"i": 99}'
+    assert letter.headers[policy.ERROR] == (
+        f"undecodable: header at is an AMQP timestamp out of range ({2**62} s)"
+    )
+    assert letter.headers["at"] == 2**62  # kept, as a long
+    assert runner.logged("lost the broker") == 0
