@@ -84,7 +84,11 @@ WORKERS = 2
 PREFETCH = 50
 KILL_EVERY = 0.5
 KILL_MIN_AGE = 1.2  # above the supervisor's healthy_after (1 s)
-TRANSIENT_EVERY, POISON_EVERY = 500, 2500
+TRANSIENT_EVERY, POISON_EVERY = 500, 100
+#: 1% of the messages are poison, of these kinds in turn (issue #8): a handler that always
+#: raises, raises SystemExit, raises a BaseException; a compression kombu cannot undo; an
+#: attempt header no int can hold. Every one must end in the dead-letter queue.
+POISON_KINDS = ("raises", "system-exit", "base-exception", "compression", "attempt")
 
 # The consumer app, written to the run's temp dir as tapp.py (the name Consumerd starts).
 # Config: $T_CONFIG (JSON, written by Consumerd.configure); records: one file per process
@@ -111,6 +115,10 @@ def record(line):
 def handle(body, message):
     if SPEC["sleep"]:
         time.sleep(SPEC["sleep"])
+    if body.get("poison") == "system-exit":
+        raise SystemExit(3)
+    if body.get("poison") == "base-exception":
+        raise BaseException("soak: a BaseException from a handler")
     if body.get("fail_until", 0) >= message.attempt:
         raise RuntimeError(f"soak: {body['i']} fails attempt {message.attempt}")
     record(f"{body['i']} {message.attempt} {int(message.redelivered)} {time.time():.3f}\\n")
@@ -121,10 +129,28 @@ def log(text: str) -> None:
     print(f"{time.time():.3f} {text}", flush=True)
 
 
+def poison_kind(i: int) -> str | None:
+    if i % POISON_EVERY != POISON_EVERY // 2:
+        return None
+    return POISON_KINDS[(i // POISON_EVERY) % len(POISON_KINDS)]
+
+
 def fail_until(i: int) -> int:
-    if i % POISON_EVERY == POISON_EVERY // 2:
+    if poison_kind(i) == "raises":
         return 99
     return 1 if i % TRANSIENT_EVERY == TRANSIENT_EVERY // 2 else 0
+
+
+def message_of(i: int) -> tuple[dict[str, object], dict[str, str] | None]:
+    """Message ``i``: its body and the headers of its poison kind, if any."""
+    kind = poison_kind(i)
+    body: dict[str, object] = {"i": i, "fail_until": fail_until(i)}
+    if kind in ("system-exit", "base-exception"):
+        body["poison"] = kind
+    headers = {"compression": "x"} if kind == "compression" else None
+    if kind == "attempt":
+        headers = {"consumerd-attempt": "1e999"}
+    return body, headers
 
 
 @dataclasses.dataclass
@@ -236,18 +262,20 @@ class Publisher(threading.Thread):
                 delay = start + i * self.seconds / self.count - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                self._publish(app, {"i": i, "fail_until": fail_until(i)})
+                self._publish(app, *message_of(i))
                 self.sent += 1
         except BaseException as exc:  # reported by the main thread
             self.error = exc
         finally:
             app.close()
 
-    def _publish(self, app: consumerd.App, body: dict[str, int]) -> None:
+    def _publish(
+        self, app: consumerd.App, body: dict[str, object], headers: dict[str, str] | None
+    ) -> None:
         for attempt in range(20):
             with self.target.outage:
                 try:
-                    app.publish(self.queue, body)
+                    app.publish(self.queue, body, headers=headers)
                     return
                 except Exception as exc:  # a dead connection from before a restart
                     log(f"publisher: {exc!r}, reconnecting")
@@ -272,6 +300,7 @@ class Soak:
         self.first_seen: dict[int, float] = {}
         self.exit_codes: list[int] = []
         self.master_pids: list[int] = []  # one per start that brought its workers up
+        self.dead: list[int] = []  # ids taken off the dead-letter queue so far
         self.rng = random.Random(args.seed)
 
     # -- the run -----------------------------------------------------------------------
@@ -374,11 +403,8 @@ class Soak:
 
     def expected(self) -> tuple[set[int], set[int]]:
         """(ids the handler must record, poison ids the dead-letter queue must hold)"""
-        poison = {i for i in range(self.result.sent) if fail_until(i) == 99}
+        poison = {i for i in range(self.result.sent) if poison_kind(i) is not None}
         return set(range(self.result.sent)) - poison, poison
-
-    def dlq_depth(self) -> int:
-        return self.depth(routing.dead_letter_queue(self.queue))
 
     def depth(self, name: str) -> int:
         """Ready messages in queue ``name``."""
@@ -396,7 +422,10 @@ class Soak:
         patience = PATIENCE
         last, last_change = -1, time.monotonic()
         while True:
-            done = len(handled & set(self.records())) + min(self.dlq_depth(), len(poison))
+            # The dead-letter queue may hold a poison twice (a worker killed between the
+            # dead letter and the ack): count ids, not its depth.
+            self.dead.extend(self.drain_dlq())
+            done = len(handled & set(self.records())) + len(poison & set(self.dead))
             if done == self.result.sent:
                 return
             if done != last:
@@ -411,17 +440,22 @@ class Soak:
 
     def drain_dlq(self) -> list[int]:
         ids = []
+        name = routing.dead_letter_queue(self.queue)
         with connect(self.target.direct_url) as conn:
-            queue = declare_queue(routing.dead_letter_queue(self.queue))(conn.default_channel)
-            while (message := queue.get(no_ack=True)) is not None:
-                ids.append(int(json.loads(message.body)["i"]))
+            channel = conn.default_channel
+            declare_queue(name)(channel).declare()
+            # basic_get, not Queue.get: that re-raises a body it cannot decompress, and
+            # the "compression" poison keeps its header in the dead-letter queue.
+            while (raw := channel.basic_get(name, no_ack=True)) is not None:
+                ids.append(int(json.loads(channel.message_to_python(raw).body)["i"]))
         return ids
 
     def count(self) -> None:
         r = self.result
         counts = self.records()
         handled, poison = self.expected()
-        dead = self.drain_dlq()
+        self.dead.extend(self.drain_dlq())
+        dead = self.dead
         r.processed = len(counts)
         r.duplicates = sum(counts.values()) - len(counts)
         r.dead_lettered = len(dead)

@@ -1,4 +1,4 @@
-"""The chaos soak, short version: benchmarks/soak.py --messages 5000 --quick on Redis and
+"""The chaos soak, short version (1% of the messages poison of five kinds): benchmarks/soak.py --messages 5000 --quick on Redis and
 RabbitMQ (worker SIGKILLs, two broker restarts, SIGHUP, SIGTTIN/SIGTTOU, a SIGUSR2 code
 reload, a master restart) must lose nothing. About a minute; fails when a broker is down."""
 
@@ -44,6 +44,8 @@ def test_quick_soak_loses_nothing(tmp_path):
     for broker, r in results.items():
         assert r["sent"] == MESSAGES, f"{broker}: {report}"
         assert r["lost"] == 0, f"{broker} lost {r['lost_ids']}: {report}"
+        # 1% poison of five kinds (#8), every one in the dead-letter queue
+        assert r["poison"] == MESSAGES // 100 == r["dead_unique"], f"{broker}: {report}"
         assert r["broker_restarts"] == 2 and r["kills"] > 0, f"{broker}: {report}"
         assert r["code_reloads"] == 1 and r["master_restarts"] == 1, f"{broker}: {report}"
         # the SIGHUP rebound workers (a worker SIGKILLed meanwhile may not log it); one
