@@ -1,6 +1,7 @@
-"""The chaos soak, short version (1% of the messages poison of five kinds): benchmarks/soak.py --messages 5000 --quick on Redis and
+"""The chaos soak, short version: benchmarks/soak.py --messages 5000 --quick on Redis and
 RabbitMQ (worker SIGKILLs, two broker restarts, SIGHUP, SIGTTIN/SIGTTOU, a SIGUSR2 code
-reload, a master restart) must lose nothing. About a minute; fails when a broker is down."""
+reload, a master restart; 1% of the messages poison of five kinds) must lose nothing and
+dead-letter every poison. About a minute; fails when a broker is down."""
 
 from __future__ import annotations
 
