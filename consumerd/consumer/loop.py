@@ -582,12 +582,19 @@ class Loop:
                 return
         self._deaths.handling(identity)  # decoding may kill it too (a body too big)
         try:
-            self._handle(binding, spec, meter, message, queue)
+            self._handle(binding, spec, meter, message, queue, identity=identity)
         finally:
             self._deaths.settled()
 
     def _handle(
-        self, binding: _Binding, spec: ConsumerSpec, meter: typing.Any, message: Message, queue: str
+        self,
+        binding: _Binding,
+        spec: ConsumerSpec,
+        meter: typing.Any,
+        message: Message,
+        queue: str,
+        *,
+        identity: str,
     ) -> None:
         try:
             decoding.check_headers(message)
@@ -612,9 +619,7 @@ class Loop:
         pool = self._pool_of(spec)
         if pool is not None:
             key = _key_of(message, queue) if spec.partitions else None
-            pool.submit(
-                dispatch.Job(message, body, delivery, key, log_context, deaths.identity_of(message))
-            )
+            pool.submit(dispatch.Job(message, body, delivery, key, log_context, identity))
             return
         try:
             with meter.handling(), log_context:
