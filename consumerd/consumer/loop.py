@@ -27,8 +27,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -53,6 +51,7 @@ from consumerd.consumer import (
     decoding,
     dispatch,
     policy,
+    retries,
     routing,
 )
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
@@ -189,8 +188,9 @@ class Loop:
         self._pools: dict[str, dispatch.Pool] = {}  # consumers running handlers in parallel
         self._inline: set[str] = set()  # consumers known to run inline (until a reload)
         self._free_slots = list(range(deaths.SLOTS - 1, 0, -1))  # in-flight record slots
-        self._timers: list[tuple[float, int, Message]] = []
-        self._seq = itertools.count()
+        self._retries = retries.Retries(
+            republish=self._republish, dead_letter=self._dead_letter_to, ack=_ack
+        )
         self._next_rebalance = math.inf  # chores: math.inf = never
         self._restore_every = 0.0
         self._next_restore = math.inf
@@ -303,8 +303,7 @@ class Loop:
                 self._restore_visible()
             if now >= self._next_flush:
                 self._flush_due_batches(now)
-            if self._timers and self._timers[0][0] <= time.time():
-                self._release_due_retries()
+            self._retries.release_due()
             inbox = self._inbox
             if not inbox:
                 metrics.flush()  # idle: publish the tail of the last burst
@@ -313,7 +312,7 @@ class Loop:
             while inbox and not self._stopping:
                 binding, message = inbox.popleft()
                 if binding is None:
-                    self._on_retry_copy(message)
+                    self._retries.receive(message)
                 elif message.channel is binding.channel:  # else: handed back by a rebind
                     self._on_message(binding, message)
 
@@ -343,13 +342,13 @@ class Loop:
 
     def _timeout(self) -> float | None:
         """Until the next chore; None (block until a message or a poke) if there is none."""
-        deadline = min(self._next_rebalance, self._next_restore, self._next_flush)
+        deadline = min(
+            self._next_rebalance, self._next_restore, self._next_flush, self._retries.deadline()
+        )
         if self._without_wake:
             deadline = min(deadline, time.monotonic() + FULL_POLL)
         if any(pool.outstanding for pool in self._pools.values()):
             deadline = min(deadline, time.monotonic() + HANDLER_POLL)
-        if self._timers:
-            deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
         if deadline == math.inf:
             return None
         return max(0.001, deadline - time.monotonic())
@@ -442,7 +441,7 @@ class Loop:
         metrics.set_connected(False)
         metrics.set_consuming(False)
         self._producer = None
-        self._timers.clear()
+        self._retries.drop()
         self._inbox.clear()
         for pool in self._pools.values():
             pool.drop_waiting()  # running ones finish; their messages come back anyway
@@ -495,6 +494,7 @@ class Loop:
             self._declare(self._conn.default_channel, spec)
         names = [routing.retry_queue(name) for name in self._app.consumers]
         self._retry_channel = self._conn.channel()
+        self._retries.watch(self._retry_channel, self._app.consumers)
         self._retry_channel.dead_letter_queues = {
             routing.retry_queue(name): routing.dead_letter_queue(name)
             for name in self._app.consumers
@@ -865,64 +865,6 @@ class Loop:
             meter.acked()
             self._count_for_recycling()
 
-    # -- retries ----------------------------------------------------------------------
-
-    def _on_retry_copy(self, message: Message) -> None:
-        if message.channel is not self._retry_channel:
-            return  # the channel was closed: the broker has it back
-        name = message.delivery_info.get("routing_key")
-        name = name.removesuffix(routing.RETRY_SUFFIX) if isinstance(name, str) else ""
-        try:
-            due = self._check_retry_copy(name, message)
-        except decoding.Undecodable as exc:
-            LOG.error("%s: dead-lettering a retry copy: %s", name or "?", exc)
-            headers = message.headers if isinstance(message.headers, dict) else {}
-            target = headers.get(policy.TARGET)
-            self._dead_letter_to(
-                routing.dead_letter_queue(name or "consumerd"),
-                message,
-                target if isinstance(target, str) else name,
-                f"undecodable: {exc}",
-            )
-            return
-        if due <= time.time():
-            self._release_retry(message)
-        else:
-            heapq.heappush(self._timers, (due, next(self._seq), message))
-
-    def _check_retry_copy(self, name: str, message: Message) -> float:
-        """When a retry copy is due; :class:`decoding.Undecodable` if it cannot go back."""
-        spec = self._app.consumers.get(name)
-        if spec is None:
-            raise decoding.Undecodable(f"retry copy on a queue of no consumer ({name!r})")
-        headers = message.headers
-        if not isinstance(headers, dict):
-            raise decoding.Undecodable(f"headers are a {type(headers).__name__}, not a table")
-        target = headers.get(policy.TARGET)
-        if not isinstance(target, str):
-            raise decoding.Undecodable("retry copy without target")
-        if not target or target.endswith(routing.RETRY_SUFFIX):
-            # a retry copy sent back to a retry queue would circle for ever
-            raise decoding.Undecodable(f"retry copy for {policy.short_repr(target)}")
-        try:
-            return policy.read_retry_at(headers)
-        except policy.BadHeader as exc:
-            raise decoding.Undecodable(str(exc)) from None
-
-    def _release_due_retries(self) -> None:
-        now = time.time()
-        while self._timers and self._timers[0][0] <= now:
-            message = heapq.heappop(self._timers)[2]
-            if message.channel is self._retry_channel:
-                self._release_retry(message)
-
-    def _release_retry(self, message: Message) -> None:
-        headers = dict(message.headers or {})
-        target = headers.pop(policy.TARGET)
-        headers.pop(policy.RETRY_AT, None)
-        self._republish(message, target, headers)
-        _ack(message)
-
     # -- partitions -------------------------------------------------------------------
 
     def _rebalance(self) -> None:
@@ -1046,7 +988,7 @@ class Loop:
             del self._bindings[name]
         if list(app.consumers) != list(old.consumers):
             self._close_quietly(self._retry_channel)
-            self._timers.clear()
+            self._retries.drop()
             self._bind_retry()
         for name, spec in app.consumers.items():
             if name not in self._bindings:
@@ -1072,7 +1014,7 @@ class Loop:
             for binding in self._bindings.values():
                 self._close_quietly(binding)
             self._close_quietly(self._retry_channel)
-            self._timers.clear()
+            self._retries.drop()
             if self._wake_channel is not None and not self._amqp:
                 with contextlib.suppress(Exception):
                     self._wake_channel.queue_delete(self._wake_queue)
