@@ -8,6 +8,9 @@ Layers, each in its own module (dramatiq-like, one job each):
 * :mod:`~consumerd.consumer.broker` - broker URL → :class:`kombu.Connection`;
 * :mod:`~consumerd.consumer.policy` - retry / dead-letter decisions and their headers;
 * :mod:`~consumerd.consumer.ownership` - host-wide partition leases and worker membership;
+* :mod:`~consumerd.consumer.partitions` - which partitions a worker consumes, and when
+  it looks again;
+* :mod:`~consumerd.consumer.retries` - retry copies held until due, then sent back;
 * :mod:`~consumerd.consumer.loop` - the consume loop run in each worker process;
 * :mod:`~consumerd.consumer.service` - the :class:`consumerd.Service` glue;
 * :mod:`~consumerd.consumer.loading` - importing an app from ``module[:attribute]``.

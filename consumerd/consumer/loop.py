@@ -27,8 +27,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -52,13 +50,14 @@ from consumerd.consumer import (
     deaths,
     decoding,
     dispatch,
+    partitions,
     policy,
+    retries,
     routing,
 )
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
 from consumerd.ops import logs, metrics
-from consumerd.supervisor.osproc import parent_of
 
 LOG = logging.getLogger("consumerd.consumer")
 amqp_headers.install()  # a header py-amqp cannot decode must not stop the queue
@@ -67,10 +66,6 @@ EX_TEMPFAIL = 75
 """Exit code of a worker whose broker stayed unreachable past the limit (sysexits.h)."""
 RETRY_PREFETCH = 1000
 """Retry copies a worker may hold until due (they are not handled, only held)."""
-REBALANCE_EVERY = 1.0
-"""How often a worker with partitioned consumers looks at this host's worker count."""
-CLAIM_EVERY = 0.1
-"""How often it retries a partition whose previous owner has not let go yet."""
 HANDLER_POLL = 0.005
 """While handlers run on other threads the loop looks for their outcomes this often (it
 cannot be woken from another thread for free: it waits in the broker client's read)."""
@@ -172,12 +167,10 @@ class Loop:
         self._without_wake = False  # a full broker refused the wake queue
         self._amqp = broker.is_amqp(self._probe)
         root = lease_root(self._url)
-        self._leases = Leases(root)
-        self._waiting: dict[tuple[str, int], float] = {}
-        """(consumer, partition) we want but another process holds: since when."""
         self._membership = Membership(
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
         )
+        self._partitions = partitions.Partitions(Leases(root), self._membership.workers, worker_id)
         self._deaths = deaths.DeathCounter(root, f"{app.name}.{settings.member[0]}")
         self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
         self._conn: Connection | None = None
@@ -189,11 +182,11 @@ class Loop:
         self._pools: dict[str, dispatch.Pool] = {}  # consumers running handlers in parallel
         self._inline: set[str] = set()  # consumers known to run inline (until a reload)
         self._free_slots = list(range(deaths.SLOTS - 1, 0, -1))  # in-flight record slots
-        self._timers: list[tuple[float, int, Message]] = []
-        self._seq = itertools.count()
-        self._next_rebalance = math.inf  # chores: math.inf = never
+        self._retries = retries.Retries(
+            republish=self._republish, dead_letter=self._dead_letter_to, ack=_ack
+        )
         self._restore_every = 0.0
-        self._next_restore = math.inf
+        self._next_restore = math.inf  # chores: math.inf = never
         self._next_flush = math.inf  # the earliest deadline of an open batch
         self._stopping = False
         # Jitter, so that workers started together do not all recycle together. The
@@ -297,14 +290,13 @@ class Loop:
             if self._pending_app is not None and self._quiesced():
                 self._apply_reload()
             now = time.monotonic()
-            if now >= self._next_rebalance:
+            if now >= self._partitions.deadline:
                 self._rebalance()
             if now >= self._next_restore:
                 self._restore_visible()
             if now >= self._next_flush:
                 self._flush_due_batches(now)
-            if self._timers and self._timers[0][0] <= time.time():
-                self._release_due_retries()
+            self._retries.release_due()
             inbox = self._inbox
             if not inbox:
                 metrics.flush()  # idle: publish the tail of the last burst
@@ -313,7 +305,7 @@ class Loop:
             while inbox and not self._stopping:
                 binding, message = inbox.popleft()
                 if binding is None:
-                    self._on_retry_copy(message)
+                    self._retries.receive(message)
                 elif message.channel is binding.channel:  # else: handed back by a rebind
                     self._on_message(binding, message)
 
@@ -343,20 +335,22 @@ class Loop:
 
     def _timeout(self) -> float | None:
         """Until the next chore; None (block until a message or a poke) if there is none."""
-        deadline = min(self._next_rebalance, self._next_restore, self._next_flush)
+        deadline = min(
+            self._partitions.deadline,
+            self._next_restore,
+            self._next_flush,
+            self._retries.deadline(),
+        )
         if self._without_wake:
             deadline = min(deadline, time.monotonic() + FULL_POLL)
         if any(pool.outstanding for pool in self._pools.values()):
             deadline = min(deadline, time.monotonic() + HANDLER_POLL)
-        if self._timers:
-            deadline = min(deadline, time.monotonic() + self._timers[0][0] - time.time())
         if deadline == math.inf:
             return None
         return max(0.001, deadline - time.monotonic())
 
     def _rebalance_soon(self) -> None:
-        partitioned = any(b.spec.partitions for b in self._bindings.values())
-        self._next_rebalance = 0.0 if partitioned else math.inf
+        self._partitions.look_soon(any(b.spec.partitions for b in self._bindings.values()))
 
     # -- connecting -------------------------------------------------------------------
 
@@ -442,7 +436,7 @@ class Loop:
         metrics.set_connected(False)
         metrics.set_consuming(False)
         self._producer = None
-        self._timers.clear()
+        self._retries.drop()
         self._inbox.clear()
         for pool in self._pools.values():
             pool.drop_waiting()  # running ones finish; their messages come back anyway
@@ -495,6 +489,7 @@ class Loop:
             self._declare(self._conn.default_channel, spec)
         names = [routing.retry_queue(name) for name in self._app.consumers]
         self._retry_channel = self._conn.channel()
+        self._retries.watch(self._retry_channel, self._app.consumers)
         self._retry_channel.dead_letter_queues = {
             routing.retry_queue(name): routing.dead_letter_queue(name)
             for name in self._app.consumers
@@ -865,64 +860,6 @@ class Loop:
             meter.acked()
             self._count_for_recycling()
 
-    # -- retries ----------------------------------------------------------------------
-
-    def _on_retry_copy(self, message: Message) -> None:
-        if message.channel is not self._retry_channel:
-            return  # the channel was closed: the broker has it back
-        name = message.delivery_info.get("routing_key")
-        name = name.removesuffix(routing.RETRY_SUFFIX) if isinstance(name, str) else ""
-        try:
-            due = self._check_retry_copy(name, message)
-        except decoding.Undecodable as exc:
-            LOG.error("%s: dead-lettering a retry copy: %s", name or "?", exc)
-            headers = message.headers if isinstance(message.headers, dict) else {}
-            target = headers.get(policy.TARGET)
-            self._dead_letter_to(
-                routing.dead_letter_queue(name or "consumerd"),
-                message,
-                target if isinstance(target, str) else name,
-                f"undecodable: {exc}",
-            )
-            return
-        if due <= time.time():
-            self._release_retry(message)
-        else:
-            heapq.heappush(self._timers, (due, next(self._seq), message))
-
-    def _check_retry_copy(self, name: str, message: Message) -> float:
-        """When a retry copy is due; :class:`decoding.Undecodable` if it cannot go back."""
-        spec = self._app.consumers.get(name)
-        if spec is None:
-            raise decoding.Undecodable(f"retry copy on a queue of no consumer ({name!r})")
-        headers = message.headers
-        if not isinstance(headers, dict):
-            raise decoding.Undecodable(f"headers are a {type(headers).__name__}, not a table")
-        target = headers.get(policy.TARGET)
-        if not isinstance(target, str):
-            raise decoding.Undecodable("retry copy without target")
-        if not target or target.endswith(routing.RETRY_SUFFIX):
-            # a retry copy sent back to a retry queue would circle for ever
-            raise decoding.Undecodable(f"retry copy for {policy.short_repr(target)}")
-        try:
-            return policy.read_retry_at(headers)
-        except policy.BadHeader as exc:
-            raise decoding.Undecodable(str(exc)) from None
-
-    def _release_due_retries(self) -> None:
-        now = time.time()
-        while self._timers and self._timers[0][0] <= now:
-            message = heapq.heappop(self._timers)[2]
-            if message.channel is self._retry_channel:
-                self._release_retry(message)
-
-    def _release_retry(self, message: Message) -> None:
-        headers = dict(message.headers or {})
-        target = headers.pop(policy.TARGET)
-        headers.pop(policy.RETRY_AT, None)
-        self._republish(message, target, headers)
-        _ack(message)
-
     # -- partitions -------------------------------------------------------------------
 
     def _rebalance(self) -> None:
@@ -932,83 +869,28 @@ class Loop:
         leases are released; gained ones are consumed only once their lease is ours.
         """
         assert self._conn is not None
-        self._next_rebalance = time.monotonic() + REBALANCE_EVERY
-        index, members = self.settings.member
-        workers = self._membership.workers()
-        total = members * workers
-        me = routing.global_worker(self.worker_id, workers, index)
-        for binding in self._bindings.values():
-            spec = binding.spec
-            if not spec.partitions:
-                continue
-            wanted = set(routing.owned_partitions(spec.partitions, me, total))
-            lost = binding.owned - wanted
-            missing = wanted - binding.owned
-            gained = {
-                p
-                for p in missing
-                if self._leases.try_acquire(routing.partition_queue(spec.name, p))
-            }
-            self._note_waits(spec, missing, gained)
-            if missing - gained:
-                self._next_rebalance = time.monotonic() + CLAIM_EVERY
-            if not lost and not gained:
-                continue
-            if spec.name in self._pools and not self._quiesced(spec.name):
+        shares = {
+            name: (b.spec.partitions, b.owned)
+            for name, b in self._bindings.items()
+            if b.spec.partitions
+        }
+        for move in self._partitions.rebalance(shares, self.settings.member):
+            if move.consumer in self._pools and not self._quiesced(move.consumer):
                 # Its channel closes below: let the running handlers finish and ack first.
-                self._next_rebalance = time.monotonic() + HANDLER_POLL
+                self._partitions.look_again_in(HANDLER_POLL)
                 continue
+            binding = self._bindings[move.consumer]
             binding.close()
-            for p in lost:
-                self._leases.release(routing.partition_queue(spec.name, p))
-            binding.owned = (binding.owned - lost) | gained
+            self._partitions.release(move.consumer, move.lost)
+            binding.owned = set(move.owned)
             self._open(binding)
             LOG.info(
                 "%s: worker %d of %d consumes partitions %s",
-                spec.name,
+                move.consumer,
                 self.worker_id,
-                workers,
+                move.workers,
                 sorted(binding.owned),
             )
-
-    def _note_waits(self, spec: ConsumerSpec, missing: set[int], gained: set[int]) -> None:
-        """Say once when a wanted partition is held by someone else, and when it comes:
-        retried every CLAIM_EVERY, a wait was silent (e.g. a second instance of the app
-        on this host waits for the first one's leases for as long as that one runs)."""
-        now = time.monotonic()
-        for key in [k for k in self._waiting if k[0] == spec.name and k[1] not in missing]:
-            del self._waiting[key]  # no longer ours to want
-        for p in sorted(missing):
-            key = (spec.name, p)
-            if p in gained:
-                since = self._waiting.pop(key, None)
-                if since is not None:
-                    LOG.info(
-                        "acquired partition %d of consumer %s after waiting %.1fs",
-                        p,
-                        spec.name,
-                        now - since,
-                    )
-            elif key not in self._waiting:
-                self._waiting[key] = now
-                holder = self._leases.holder(routing.partition_queue(spec.name, p))
-                # A sibling handing over during a rebalance lets go within moments;
-                # anyone else (another consumerd on this host) may hold it for ever.
-                sibling = holder is not None and parent_of(holder) == os.getppid()
-                LOG.log(
-                    logging.INFO if sibling else logging.WARNING,
-                    "waiting for partition %d of consumer %s: held by another process (%s)",
-                    p,
-                    spec.name,
-                    f"pid {holder}" if holder else "pid unknown",
-                )
-
-    def _release_leases(self, binding: _Binding) -> None:
-        for key in [k for k in self._waiting if k[0] == binding.spec.name]:
-            del self._waiting[key]
-        for p in binding.owned:
-            self._leases.release(routing.partition_queue(binding.spec.name, p))
-        binding.owned = set()
 
     # -- reload -----------------------------------------------------------------------
 
@@ -1042,11 +924,11 @@ class Loop:
                 del self._pools[name]
                 pool.close()
             binding.close()
-            self._release_leases(binding)
+            self._partitions.leave(name, binding.owned)
             del self._bindings[name]
         if list(app.consumers) != list(old.consumers):
             self._close_quietly(self._retry_channel)
-            self._timers.clear()
+            self._retries.drop()
             self._bind_retry()
         for name, spec in app.consumers.items():
             if name not in self._bindings:
@@ -1072,7 +954,7 @@ class Loop:
             for binding in self._bindings.values():
                 self._close_quietly(binding)
             self._close_quietly(self._retry_channel)
-            self._timers.clear()
+            self._retries.drop()
             if self._wake_channel is not None and not self._amqp:
                 with contextlib.suppress(Exception):
                     self._wake_channel.queue_delete(self._wake_queue)
@@ -1080,7 +962,7 @@ class Loop:
             with contextlib.suppress(Exception):
                 conn.release()
             self._conn = None
-        self._leases.release_all()  # after the channels: their messages are back
+        self._partitions.release_all()  # after the channels: their messages are back
         self._membership.leave()
         self._deaths.close()
         metrics.set_connected(False)

@@ -378,16 +378,15 @@ def test_any_stored_entry_is_a_message_or_a_raw_dead_letter(entry):
 @given(headers=headers, body=bodies)
 def test_any_retry_copy_is_held_released_or_dead_lettered(loop, headers, body):
     loop._producer.sent.clear()
-    loop._timers.clear()
     channel = Channel()
-    loop._retry_channel = channel
+    loop._retries.watch(channel, loop._app.consumers)  # the loop's publisher, a fake producer
     raw = amqp.Message(body, application_headers=headers, content_type="application/json")
     raw.delivery_info = {"routing_key": "q.retry", "delivery_tag": 1}
     message = pyamqp.Message(raw, channel=channel)
-    loop._on_retry_copy(message)
-    if loop._timers:
-        due = loop._timers[0][0]
-        assert math.isfinite(due) and not message.acknowledged
+    loop._retries.receive(message)
+    if loop._retries.deadline() != math.inf:
+        assert math.isfinite(loop._retries.deadline()) and not message.acknowledged
+        assert loop._producer.sent == []
         return
     assert message.acknowledged
     ((_, kwargs),) = loop._producer.sent

@@ -357,20 +357,6 @@ def test_undecodable_goes_straight_to_dead_letters(loop, body, ctype):
     assert kwargs["headers"][policy.ERROR].startswith("undecodable: ")
 
 
-def test_retry_copy_is_held_until_due_then_released(loop):
-    loop._retry_channel = None
-    due = FakeMessage(b"{}", headers={policy.TARGET: "q.p3", policy.RETRY_AT: 0, policy.ATTEMPT: 2})
-    later = FakeMessage(b"{}", headers={policy.TARGET: "q", policy.RETRY_AT: time.time() + 60})
-    loop._on_retry_copy(due)
-    loop._on_retry_copy(later)
-    assert due.acked and not later.acked
-    ((_, kwargs),) = loop._producer.sent
-    assert kwargs["routing_key"] == "q.p3"
-    assert kwargs["headers"] == {policy.ATTEMPT: 2}
-    assert len(loop._timers) == 1
-    assert 59 < loop._timeout() <= 60
-
-
 def test_delivery_exposes_headers_and_attempt():
     d = Delivery(FakeMessage(b"{}", headers={policy.ATTEMPT: 2}), "q.p1")
     assert (d.queue, d.attempt, d.redelivered) == ("q.p1", 2, False)
