@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import kombu
 import pytest
 
 from tests.consumer.conftest import Consumerd, wait_for
@@ -171,3 +172,14 @@ def test_the_embedded_broker_is_not_readable_by_other_users(c):
     for path in folder.iterdir():  # broker.db, -wal, -shm
         assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, path
     assert c.stop() == 0
+
+
+def test_a_database_in_a_shared_directory_leaves_the_directory_as_it_was(shared):
+    """A root consumerd whose database sits in /tmp once narrowed /tmp to 1770: every
+    other user lost it. The file is what must be private, never the folder it is put in."""
+    url = f"sqlite:///{shared}/broker.db"
+    with kombu.Connection(url, transport="consumerd.consumer.transport.sqlite:Transport") as conn:
+        conn.SimpleQueue("q").put({"n": 1})
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(f"{shared}/broker.db").st_mode) & 0o077 == 0
+    as_nobody("touch", f"{shared}/still-mine")  # other users still use the directory

@@ -676,9 +676,12 @@ class Transport(virtual.Transport):
 
 def _private_file(path: str) -> None:
     """Create the database's folder (0700) and file (0600) if missing, so that other users
-    cannot read the messages; an existing folder or file of ours loses its access for
-    others (older releases made them 0755 / 0644). SQLite gives ``-wal`` and ``-shm`` the
-    file's mode. Refuses a symlink planted in place of the file.
+    cannot read the messages; an existing file of ours loses its access for others (older
+    releases made it 0644). SQLite gives ``-wal`` and ``-shm`` the file's mode, so the
+    file's mode is what protects the messages: an existing folder is left as it is — it
+    may be /tmp or a project's directory, and a root consumerd that narrowed /tmp to
+    1770 locked every other user out of it. Refuses a symlink planted in place of the
+    file.
 
     Never opens the database file itself: SQLite's locks on it are POSIX advisory locks,
     owned by the process, and closing *any* descriptor of the file drops every one this
@@ -691,7 +694,6 @@ def _private_file(path: str) -> None:
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o700, exist_ok=True)
-    _narrow(folder, os.stat(folder))
     if not os.path.lexists(path):
         _create_private(path)
     info = os.lstat(path)
