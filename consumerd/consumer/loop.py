@@ -178,7 +178,7 @@ class Loop:
         self._membership = Membership(
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
         )
-        self._deaths = deaths.DeathCounter(root, f"{app.name}.{settings.member[0]}")
+        self._deaths = deaths.DeathCounter(root, deaths.scope_of(app.name, settings.member[0]))
         self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
         self._conn: Connection | None = None
         self._producer: Producer | None = None
