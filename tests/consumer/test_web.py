@@ -394,3 +394,49 @@ def test_the_page_in_a_real_browser(site, browser):
     assert dead_letters(c) == []
     with contextlib.suppress(Exception):
         driver.get("about:blank")
+
+
+def test_a_dlq_command_the_page_starts_waits_for_the_listing_lock(tmp_path, name):
+    """On RabbitMQ the page's listing holds dead letters for a moment: a replay or purge
+    the page starts waits for it (the lock), and a listing finds the lock taken and skips."""
+    import fcntl
+    import sys
+
+    from consumerd.consumer import sampling
+
+    c = Consumerd(tmp_path, name, f"sqlite:///{tmp_path}/broker.db")
+    (tmp_path / "tapp.py").write_text(textwrap.dedent(APP))
+    c.configure([], name=name)
+    published = c.cli("publish", f"{name}.dlq", '{"i": 1}', "--broker", c.url)
+    assert published.returncode == 0, published.stderr
+    lock = str(tmp_path / sampling.LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with sampling.dead_letter_lock(lock, wait=False) as free:
+        assert free is False  # what the sampler sees while a command runs
+    child = subprocess.Popen(
+        [sys.executable, "-m", "consumerd.cli", "dlq", "purge", name, "--all"],
+        cwd=tmp_path,
+        env={
+            **c.env(),
+            "CONSUMERD_APP": "tapp",
+            "CONSUMERD_BROKER": c.url,
+            sampling.LOCK_ENV: lock,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def blocked_on_the_lock() -> bool:
+            with open(f"/proc/{child.pid}/wchan") as f:
+                return f.read() == "locks_lock_inode_wait"
+
+        wait_for(blocked_on_the_lock, 20, "the command waiting for the lock")
+        assert Broker("sqlite", c.url).depth(f"{name}.dlq") == 1
+    finally:
+        os.close(fd)
+    out, _ = child.communicate(timeout=30)
+    assert child.returncode == 0 and f"1 dead letter(s) of {name} purged" in out
+    assert Broker("sqlite", c.url).depth(f"{name}.dlq") == 0
