@@ -15,8 +15,8 @@ kombu:
 - partitions: the holder of each partition's lease (:mod:`consumerd.consumer.ownership`).
 
 ``GET /api/state`` returns all of it as JSON; the page polls it every 2 s and keeps the
-last :data:`HISTORY` points of each consumer itself, for its chart. Nothing is kept in the
-master between polls but the state of the last action.
+last 300 points (10 minutes) of each consumer's counters itself, for its chart of rates.
+Nothing is kept in the master between polls but the state of the last action.
 
 Actions: ``POST /api/dlq/replay`` and ``POST /api/dlq/purge`` with ``{"consumer": NAME,
 "ids": [...]}`` or ``{"consumer": NAME, "all": true}``. Refused (403) unless the
@@ -51,8 +51,6 @@ from consumerd.ops.metrics import MasterMetrics
 if typing.TYPE_CHECKING:
     from consumerd.supervisor.manager import WorkerInfo
 
-#: Points of history the page keeps per consumer (at 2 s a poll: 10 minutes).
-HISTORY = 300
 #: Ids one request may name.
 MAX_IDS = 500
 #: The tail of an action's output kept for the page.
