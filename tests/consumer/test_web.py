@@ -161,15 +161,18 @@ def test_state_matches_the_truth_and_actions_need_the_token(site):
     letters = fill(c, good=5, bad=3)
     pids = c.workers()
 
-    # Worker 0 samples every 2 s once the page is watched, dead letters included.
-    snapshot = wait_for(
-        lambda: (
-            len((consumer(s := state(c), c.name)["sampled"] or {}).get("dead_letters") or []) == 3
-            and s
-        ),
-        15,
-        "dead letters listed",
-    )
+    # Worker 0 samples every 2 s once the page is watched, dead letters included; the
+    # workers' counts reach their files within 0.25 s, or when they go idle.
+    def settled(s: dict) -> bool:
+        mine = consumer(s, c.name)
+        return (
+            len((mine["sampled"] or {}).get("dead_letters") or []) == 3
+            and mine["counters"]["received"] == 8
+            and sum(w["handled"] for w in s["workers"]) == 8
+            and all(p["pid"] for p in consumer(s, f"{c.name}-p")["partitions"])
+        )
+
+    snapshot = wait_for(lambda: settled(s := state(c)) and s, 15, "the sample and the counts")
     assert snapshot["read_only"] is False and snapshot["app"] == "web"
     mine = consumer(snapshot, c.name)
     sampled = mine["sampled"]
