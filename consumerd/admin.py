@@ -14,13 +14,14 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import os
 import re
 import sys
 import time
 import typing
 
 from consumerd import cli
-from consumerd.consumer import broker, inspection, loading, routing
+from consumerd.consumer import broker, inspection, loading, routing, sampling
 from consumerd.consumer.app import App, ConsumerSpec
 
 UNKNOWN = "?"
@@ -447,12 +448,19 @@ def _target(spec: ConsumerSpec, letter: inspection.DeadLetter) -> str | None:
     return origin if origin in spec.queue_names else None
 
 
+def _lock() -> contextlib.AbstractContextManager[object]:
+    """The web page's dead-letter lock, when the page started this command (see
+    consumerd.consumer.sampling): its listing then never holds what this moves."""
+    path = os.environ.get(sampling.LOCK_ENV)
+    return sampling.dead_letter_lock(path, wait=True) if path else contextlib.nullcontext()
+
+
 def dlq(args: argparse.Namespace) -> None:
     select = _selector(args)
     app, url = _app_and_url(args, select=False)
     spec = _consumer(app, args.name)
     queue = routing.dead_letter_queue(spec.name)
-    with _inspector(url) as inspector:
+    with _lock(), _inspector(url) as inspector:
         if args.action == "replay" and not args.dry_run:
             inspector.prepare([spec.queue(name) for name in spec.queue_names])
         with inspector.dead_letters(queue) as session:

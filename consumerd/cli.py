@@ -21,9 +21,9 @@ import typing
 
 import consumerd
 from consumerd import config
-from consumerd.consumer import broker, loading, ownership, routing
+from consumerd.consumer import broker, deaths, loading, ownership, routing, sampling
 from consumerd.consumer.app import App
-from consumerd.ops import endpoints, logs, metrics
+from consumerd.ops import endpoints, logs, metrics, web
 
 LOG = logging.getLogger("consumerd")
 EXIT_USAGE = 2
@@ -236,6 +236,7 @@ def _run(args: argparse.Namespace) -> None:
                     master_metrics,
                     expected_workers=manager.expected_workers,
                     before_scrape=lambda: master_metrics.set_backoff(manager.respawn_backoff()),
+                    web=_web(running, manager, master_metrics, app, url),
                 )
             except OSError as exc:
                 raise UsageError(
@@ -277,6 +278,50 @@ def _run(args: argparse.Namespace) -> None:
         manager.run()
 
 
+def _web(
+    running: config.Config,
+    manager: web.Manager,
+    master_metrics: metrics.MasterMetrics,
+    app: App,
+    url: str,
+) -> web.Web:
+    """The web page of this master (see consumerd.ops.web)."""
+    s = running.settings
+    # Only what `dlq` needs, as this master resolved it: the children read no file and
+    # no other variable, so nothing else in them can differ or fail.
+    env = {k: v for k, v in _child_env().items() if not k.startswith(config.ENV_PREFIX)}
+    env.update(
+        {
+            config.env_name("app"): typing.cast(str, s.app),
+            config.env_name("broker"): url,
+            config.env_name("log_level"): s.log_level,
+            sampling.LOCK_ENV: os.path.join(master_metrics.directory, sampling.LOCK),
+        }
+    )
+    return web.Web(
+        web.Site(
+            manager=manager,
+            metrics=master_metrics,
+            app=app,
+            broker=broker.redact(url),
+            lease_root=ownership.lease_root(url),
+            scope=deaths.scope_of(app.name, s.member[0]),
+            queues=lambda: running.settings.queues,
+            token=lambda: running.settings.admin_token,
+            command=web.dlq_command(),
+            env=env,
+        )
+    )
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """The environment of a command the master runs: its own, less its metrics."""
+    env = dict(os.environ, **extra)
+    for name in (metrics.DIR_ENV, metrics.OWNER_ENV):  # the master's metrics stay its own
+        env.pop(name, None)
+    return env
+
+
 class _PreflightProcess(subprocess.Popen[bytes]):
     """The check child; it passes only if it exited 0 *and* said so on stdout (a file,
     so that an app printing much at import never blocks on a full pipe)."""
@@ -304,9 +349,7 @@ def _preflight(cwd: str) -> subprocess.Popen[bytes]:
     """Before a code reload: the same command line, from the directory the re-exec will
     use, in check-only mode (see PREFLIGHT_ENV). Its one-line error, if any, goes to the
     master's stderr."""
-    env = dict(os.environ, PWD=cwd, **{PREFLIGHT_ENV: "1"})
-    for name in (metrics.DIR_ENV, metrics.OWNER_ENV):  # the master's metrics stay its own
-        env.pop(name, None)
+    env = _child_env(PWD=cwd, **{PREFLIGHT_ENV: "1"})
     return _PreflightProcess([sys.executable, *sys.orig_argv[1:]], cwd, env)
 
 

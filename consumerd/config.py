@@ -43,7 +43,12 @@ CONFIG_ENV = "CONSUMERD_CONFIG"
 #: Variables consumerd sets for its own processes (the master's re-exec state, the
 #: metrics owner's pid): not settings, and not to be reported as unknown ones.
 INTERNAL_ENV = frozenset(
-    {"CONSUMERD_REEXEC_STATE", "CONSUMERD_METRICS_OWNER", "CONSUMERD_PREFLIGHT"}
+    {
+        "CONSUMERD_REEXEC_STATE",
+        "CONSUMERD_METRICS_OWNER",
+        "CONSUMERD_PREFLIGHT",
+        "CONSUMERD_DLQ_LOCK",
+    }
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -137,9 +142,19 @@ def _setting(
     *,
     live: bool = False,
     metavar: str | None = None,
+    secret: bool = False,
 ) -> typing.Any:
+    """A setting; a ``secret`` one is left out of the settings' repr and never logged."""
     return dataclasses.field(
-        default=default, metadata={"parse": parse, "help": help, "live": live, "metavar": metavar}
+        default=default,
+        repr=not secret,
+        metadata={
+            "parse": parse,
+            "help": help,
+            "live": live,
+            "metavar": metavar,
+            "secret": secret,
+        },
     )
 
 
@@ -220,6 +235,15 @@ class Settings:
         "address the metrics port binds (0.0.0.0 in a container)",
         metavar="ADDRESS",
     )
+    admin_token: str | None = _setting(
+        None,
+        _text,
+        "a secret that lets the web page at / on the metrics port replay and purge dead "
+        "letters (Authorization: Bearer TOKEN); unset, the page is read-only",
+        live=True,
+        metavar="TOKEN",
+        secret=True,
+    )
     pidfile: str | None = _setting(None, _text, "the master's pid file", metavar="PATH")
     member: tuple[int, int] = _setting(
         (0, 1),
@@ -257,6 +281,8 @@ def _parse(name: str, value: object, source: str) -> typing.Any:
     try:
         return FIELDS[name].metadata["parse"](value)
     except ValueError as exc:
+        if FIELDS[name].metadata["secret"]:  # the message would quote the value
+            raise ConfigError(f"{source}: expected a non-empty string") from None
         raise ConfigError(f"{source}: {exc}") from None
 
 

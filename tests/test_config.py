@@ -36,6 +36,7 @@ CASES = {
     "member": ('"0/2"', "1/3", "2/4", ((0, 2), (1, 3), (2, 4))),
     "max_messages_per_worker": ("100", "200", "300", (100, 200, 300)),
     "max_memory_per_worker": ("256", "512", "1024", (256, 512, 1024)),
+    "admin_token": ('"f-secret"', "e-secret", "c-secret", ("f-secret", "e-secret", "c-secret")),
 }
 
 
@@ -113,10 +114,16 @@ def test_one_variable_per_setting_and_an_unknown_one_is_an_error():
 
 def test_the_internal_variables_are_the_ones_consumerd_sets():
     from consumerd import cli
+    from consumerd.consumer import sampling
     from consumerd.ops import metrics
     from consumerd.supervisor import reexec
 
-    assert {reexec.ENV_VAR, metrics.OWNER_ENV, cli.PREFLIGHT_ENV} == config.INTERNAL_ENV
+    assert {
+        reexec.ENV_VAR,
+        metrics.OWNER_ENV,
+        cli.PREFLIGHT_ENV,
+        sampling.LOCK_ENV,
+    } == config.INTERNAL_ENV
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "-1"])
@@ -210,7 +217,21 @@ def test_live_and_restart_settings_are_declared():
         "broker_down_limit",
         "max_messages_per_worker",
         "max_memory_per_worker",
+        "admin_token",
     } == config.LIVE
+
+
+def test_the_admin_token_is_never_shown(tmp_path):
+    """Not in the settings' repr, not in the error about a bad value (it is live: a reload
+    logs the names of the settings it applied, never their values)."""
+    settings = config.load({}, {"CONSUMERD_ADMIN_TOKEN": "hunter2-token"})
+    assert settings.admin_token == "hunter2-token"
+    assert "hunter2" not in repr(settings)
+    path = tmp_path / "consumerd.toml"
+    path.write_text("admin-token = 123456789\n")
+    with pytest.raises(ConfigError) as raised:
+        config.load({"config": str(path)}, {})
+    assert str(raised.value) == f"config file {path}: admin-token: expected a non-empty string"
 
 
 def test_a_bad_toml_message_points_at_the_line(tmp_path):

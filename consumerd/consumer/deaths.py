@@ -41,6 +41,7 @@ import json
 import logging
 import mmap
 import os
+import struct
 import time
 import typing
 import urllib.parse
@@ -59,8 +60,38 @@ VOLATILE_HEADERS = frozenset({"redelivered", "x-delivery-count"})
 _IDLE, _HANDLING = 0, 1
 _START = 8  # the record begins with the process's start time
 _SLOT_HEADER = 3  # state (1) + identity length (2)
-_MAX_ID = SLOT_SIZE - _SLOT_HEADER
+# The slot's last 8 bytes: when handling began (unix time, a little-endian double), for
+# the web page's "in hand since". At the end, so that the identity keeps its place.
+_SINCE = SLOT_SIZE - 8
+_MAX_ID = _SINCE - _SLOT_HEADER
 RECORD_SIZE = _START + SLOTS * SLOT_SIZE
+_DOUBLE = struct.Struct("<d")
+
+
+def scope_of(app_name: str, member: int) -> str:
+    """The scope of the records and counts of app ``app_name`` on member ``member``."""
+    return f"{app_name}.{member}"
+
+
+def in_hand(root: str, scope: str, pid: int) -> list[tuple[str, float]]:
+    """What process ``pid`` of ``scope`` handles now: ``(identity, since)`` per handler
+    running, oldest first; read from its record, without a lock (a value being written
+    shows a moment later)."""
+    path = os.path.join(root, "deaths", f"{urllib.parse.quote(scope, safe='')}.{pid}.rec")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(RECORD_SIZE)
+    except OSError:
+        return []
+    found = []
+    for at in range(_START, len(data) - SLOT_SIZE + 1, SLOT_SIZE):
+        if data[at] != _HANDLING:
+            continue
+        length = min(int.from_bytes(data[at + 1 : at + 3], "little"), _MAX_ID)
+        identity = data[at + _SLOT_HEADER : at + _SLOT_HEADER + length]
+        (since,) = _DOUBLE.unpack_from(data, at + _SINCE)
+        found.append((identity.decode("utf-8", "replace"), since))
+    return sorted(found, key=lambda item: item[1])
 
 
 def identity_of(message: typing.Any) -> str:
@@ -113,6 +144,7 @@ class DeathCounter:
         data = identity.encode("utf-8", "replace")[:_MAX_ID]
         record[at + _SLOT_HEADER : at + _SLOT_HEADER + len(data)] = data
         record[at + 1 : at + 3] = len(data).to_bytes(2, "little")
+        _DOUBLE.pack_into(record, at + _SINCE, time.time())
         record[at] = _HANDLING
 
     def settled(self, slot: int = 0) -> None:

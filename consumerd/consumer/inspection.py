@@ -172,7 +172,10 @@ class Inspector(typing.Protocol):
     def prepare(self, queues: list[typing.Any]) -> None:
         """Make sure the (kombu) queues a replay sends to exist."""
 
-    def dead_letters(self, queue: str) -> contextlib.AbstractContextManager[DeadLetterSession]: ...
+    def dead_letters(
+        self, queue: str, limit: int | None = None
+    ) -> contextlib.AbstractContextManager[DeadLetterSession]:
+        """The dead letters of ``queue``, oldest first (the first ``limit`` of them)."""
 
     def close(self) -> None: ...
 
@@ -296,11 +299,11 @@ class RedisInspector:
         }
 
     @contextlib.contextmanager
-    def dead_letters(self, queue: str) -> Iterator[DeadLetterSession]:
+    def dead_letters(self, queue: str, limit: int | None = None) -> Iterator[DeadLetterSession]:
         pipe = self.client.pipeline(transaction=False)
         keys = self._keys(queue)
         for key in keys:
-            pipe.lrange(key, 0, -1)
+            pipe.lrange(key, -limit if limit else 0, -1)
         letters = []
         # Consumers pop from the right: the oldest entry is last, the top priority first.
         for key, entries in reversed(list(zip(keys, self._call(pipe.execute), strict=True))):
@@ -308,7 +311,7 @@ class RedisInspector:
                 letter = _payload_letter(raw, None)
                 letter.handle = (raw, letter.handle[1], key)
                 letters.append(letter)
-        yield _RedisSession(self, queue, letters)
+        yield _RedisSession(self, queue, letters[:limit])
 
     def prepare(self, queues: list[typing.Any]) -> None:
         """Lists need no declaring."""
@@ -385,10 +388,11 @@ class SQLiteInspector:
         return {queue: found.get(queue, Depth(0, 0, None)) for queue in queues}
 
     @contextlib.contextmanager
-    def dead_letters(self, queue: str) -> Iterator[DeadLetterSession]:
+    def dead_letters(self, queue: str, limit: int | None = None) -> Iterator[DeadLetterSession]:
         rows = self._query(
-            "SELECT id, payload FROM messages WHERE queue = ? AND owner IS NULL ORDER BY id",
-            (queue,),
+            "SELECT id, payload FROM messages WHERE queue = ? AND owner IS NULL ORDER BY id "
+            "LIMIT ?",
+            (queue, -1 if limit is None else limit),
         )
         letters = []
         for row_id, raw in rows:
@@ -523,7 +527,7 @@ class RabbitInspector:
                     channel.close()
 
     @contextlib.contextmanager
-    def dead_letters(self, queue: str) -> Iterator[DeadLetterSession]:
+    def dead_letters(self, queue: str, limit: int | None = None) -> Iterator[DeadLetterSession]:
         with self._errors_as_unreachable():
             channel = self.connection.channel()
             try:
@@ -532,7 +536,7 @@ class RabbitInspector:
                 if declared is not None:
                     channel.tx_select()
                     # At most what was there: dead letters arriving meanwhile wait.
-                    for _ in range(declared[1]):
+                    for _ in range(declared[1] if limit is None else min(limit, declared[1])):
                         message = channel.basic_get(queue, no_ack=False)
                         if message is None:
                             break

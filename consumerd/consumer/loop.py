@@ -171,7 +171,7 @@ class Loop:
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
         )
         self._partitions = partitions.Partitions(Leases(root), self._membership.workers, worker_id)
-        self._deaths = deaths.DeathCounter(root, f"{app.name}.{settings.member[0]}")
+        self._deaths = deaths.DeathCounter(root, deaths.scope_of(app.name, settings.member[0]))
         self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
         self._conn: Connection | None = None
         self._producer: Producer | None = None

@@ -140,6 +140,10 @@ class Leases:
     def release(self, name: str) -> None:
         fd = self._held.pop(name, None)
         if fd is not None:
+            # Emptied while still held: a pid in the file then always names the holder
+            # (or a holder that died), which the web page's partition map relies on.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
             os.close(fd)  # closing the only descriptor drops the flock
 
     def release_all(self) -> None:

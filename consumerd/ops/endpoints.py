@@ -1,4 +1,5 @@
-"""The master's operations endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` on one port.
+"""The master's operations endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` on one port,
+and the web page (:mod:`consumerd.ops.web`) when one is given.
 
 ``serve(manager, host, port, metrics, expected_workers=...)`` binds the port and hands the
 responder to the master loop; nothing else is needed.
@@ -10,6 +11,9 @@ import typing
 
 from consumerd.ops.http import HTTPResponder, Response, Route, text
 from consumerd.ops.metrics import MasterMetrics
+
+if typing.TYPE_CHECKING:
+    from consumerd.ops.web import Web
 
 EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -54,8 +58,15 @@ def serve(
     *,
     expected_workers: typing.Callable[[], int] | None = None,
     before_scrape: typing.Callable[[], None] | None = None,
+    web: Web | None = None,
 ) -> HTTPResponder:
-    """Bind ``host:port`` and serve the routes from ``loop`` (a ``ServiceManager``)."""
-    responder = HTTPResponder(host, port, routes(metrics, expected_workers, before_scrape))
+    """Bind ``host:port`` and serve the routes (and ``web``'s) from ``loop`` (a
+    ``ServiceManager``)."""
+    served = routes(metrics, expected_workers, before_scrape)
+    if web is not None:
+        served.update(web.routes())
+    responder = HTTPResponder(
+        host, port, served, actions=web.actions() if web is not None else None
+    )
     loop.add_reader(responder.fileno(), responder.on_ready)
     return responder

@@ -1,4 +1,4 @@
-"""A tiny HTTP/1.0 responder for ``/metrics``, ``/healthz`` and ``/readyz``, run by the master loop.
+"""A tiny HTTP/1.0 responder for ``/metrics``, the probes and the web page, run by the master loop.
 
 The master is single-threaded (a thread would be forked along with every worker), so the
 responder never blocks: every socket is non-blocking and watched by a private selector
@@ -14,6 +14,10 @@ request already sent when its connection is accepted is answered in the same tur
 most ``ACCEPTS_PER_TURN`` connections are accepted a turn, so a new one gets turns to
 send its request before newer ones could push it out; and the one pushed out is an idle
 one (nothing received yet) of the peer holding the most connections, oldest first.
+
+``GET``/``HEAD`` go to ``routes``; ``POST`` to ``actions``, with a body of at most
+:data:`MAX_BODY` bytes announced by ``Content-Length`` (no chunked bodies), received
+within the same ``budget`` as the headers.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import weakref
 
 LOG = logging.getLogger(__name__)
 MAX_REQUEST = 8192
+MAX_BODY = 16384
 #: Connections accepted per turn of the loop; the others wait in the listen backlog.
 ACCEPTS_PER_TURN = 16
 
@@ -42,19 +47,32 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
 
     def encode(self, head_only: bool) -> bytes:
         reason = http.HTTPStatus(self.status).phrase
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers)
         head = (
             f"HTTP/1.0 {self.status} {reason}\r\n"
             f"Content-Type: {self.content_type}\r\n"
             f"Content-Length: {len(self.body)}\r\n"
+            f"{extra}"
             "Connection: close\r\n\r\n"
         ).encode("ascii")
         return head if head_only else head + self.body
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A POST: its headers (names in lower case) and body."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
 Route = typing.Callable[[], Response]
+Action = typing.Callable[[Request], Response]
 
 
 def text(status: int, message: str) -> Response:
@@ -83,10 +101,12 @@ class HTTPResponder:
         port: int,
         routes: collections.abc.Mapping[str, Route],
         *,
+        actions: collections.abc.Mapping[str, Action] | None = None,
         budget: float = 2.0,
         max_connections: int = 64,
     ) -> None:
         self.routes = dict(routes)
+        self.actions = dict(actions or {})
         self.budget = budget
         self.max_connections = max_connections
         self._selector = selectors.DefaultSelector()
@@ -190,26 +210,48 @@ class HTTPResponder:
             self._drop(conn)
             return
         conn.received += chunk
-        end = _end_of_headers(conn.received)
-        if end is None:
+        found = _end_of_headers(conn.received)
+        if found is None:
             if len(conn.received) > MAX_REQUEST:
                 self._respond(conn, text(431, "request headers too large"), head_only=False)
             return
-        method, path = _request_line(bytes(conn.received[:end]))
-        if method not in ("GET", "HEAD"):
-            response = text(405, "only GET and HEAD")
+        end, body_start = found
+        head = bytes(conn.received[:end])
+        method, path = _request_line(head)
+        if method == "POST":
+            response = self._post(conn, path, head, body_start)
+            if response is None:
+                return  # more of the body to come
+        elif method not in ("GET", "HEAD"):
+            response = text(405, "only GET, HEAD and POST")
         else:
-            response = self._route(path)
+            response = self._call(method, path, self.routes.get(path))
         self._respond(conn, response, head_only=method == "HEAD")
 
-    def _route(self, path: str) -> Response:
-        route = self.routes.get(path)
+    def _post(self, conn: _Connection, path: str, head: bytes, body_start: int) -> Response | None:
+        """The answer to a POST, or None while its body is not all in."""
+        headers = _headers(head)
+        if "transfer-encoding" in headers:
+            return text(411, "send a Content-Length, not a chunked body")
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            return text(400, "bad Content-Length")
+        if not 0 <= length <= MAX_BODY:
+            return text(413, f"request body larger than {MAX_BODY} bytes")
+        if len(conn.received) < body_start + length:
+            return None
+        body = bytes(conn.received[body_start : body_start + length])
+        action = self.actions.get(path)
+        return self._call("POST", path, action and (lambda: action(Request(path, headers, body))))
+
+    def _call(self, method: str, path: str, route: Route | None) -> Response:
         if route is None:
             return text(404, "not found")
         try:
             return route()
         except Exception:
-            LOG.exception("GET %s failed", path)
+            LOG.exception("%s %s failed", method, path)
             return text(500, "internal error, see the master's log")
 
     def _respond(self, conn: _Connection, response: Response, head_only: bool) -> None:
@@ -247,12 +289,23 @@ def _forget_in_child(ref: weakref.ref[HTTPResponder]) -> None:
         responder.forget()
 
 
-def _end_of_headers(data: bytearray) -> int | None:
+def _end_of_headers(data: bytearray) -> tuple[int, int] | None:
+    """Where the headers end and where the body starts, if they have ended."""
     for terminator in (b"\r\n\r\n", b"\n\n"):
         end = data.find(terminator)
         if end >= 0:
-            return end
+            return end, end + len(terminator)
     return None
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    """The header fields after the request line, names in lower case."""
+    found = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            found[name.strip().lower()] = value.strip()
+    return found
 
 
 def _request_line(head: bytes) -> tuple[str, str]:

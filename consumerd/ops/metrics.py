@@ -97,6 +97,9 @@ FLUSH_INTERVAL = 0.25
 _CONNECTED = "consumerd_broker_connected"
 _CONSUMING = "consumerd_worker_consuming"
 _FOLDED_TYPES = ("counter", "histogram")
+_SETTLED = frozenset(
+    {"consumerd_messages_acked", "consumerd_messages_retried", "consumerd_messages_dead_lettered"}
+)
 _ARCHIVE = "archive"
 
 
@@ -433,6 +436,11 @@ def enabled() -> bool:
     return _get() is not None
 
 
+def directory() -> str | None:
+    """The master's metrics directory, in a worker of a master that serves metrics."""
+    return os.environ.get(DIR_ENV) if enabled() else None
+
+
 def set_queue_messages(consumer: str, state: str, value: float) -> None:
     """Report a sampled queue depth (see :mod:`consumerd.consumer.sampling`)."""
     instruments = _get()
@@ -550,6 +558,35 @@ class MasterMetrics:
                     state.connected = value
                 elif metric == _CONSUMING:
                     state.consuming = value
+        return found
+
+    def settled(self) -> dict[int, int]:
+        """Messages each live worker has acked, retried or dead-lettered, by pid."""
+        found: dict[int, int] = {}
+        for path in glob.glob(os.path.join(self.directory, "counter_*.db")):
+            pid = _pid_of(path)
+            if pid is None:
+                continue  # the archive of dead workers
+            try:
+                rows = _read_file(path)
+            except FileNotFoundError:
+                continue
+            for key, value, _timestamp, _pos in rows:
+                if json.loads(key)[0] in _SETTLED:
+                    found[pid] = found.get(pid, 0) + int(value)
+        return found
+
+    def counters(self, names: typing.Iterable[str]) -> dict[tuple[str, str], float]:
+        """The totals of the per-consumer counters ``names`` over all workers, dead ones
+        included, by ``(name, consumer)``."""
+        wanted = set(names)
+        found: dict[tuple[str, str], float] = {}
+        for family in self._registry.collect():
+            if family.name not in wanted:
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and "consumer" in sample.labels:
+                    found[family.name, sample.labels["consumer"]] = sample.value
         return found
 
     def readiness(self, expected: int | None = None) -> tuple[bool, str]:

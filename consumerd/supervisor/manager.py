@@ -55,6 +55,17 @@ class _ServiceConfig:
     kwargs: dict[str, typing.Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """One worker process as :meth:`ServiceManager.processes` reports it."""
+
+    worker_id: int
+    pid: int
+    uptime: float
+    announced: bool
+    stopping: bool
+
+
 @dataclasses.dataclass(eq=False)
 class _WorkerProcess:
     service_id: ServiceId | None  # None: adopted from a code reload, its service is gone
@@ -157,6 +168,7 @@ class ServiceManager:
         self._on_dead_worker: list[OnDeadWorkerHook] = []
         self._preflights: list[PreflightCheck] = []
         self._checks: list[subprocess.Popen[bytes]] = []
+        self._children: list[tuple[subprocess.Popen[bytes], typing.Callable[[int], None]]] = []
         self._check_deadline: float | None = None
 
         self._workers: dict[int, _WorkerProcess] = {}
@@ -305,6 +317,25 @@ class ServiceManager:
         """Stop watching ``fd``."""
         self._selector.unregister(fd)
         self._readers.discard(fd)
+
+    def processes(self) -> list[WorkerInfo]:
+        """The worker processes now, by worker_id: what a status page shows."""
+        now = time.monotonic()
+        return sorted(
+            (
+                WorkerInfo(p.worker_id, p.pid, now - p.started_at, p.announced, p.stopping)
+                for p in self._workers.values()
+            ),
+            key=lambda w: (w.worker_id, w.pid),
+        )
+
+    def watch_child(
+        self, child: subprocess.Popen[bytes], on_exit: typing.Callable[[int], None]
+    ) -> None:
+        """Call ``on_exit(returncode)`` from the loop once ``child`` (started by the
+        caller from the master's thread) has exited; the loop wakes on its SIGCHLD."""
+        self._children.append((child, on_exit))
+        self._wakeup.wake()  # it may have exited before it was watched
 
     def expected_workers(self) -> int:
         """How many workers the configuration asks for now, all services together."""
@@ -507,6 +538,11 @@ class ServiceManager:
                 self._on_exit(proc, code)
         if os.getpid() == 1:
             self._reap_adopted()
+        for child, on_exit in list(self._children):
+            code = child.poll()
+            if code is not None:
+                self._children.remove((child, on_exit))
+                self._call_hook(on_exit, code)
 
     def _reap_adopted(self) -> None:
         """As PID 1, reap the orphans the kernel hands us, leaving our workers to _reap."""
@@ -517,7 +553,8 @@ class ServiceManager:
                 return
             if info is None:
                 return
-            check = next((c for c in self._checks if c.pid == info.si_pid), None)
+            children = [*self._checks, *(child for child, _ in self._children)]
+            check = next((c for c in children if c.pid == info.si_pid), None)
             if check is not None:
                 check.poll()  # reaps it; _poll_checks reads its status
                 continue

@@ -12,8 +12,9 @@ import pytest
 
 import consumerd
 from consumerd import config
-from consumerd.consumer import broker, loading, policy, routing
+from consumerd.consumer import broker, deaths, loading, policy, routing
 from consumerd.consumer.app import ConsumerSpec, Delivery
+from consumerd.consumer.deaths import DeathCounter
 from consumerd.consumer.loop import Loop, _Binding
 from consumerd.consumer.ownership import Leases, Membership
 
@@ -224,6 +225,52 @@ def test_leases_are_exclusive_and_released(tmp_path):
     assert b.try_acquire("q.p0")
     b.release_all()
     assert a.try_acquire("q.p0")
+
+
+def test_a_lease_names_its_holder_only_while_held(tmp_path):
+    """The web page's partition map reads the pid in a lease file: after a release it
+    must not name the process that let go (it is still alive)."""
+    here, there = Leases(str(tmp_path)), os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: take, say so, wait, release, say so, wait to be killed
+        os.close(there[0])
+        child = Leases(str(tmp_path))
+        child.try_acquire("q.p0")
+        os.write(there[1], b"1")
+        os.read(go_r, 1)
+        child.release("q.p0")
+        os.write(there[1], b"2")
+        os.read(go_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(there[0], 1) == b"1"
+        assert here.holder("q.p0") == pid
+        os.write(go_w, b"x")
+        assert os.read(there[0], 1) == b"2"
+        assert here.holder("q.p0") is None
+    finally:
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+
+
+def test_the_in_flight_record_tells_what_is_in_hand_since_when(tmp_path):
+    record = DeathCounter(str(tmp_path), "app.0")
+    scope_root = str(tmp_path)
+    assert deaths.in_hand(scope_root, "app.0", os.getpid()) == []
+    before = time.time()
+    record.handling("id:first")
+    record.handling("id:" + "x" * 400, slot=3)  # cut to what a slot holds
+    after = time.time()
+    found = deaths.in_hand(scope_root, "app.0", os.getpid())
+    assert [identity for identity, _ in found] == ["id:first", "id:" + "x" * 242]
+    assert all(before <= since <= after for _, since in found)
+    record.settled()
+    assert [identity for identity, _ in deaths.in_hand(scope_root, "app.0", os.getpid())] == [
+        "id:" + "x" * 242
+    ]
+    record.close()
+    assert deaths.in_hand(scope_root, "app.0", os.getpid()) == []
 
 
 def test_membership_grows_at_once_and_shrinks_after_grace(tmp_path):

@@ -130,8 +130,11 @@ def test_bad_requests_get_clear_statuses(ops_master):
     master = ops_master(workers=1)
     assert master.get("/nope")[0] == 404
     with socket.create_connection(("127.0.0.1", master.port), timeout=5) as sock:
-        sock.sendall(b"POST /metrics HTTP/1.0\r\n\r\n")
+        sock.sendall(b"PUT /metrics HTTP/1.0\r\n\r\n")
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 405")
+    with socket.create_connection(("127.0.0.1", master.port), timeout=5) as sock:
+        sock.sendall(b"POST /metrics HTTP/1.0\r\n\r\n")  # a GET route takes no POST
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 404")
     with socket.create_connection(("127.0.0.1", master.port), timeout=5) as sock:
         sock.sendall(b"HEAD /healthz HTTP/1.0\r\n\r\n")
         reply = sock.makefile("rb").read()
