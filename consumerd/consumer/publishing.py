@@ -74,7 +74,7 @@ class PublishError(Exception):
         self.unconfirmed = unconfirmed
         self.sent = sent
         self.reason = reason
-        shown = _ranges(unconfirmed)
+        shown = ranges(unconfirmed)
         super().__init__(
             f"publish to {name!r}: {confirmed} message(s) confirmed, "
             f"{len(unconfirmed)} not confirmed (position(s) {shown or 'none'}), none sent "
@@ -82,15 +82,15 @@ class PublishError(Exception):
         )
 
 
-def _ranges(positions: list[int]) -> str:
+def ranges(numbers: list[int]) -> str:
     """``[0, 1, 2, 7]`` → ``"0-2, 7"``."""
-    spans: list[list[int]] = []
-    for p in positions:
-        if spans and p == spans[-1][1] + 1:
-            spans[-1][1] = p
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
         else:
-            spans.append([p, p])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class _Session:
