@@ -285,6 +285,8 @@ class Publisher:
             self.close()  # lost, or the channel closed by the broker: start afresh
             raise
         window.note(sent, outcomes)
+        if stop is not None:
+            self.close()  # a failed declare leaves the channel closed by the broker
         return stop
 
     def _session_for_this_process(self) -> _Session:

@@ -284,8 +284,8 @@ def test_the_cli_names_the_lines_to_send_again_after_a_refusal(tmp_path, rabbit_
     done = cli(c, "publish", "--broker", AMQP_URL, name, stdin=lines)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip() == (
-        f"consumerd: error: publish to {AMQP_URL} failed: 250 of 1200 message(s) "
-        "confirmed; not confirmed, to send again: line(s) 251-1200: "
+        "consumerd: error: publish to amqp://guest:***@127.0.0.1:5672// failed: 250 of 1200 "
+        "message(s) confirmed; not confirmed, to send again: line(s) 251-1200: "
         "the broker refused (nack) 750 message(s)"
     )
     assert rabbit_policy.depth(name) == 250
