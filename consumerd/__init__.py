@@ -13,17 +13,30 @@ import typing
 from consumerd.supervisor import Service, ServiceManager
 
 if typing.TYPE_CHECKING:
-    from consumerd.consumer.app import App
+    from consumerd.consumer.app import App, Message
     from consumerd.consumer.notifications import NotificationResult
+    from consumerd.consumer.publishing import PublishError
 
-__all__ = ["App", "NotificationResult", "Service", "ServiceManager", "__version__"]
+__all__ = [
+    "App",
+    "Message",
+    "NotificationResult",
+    "PublishError",
+    "Service",
+    "ServiceManager",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> typing.Any:
-    if name == "App":
-        from consumerd.consumer.app import App  # noqa: PLC0415 - keeps kombu out of the core
+    if name in ("App", "Message"):
+        from consumerd.consumer import app  # noqa: PLC0415 - keeps kombu out of the core
 
-        return App
+        return getattr(app, name)
+    if name == "PublishError":
+        from consumerd.consumer.publishing import PublishError  # noqa: PLC0415
+
+        return PublishError
     if name == "NotificationResult":
         from consumerd.consumer.notifications import NotificationResult  # noqa: PLC0415
 

@@ -21,7 +21,7 @@ import typing
 
 import consumerd
 from consumerd import config
-from consumerd.consumer import broker, deaths, loading, ownership, routing, sampling
+from consumerd.consumer import broker, deaths, loading, ownership, publishing, routing, sampling
 from consumerd.consumer.app import App
 from consumerd.ops import endpoints, logs, metrics, web
 
@@ -356,15 +356,24 @@ def _preflight(cwd: str) -> subprocess.Popen[bytes]:
 # -- publish ------------------------------------------------------------------------------
 
 
-def _bodies(args: argparse.Namespace) -> typing.Iterator[typing.Any]:
-    texts: typing.Iterable[str] = args.body
+def _bodies(args: argparse.Namespace) -> tuple[list[typing.Any], str, list[int]]:
+    """Every body, what they are (``line``, ``argument``) and the number of each. All
+    are read and parsed before anything is published: one that is not JSON publishes
+    nothing."""
     if not args.body or args.body == ["-"]:
-        texts = (line for line in sys.stdin if line.strip())
-    for text in texts:
+        kind, given = "line", [(n, t) for n, t in enumerate(sys.stdin, 1) if t.strip()]
+    else:
+        kind, given = "argument", list(enumerate(args.body, 1))
+    bodies = []
+    for number, text in given:
         try:
-            yield json.loads(text)
+            bodies.append(json.loads(text))
         except json.JSONDecodeError as exc:
-            raise UsageError(f"body is not JSON ({exc}): {text.strip()[:80]!r}") from None
+            raise UsageError(
+                f"{kind} {number}: body is not JSON ({exc}): {text.strip()[:80]!r}; "
+                "nothing published"
+            ) from None
+    return bodies, kind, [number for number, _ in given]
 
 
 def _headers(pairs: list[str]) -> dict[str, str] | None:
@@ -380,25 +389,24 @@ def _headers(pairs: list[str]) -> dict[str, str] | None:
 def _publish(args: argparse.Namespace) -> None:
     s = _settings(args)
     app = _load(s) if s.app else App("consumerd-publish")
-    app.configure(broker_url=_broker_url(s.broker, app))
+    url = _broker_url(s.broker, app)
+    app.configure(broker_url=url)
     headers = _headers(args.header)
-    count = 0
+    bodies, kind, numbers = _bodies(args)
     try:
-        for body in _bodies(args):
-            queue = app.publish(args.name, body, key=args.key, headers=headers)
-            count += 1
-    except UsageError:
-        raise
-    except Exception as exc:
+        count = app.publish_many(args.name, bodies, key=args.key, headers=headers)
+    except publishing.PublishError as exc:
+        again = [numbers[p] for p in [*exc.unconfirmed, *range(exc.sent, len(bodies))]]
         raise Failure(
-            f"publish to {broker.redact(app.broker_url)} failed after {count} "
-            f"message(s): {type(exc).__name__}: {exc}"
+            f"publish to {broker.redact(url)} failed: {exc.confirmed} of {len(bodies)} "
+            f"message(s) confirmed; not confirmed, to send again: {kind}(s) "
+            f"{publishing.ranges(again)}: {exc.reason}"
         ) from None
     finally:
         with contextlib.suppress(Exception):
             app.close()
     if count:
-        LOG.info("published %d message(s) to %s on %s", count, queue, broker.redact(app.broker_url))
+        LOG.info("published %d message(s) to %s on %s", count, args.name, broker.redact(url))
 
 
 # -- health -------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Layers, each in its own module (dramatiq-like, one job each):
 
 * :mod:`~consumerd.consumer.app` - :class:`App`, the consumer declarations and ``publish``;
+* :mod:`~consumerd.consumer.publishing` - publishing with every message confirmed, a
+  window at a time;
 * :mod:`~consumerd.consumer.routing` - queue names, partition hashing and the
   partition → worker map;
 * :mod:`~consumerd.consumer.broker` - broker URL → :class:`kombu.Connection`;

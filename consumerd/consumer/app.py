@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import threading
 import typing
 import uuid
 
-from consumerd.consumer import batching, broker, notifications, policy, routing
+from consumerd.consumer import batching, broker, notifications, policy, publishing, routing
 
 Handler = typing.Callable[[typing.Any, "Delivery"], object]
 _HandlerT = typing.TypeVar("_HandlerT", bound=Handler)
@@ -116,19 +115,15 @@ def declare_queue(name: str, single_active: bool = False) -> typing.Any:
     return Queue(name, routing_key=name, durable=True, queue_arguments=arguments)
 
 
-class _Producer:
-    """A lazily connected producer, re-created after a fork (connections do not survive one)."""
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One message for :meth:`App.publish_many` with its own ``key``, ``headers`` or
+    ``message_id`` (any other item of the iterable is a body)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.pid = os.getpid()
-        from kombu.messaging import Producer  # noqa: PLC0415 - see the module docstring
-
-        self.connection = broker.connect(url)
-        self.producer = Producer(self.connection.default_channel, serializer="json")
-
-    def close(self) -> None:
-        self.connection.release()
+    body: typing.Any
+    key: str | bytes | int | None = None
+    headers: dict[str, typing.Any] | None = None
+    message_id: str | None = None
 
 
 class App:
@@ -159,7 +154,7 @@ class App:
         self.retry = policy.RetryPolicy(max_retries, retry_delay, max_retry_delay)
         self.consumers: dict[str, ConsumerSpec] = {}
         self._broker_override: str | None = None
-        self._producer: _Producer | None = None
+        self._publisher: publishing.Publisher | None = None
         self._lock = threading.Lock()
         self._round_robin = itertools.count()
 
@@ -358,7 +353,7 @@ class App:
         """Set the broker chosen on the command line (wins over everything else)."""
         with self._lock:
             self._broker_override = broker_url
-            self._drop_producer()
+            self._drop_publisher()
 
     def route(self, name: str, key: str | bytes | int | None = None) -> tuple[str, bool]:
         """The queue a message for ``name`` goes to, and whether it is a partition queue.
@@ -386,42 +381,78 @@ class App:
     ) -> str:
         """Send ``body`` (JSON-serialisable) to consumer ``name``; returns the queue used.
 
-        Persistent delivery; the queue is declared first (once per connection) so a
-        message sent before any worker started is kept. The message carries
-        ``message_id`` (a fresh uuid4 hex if not given): handlers' log records show it,
-        and its retry copies and dead letter keep it.
+        Persistent delivery; returns once the broker has the message (RabbitMQ: its
+        publisher confirm); raises :class:`~consumerd.consumer.publishing.PublishError`
+        if it cannot. The queue is declared first (once per connection) so a message sent
+        before any worker started is kept. The message carries ``message_id`` (a fresh
+        uuid4 hex if not given): handlers' log records show it, and its retry copies and
+        dead letter keep it.
         """
+        message = self._outgoing(name, Message(body, key, headers, message_id), None, None)
+        self._send(name, [message], publishing.WINDOW)
+        return message.queue
+
+    def publish_many(
+        self,
+        name: str,
+        bodies: typing.Iterable[typing.Any],
+        *,
+        key: str | bytes | int | None = None,
+        headers: dict[str, typing.Any] | None = None,
+        window: int = publishing.WINDOW,
+    ) -> int:
+        """Send every body of ``bodies`` to consumer ``name`` as :meth:`publish` does, in
+        order, and return how many were sent.
+
+        ``key`` and ``headers`` apply to every message; an item that is a
+        :class:`Message` brings its own (its ``headers`` added to the common ones).
+        Every message is confirmed, but ``window`` at a time: RabbitMQ confirms a
+        window's messages together, Redis stores them in one round trip (MULTI/EXEC),
+        the embedded broker in one transaction. ``bodies`` is read as it goes, so a
+        generator is fine. If some are not confirmed (refused, a lost connection that
+        did not come back, a body that is not JSON) it stops at that window and raises
+        :class:`~consumerd.consumer.publishing.PublishError`, whose ``confirmed``,
+        ``unconfirmed`` (positions, from 0) and ``sent`` say what to send again.
+        """
+        window = _positive("window", window)
+        messages = (self._outgoing(name, item, key, headers) for item in bodies)
+        return self._send(name, messages, window)
+
+    def _outgoing(
+        self,
+        name: str,
+        item: typing.Any,
+        key: str | bytes | int | None,
+        headers: dict[str, typing.Any] | None,
+    ) -> publishing.Outgoing:
+        if isinstance(item, Message):
+            key = item.key if item.key is not None else key
+            headers = {**(headers or {}), **item.headers} if item.headers else headers
+            body, message_id = item.body, item.message_id
+        else:
+            body, message_id = item, None
         queue, partitioned = self.route(name, key)
         if partitioned and key is not None:
             headers = {**(headers or {}), policy.KEY: routing.key_text(key)}
+        return publishing.Outgoing(
+            queue, partitioned, body, headers, message_id or uuid.uuid4().hex
+        )
+
+    def _send(self, name: str, messages: typing.Iterable[publishing.Outgoing], window: int) -> int:
         with self._lock:
-            producer = self._producer_for_this_process()
-            producer.producer.publish(
-                body,
-                exchange="",
-                routing_key=queue,
-                declare=[declare_queue(queue, partitioned)],
-                headers=headers,
-                message_id=message_id or uuid.uuid4().hex,
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
-            )
-        return queue
+            if self._publisher is None:
+                self._publisher = publishing.Publisher(self.broker_url)
+            return self._publisher.publish(name, messages, window)
 
     def close(self) -> None:
         """Release the producer's connection."""
         with self._lock:
-            self._drop_producer()
+            self._drop_publisher()
 
-    def _producer_for_this_process(self) -> _Producer:
-        if self._producer is None or self._producer.pid != os.getpid():
-            self._producer = _Producer(self.broker_url)
-        return self._producer
-
-    def _drop_producer(self) -> None:
-        if self._producer is not None and self._producer.pid == os.getpid():
-            self._producer.close()
-        self._producer = None
+    def _drop_publisher(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
+        self._publisher = None
 
 
 def _positive(what: str, value: int) -> int:

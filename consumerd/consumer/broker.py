@@ -172,8 +172,12 @@ def validate(url: str) -> str:
     return scheme
 
 
-def connect(url: str, **kwargs: object) -> Connection:
-    """A (not yet connected) :class:`kombu.Connection` for ``url``."""
+def connect(url: str, *, confirm_each: bool = True, **kwargs: object) -> Connection:
+    """A (not yet connected) :class:`kombu.Connection` for ``url``.
+
+    On RabbitMQ each publish waits for the broker's confirm, unless ``confirm_each`` is
+    False: then the caller puts its channels in confirm mode and reads the confirms
+    itself, a window at a time (:mod:`consumerd.consumer.publishing`)."""
     from kombu.connection import Connection  # noqa: PLC0415 - the master never imports kombu
 
     scheme = validate(url)
@@ -191,8 +195,10 @@ def connect(url: str, **kwargs: object) -> Connection:
         options.setdefault("unacked_mutex_expire", 15)
     if _TRANSPORTS[scheme] == "pyamqp":
         # Publisher confirms: a retry copy or dead letter is on the broker before the
-        # original is acked, and App.publish returns only once the broker has the message.
+        # original is acked.
         options.setdefault("confirm_publish", True)
+        if not confirm_each:
+            options["confirm_publish"] = False
     # Not urlunsplit(): it turns sqlite:///abs/path into sqlite:/abs/path.
     bare = sqlite_url(sqlite_path(url)) if scheme == "sqlite" else url.split("?", 1)[0]
     return Connection(bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs)

@@ -388,16 +388,24 @@ def consumerd(tmp_path, name, broker):
 def publish_many(
     url: str, name: str, count: int, partitions: int | None = None, start: int = 0, **fields
 ) -> None:
-    """Publish ``count`` messages ``{"i": n}`` through the App's own routing."""
+    """Publish ``count`` messages ``{"i": n}`` through the App's own routing, confirmed
+    (``App.publish_many``)."""
     import consumerd
+    from consumerd.consumer.app import Message
 
     app = consumerd.App("publisher")
     if partitions:
         app.consumer(name, partitions=partitions)(lambda body, message: None)
     app.configure(broker_url=url)
     try:
-        for i in range(start, start + count):
-            app.publish(name, {"i": i, **fields}, key=f"k{i % 97}" if partitions else None)
+        sent = app.publish_many(
+            name,
+            (
+                Message({"i": i, **fields}, key=f"k{i % 97}" if partitions else None)
+                for i in range(start, start + count)
+            ),
+        )
+        assert sent == count
     finally:
         app.close()
 
@@ -471,6 +479,10 @@ class Proxy:
         """Refuse new connections and reset every open one."""
         with self.lock:
             if self.listener is not None:
+                # shutdown() first: it wakes the accept() blocked on it, which a bare
+                # close() does not, and the port would stay taken until a client came
+                with contextlib.suppress(OSError):
+                    self.listener.shutdown(socket.SHUT_RDWR)
                 self.listener.close()
                 self.listener = None
             conns, self.conns = self.conns, []

@@ -77,7 +77,7 @@ def apps(tmp_path):
         (["health"], "--pidfile is required"),
         (["publish", "jobs", "{}", "--workers", "2"], "unrecognized arguments: --workers"),
         (["check", "--app", "empty"], "declares no consumers"),
-        (["publish", "jobs", "{bad json"], "body is not JSON"),
+        (["publish", "jobs", "{}", "{bad json"], "argument 2: body is not JSON"),
         (["publish", "jobs", "1", "--header", "x"], "--header expects NAME=VALUE"),
     ],
 )
@@ -285,7 +285,8 @@ def test_publish_to_an_unreachable_broker_is_one_line_exit_1(apps):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "publish to redis://127.0.0.1:1/0 failed after 0 message(s)" in lines[0]
+    assert "publish to redis://127.0.0.1:1/0 failed: 0 of 1 message(s) confirmed" in lines[0]
+    assert "to send again: argument(s) 1: " in lines[0]
 
 
 def test_a_metrics_port_in_use_is_one_line_and_exit_2(apps):

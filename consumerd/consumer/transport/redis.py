@@ -387,6 +387,7 @@ class Channel(stock.Channel):
         #: queue → its dead-letter queue, for entries that are not messages (the runtime's)
         self.dead_letter_queues: dict[str, str] = {}
         self._holder: holders.Holder | None = None
+        self._held: redis.client.Pipeline | None = None  # see hold_puts()
         super().__init__(*args, **kwargs)
         self._fast = bool(self.ack_emulation)
         # Transport options may arrive as strings (URL query parameters).
@@ -827,6 +828,28 @@ class Channel(stock.Channel):
             self._unsent_acks(acks)
             raise
         return int(restored)
+
+    # -- publishing -------------------------------------------------------------------
+
+    def hold_puts(self) -> None:
+        """From now on publishes wait in a MULTI/EXEC pipeline until :meth:`flush_puts`:
+        a window of ``App.publish_many`` is one round trip, stored whole or not at all."""
+        self._held = self.sync_client.pipeline(transaction=True)
+
+    def flush_puts(self) -> None:
+        """Write the held publishes at once. Raises if Redis refused them (maxmemory:
+        then none is stored) or the connection was lost (then it is not known)."""
+        assert self._held is not None, "flush_puts() without hold_puts()"
+        self._held.execute()  # the pipeline empties itself, whatever the outcome
+
+    def _put(self, queue: str, message: typing.Any, **kwargs: typing.Any) -> None:
+        if self._held is None:
+            super()._put(queue, message, **kwargs)
+            return
+        # Stock's LPUSH, held (the sync client does not prefix keys: _key() does). Not
+        # stock's PEXPIRE for x-expires queues: App never declares those.
+        priority = self._get_message_priority(message, reverse=False)
+        self._held.lpush(self._key(self._q_for_pri(queue, priority)), dumps(message))
 
     def close(self) -> None:
         try:

@@ -271,8 +271,8 @@ class Store:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def put(self, queues: Iterable[str], payload: str) -> None:
-        rows = [(queue, payload) for queue in queues]
+    def put(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Insert (queue, payload) rows in one transaction: one fsync for all of them."""
         with self._transaction(self.publish_synchronous) as db:
             db.executemany("INSERT INTO messages (queue, payload) VALUES (?, ?)", rows)
 
@@ -454,6 +454,7 @@ class Channel(virtual.Channel):
         self._auto_ack: set[str] = set()
         #: queue → its dead-letter queue, for rows that are not messages (the runtime's)
         self.dead_letter_queues: dict[str, str] = {}
+        self._held: list[tuple[str, str]] | None = None  # see hold_puts()
 
     @property
     def owner(self) -> Owner:
@@ -568,15 +569,29 @@ class Channel(virtual.Channel):
 
     # -- storage hooks of kombu's virtual channel -------------------------------------------
 
+    def hold_puts(self) -> None:
+        """From now on publishes wait until :meth:`flush_puts`, which writes them in one
+        transaction: a window of ``App.publish_many`` costs one fsync."""
+        self._held = []
+
+    def flush_puts(self) -> None:
+        assert self._held is not None, "flush_puts() without hold_puts()"
+        rows, self._held = self._held, []
+        self.store.put(rows)
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.store.put([queue], dumps(message))
+        if self._held is None:
+            self.store.put([(queue, dumps(message))])
+        else:
+            self._held.append((queue, dumps(message)))
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
         queues = {queue for _, _, queue in self.get_table(exchange)}
         if queues:
-            self.store.put(sorted(queues), dumps(message))
+            payload = dumps(message)
+            self.store.put([(queue, payload) for queue in sorted(queues)])
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         self.store.declare_queue(queue)
