@@ -35,7 +35,7 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 # every scenario. Each handled message appends one line to $T_OUT:
 #   pid queue id attempt redelivered start end
 APP_SOURCE = """
-import faulthandler, json, os, signal, time
+import faulthandler, json, logging, os, signal, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on demand when debugging
 import consumerd
 
@@ -43,6 +43,8 @@ CONFIG = json.load(open(os.environ["T_CONFIG"]))
 app = consumerd.App("t", max_retries=CONFIG.get("retries", 2),
                     retry_delay=CONFIG.get("delay", 0.2))
 OUT = os.environ["T_OUT"]
+# "log": true makes handlers log as they begin and end (the JSON log context tests).
+LOG = logging.getLogger("tapp") if CONFIG.get("log") else None
 
 def write(line):
     fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -52,10 +54,24 @@ def write(line):
 def begin(body, message):
     # "pid queue id started" (4 fields) as the handler begins: tests can wait on it.
     write(f"{os.getpid()} {message.queue} {body['i']} started\\n")
+    if LOG:
+        LOG.info("handling %s", body["i"])
     return time.time()
+
+def meet(count):
+    # Hold the handler until ``count`` handlers have begun: they run at the same time.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(OUT) as f:
+            if sum(line.endswith(" started\\n") for line in f) >= count:
+                return
+        time.sleep(0.01)
+    raise RuntimeError(f"{count} handlers never ran at once")
 
 def end(body, message, start):
     failing = body.get("fail_until", 0) >= message.attempt
+    if LOG:
+        LOG.info("handled %s", body["i"])
     # A failed attempt is an 8-field line ("failed" last); read_records skips it.
     write(f"{os.getpid()} {message.queue} {body['i']} {message.attempt} "
           f"{int(message.redelivered)} {start:.6f} {time.time():.6f}"
@@ -78,6 +94,8 @@ def make(sleep, is_async):
         start = begin(body, message)
         if sleep:
             time.sleep(sleep)
+        if CONFIG.get("meet"):
+            meet(CONFIG["meet"])
         end(body, message, start)
     return handle
 
