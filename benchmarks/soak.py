@@ -27,9 +27,9 @@ The schedule, in fractions of the window (each step logged with its time):
   ports, cookie and state in the temp dir; the machine's node serves others) has its
   application stopped and started again (``stop_app`` / ``start_app``, about 3 s): every
   connection closes, the exclusive wake queues are deleted, the durable queues come back
-  from disk. The publisher (publisher confirms) pauses over it too. Then, kills paused,
-  the soak waits until every live worker's wake queue exists again and the queue has one
-  consumer per worker: the workers re-declared and re-subscribed.
+  from disk. The publisher (publisher confirms) pauses over it too. Kills pause over it
+  and until every live worker's wake queue exists again, the queue has one consumer per
+  worker, and some are workers that lived through it: they re-declared and re-subscribed.
 - 0.80: SIGTERM the master (it lets workers finish and ack), start it again 2 s after it
   exited, with no more kills, to finish the queue while the publisher completes.
 
@@ -310,7 +310,7 @@ class Soak:
         self.master_pids: list[int] = []  # one per start that brought its workers up
         self.dead: list[int] = []  # ids taken off the dead-letter queue so far
         self.rng = random.Random(args.seed)
-        self.checking = threading.Event()  # no kills while a restart's outcome is checked
+        self.checking = threading.Event()  # no kills over a RabbitMQ restart and its check
         self.restarting = threading.Lock()  # one restart (and its check) at a time
 
     # -- the run -----------------------------------------------------------------------
@@ -342,7 +342,7 @@ class Soak:
             if due and not (steps[0][1] == "SIGUSR2" and self.restarting.locked()):
                 _, what, action = steps.pop(0)
                 log(f"{self.target.kind}: t={now - began:.1f}s {what}")
-                if action == self.restart_broker:  # kills go on during the outage
+                if action == self.restart_broker:  # kills go on (Redis) meanwhile
                     outages.append(threading.Thread(target=action, daemon=True))
                     outages[-1].start()
                 else:
@@ -386,35 +386,41 @@ class Soak:
         self.master.signal(sig)
 
     def restart_broker(self) -> None:
+        rabbit = isinstance(self.target, OwnRabbit)
         with self.restarting:
-            began = time.monotonic()
-            self.target.restart()
-            self.result.broker_restarts += 1
-            log(f"{self.target.kind}: broker back after {time.monotonic() - began:.1f}s")
-            if isinstance(self.target, OwnRabbit):
-                self.check_redeclared(self.target.server)
+            if rabbit:  # the workers that live through it must re-declare, not new ones
+                self.checking.set()
+            try:
+                before = set(self.master.workers())
+                began = time.monotonic()
+                self.target.restart()
+                self.result.broker_restarts += 1
+                log(f"{self.target.kind}: broker back after {time.monotonic() - began:.1f}s")
+                if isinstance(self.target, OwnRabbit):
+                    self.check_redeclared(self.target.server, before)
+            finally:
+                self.checking.clear()
 
-    def check_redeclared(self, server: RabbitServer) -> None:
+    def check_redeclared(self, server: RabbitServer, before: set[int]) -> None:
         """Count the restart as ridden out once every live worker's exclusive wake queue
-        (deleted by the restart) exists again and the queue has a consumer per worker."""
+        (deleted by the restart) exists again, the queue has a consumer per worker, and
+        some of them are workers that lived through the restart (not replacements)."""
         host = socket.gethostname()
-        self.checking.set()
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                workers = self.master.workers()
-                wakes = [server.consumers(f"consumerd.wake.{host}.{pid}") for pid in workers]
-                consumers = server.consumers(self.queue)
-                if workers and None not in wakes and consumers == len(workers):
-                    self.result.redeclared += 1
-                    log(f"amqp: {len(workers)} workers re-declared and consuming")
-                    return
-                time.sleep(0.5)
-            self.result.notes.append(
-                f"60 s after a restart: {consumers} consumers, wake queues {wakes}"
-            )
-        finally:
-            self.checking.clear()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = self.master.workers()
+            wakes = [server.consumers(f"consumerd.wake.{host}.{pid}") for pid in workers]
+            consumers = server.consumers(self.queue)
+            survivors = before & set(workers)
+            if survivors and None not in wakes and consumers == len(workers):
+                self.result.redeclared += 1
+                log(f"amqp: {len(workers)} workers re-declared and consuming")
+                return
+            time.sleep(0.5)
+        self.result.notes.append(
+            f"60 s after a restart: {consumers} consumers, wake queues {wakes} of "
+            f"{workers}, {before} before"
+        )
 
     def watch_workers(self, now: float) -> None:
         for pid in self.master.workers():
