@@ -263,7 +263,7 @@ def test_readyz_follows_a_real_broker_loss(consumerd, broker, proxy, name) -> No
     wait_for(lambda: len(consumerd.records()) == 40, 30, "the first 40 handled")
     # Nothing in flight at the cut: what it proves is readiness and exactly-once
     # across a reconnect (a cut mid-handler redelivers, see test_flaps.py).
-    wait_for(lambda: broker.unacked() == 0, 30, "every ack at the broker")
+    wait_for(lambda: broker.unacked() == 0, 90, "every ack at the broker")
     proxy.cut()
     consumerd.wait_logged("lost the broker", 2)
 
