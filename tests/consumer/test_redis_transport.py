@@ -813,7 +813,7 @@ def drain_until_error(conn, within: float) -> tuple[BaseException, float]:
         ("waiting idle", {"socket_timeout": 2, "ack_emulation": False}),  # stock code: BRPOP
         ("asking the CLIENT ID", {"socket_timeout": 2}),
         ("asking the CLIENT ID", {"socket_timeout": None}),
-        ("fetching", {"socket_timeout": 2}),
+        ("fetching", {"socket_timeout": 2, "priority_steps": [0]}),  # one key, as above
     ],
 )
 def test_half_open_connection_raises_in_bounded_time_and_loses_nothing(
