@@ -23,11 +23,13 @@ The schedule, in fractions of the window (each step logged with its time):
   free port, temp dir; the machine's shared one keeps nothing on disk and serves others)
   gets SIGTERM and, 2 s later, starts again on the same dir so the AOF reloads. The
   publisher pauses over the restart so that "sent" only counts acknowledged pushes.
-  RabbitMQ: the shared server cannot be restarted, so consumerd talks to it through a TCP
-  proxy (tests/consumer/conftest.py's ``Proxy``) that resets every connection and refuses
-  new ones for 3 s: a broker restart as the client sees it. Queues are durable and
-  RabbitMQ keeps them, which a real restart would also do; the publisher connects directly
-  with publisher confirms.
+  RabbitMQ: our own node (tests/consumer/conftest.py's ``RabbitServer``: its own name,
+  ports, cookie and state in the temp dir; the machine's node serves others) has its
+  application stopped and started again (``stop_app`` / ``start_app``, about 3 s): every
+  connection closes, the exclusive wake queues are deleted, the durable queues come back
+  from disk. The publisher (publisher confirms) pauses over it too. Kills pause over it
+  and until every live worker's wake queue exists again, the queue has one consumer per
+  worker, and some are workers that lived through it: they re-declared and re-subscribed.
 - 0.80: SIGTERM the master (it lets workers finish and ack), start it again 2 s after it
   exited, with no more kills, to finish the queue while the publisher completes.
 
@@ -54,6 +56,7 @@ import pathlib
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -67,13 +70,13 @@ import amqp.exceptions  # noqa: E402
 import redis  # noqa: E402
 
 import consumerd  # noqa: E402
+from consumerd.cli import PREFLIGHT_ENV  # noqa: E402
 from consumerd.consumer import routing  # noqa: E402
 from consumerd.consumer.app import declare_queue  # noqa: E402
 from consumerd.consumer.broker import connect  # noqa: E402
 from tests.consumer.conftest import (  # noqa: E402 - needs ROOT on the path
-    AMQP_URL,
     Consumerd,
-    Proxy,
+    RabbitServer,
     RedisServer,
 )
 
@@ -129,6 +132,16 @@ def log(text: str) -> None:
     print(f"{time.time():.3f} {text}", flush=True)
 
 
+def is_preflight(pid: int) -> bool:
+    """Whether the master's child ``pid`` is a code reload's pre-flight check, not a
+    worker: killing it cancels the reload."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{PREFLIGHT_ENV}=1".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def poison_kind(i: int) -> str | None:
     if i % POISON_EVERY != POISON_EVERY // 2:
         return None
@@ -166,6 +179,7 @@ class Result:
     kills: int = 0
     worker_deaths: int = 0
     broker_restarts: int = 0
+    redeclared: int = 0  # RabbitMQ restarts after which every worker re-declared
     sighup: int = 0
     code_reloads: int = 0
     scaled: str = ""
@@ -220,28 +234,22 @@ class OwnRedis(Target):
         self.server.stop()
 
 
-class ProxiedRabbit(Target):
+class OwnRabbit(Target):
     kind = "amqp"
 
-    def __init__(self) -> None:
+    def __init__(self, tmp: pathlib.Path) -> None:
         super().__init__()
-        self.proxy = Proxy(5672)
-        self.proxy.resume()
-        self.consumer_url = AMQP_URL.replace(":5672/", f":{self.proxy.port}/")
-        self.publisher_url = f"{AMQP_URL}?confirm_publish=1"
-        self.direct_url = AMQP_URL
+        self.server = RabbitServer(tmp)
+        self.server.start()
+        self.consumer_url = self.direct_url = self.server.url
+        self.publisher_url = f"{self.server.url}?confirm_publish=1"
 
     def restart(self) -> None:
-        self.proxy.cut()
-        time.sleep(3)
-        self.proxy.resume()
+        with self.outage:
+            self.server.restart()
 
     def close(self, queue: str) -> None:
-        self.proxy.cut()
-        with connect(self.direct_url) as conn:
-            for name in (queue, routing.retry_queue(queue), routing.dead_letter_queue(queue)):
-                with contextlib.suppress(Exception):
-                    conn.default_channel.queue_delete(name)
+        self.server.stop()
 
 
 class Publisher(threading.Thread):
@@ -302,6 +310,8 @@ class Soak:
         self.master_pids: list[int] = []  # one per start that brought its workers up
         self.dead: list[int] = []  # ids taken off the dead-letter queue so far
         self.rng = random.Random(args.seed)
+        self.checking = threading.Event()  # no kills over a RabbitMQ restart and its check
+        self.restarting = threading.Lock()  # one restart (and its check) at a time
 
     # -- the run -----------------------------------------------------------------------
 
@@ -326,10 +336,13 @@ class Soak:
         while steps or time.monotonic() < began + 0.8 * window:
             now = time.monotonic()
             self.watch_workers(now)
-            if steps and now >= began + steps[0][0] * window:
+            # A code reload's new worker counts as started once it consumes: not while a
+            # broker restart is under way (the master would be stopped before it ends).
+            due = steps and now >= began + steps[0][0] * window
+            if due and not (steps[0][1] == "SIGUSR2" and self.restarting.locked()):
                 _, what, action = steps.pop(0)
                 log(f"{self.target.kind}: t={now - began:.1f}s {what}")
-                if action == self.restart_broker:  # kills go on during the outage
+                if action == self.restart_broker:  # kills go on (Redis) meanwhile
                     outages.append(threading.Thread(target=action, daemon=True))
                     outages[-1].start()
                 else:
@@ -341,6 +354,8 @@ class Soak:
             time.sleep(0.02)
         for outage in outages:
             outage.join(60)
+        with contextlib.suppress(AssertionError):  # counted (or not) in the table
+            self.master.wait_logged("code reload complete", timeout=60)
         log(f"{self.target.kind}: t={time.monotonic() - began:.1f}s SIGTERM master")
         self.stop_master(timeout=60)
         time.sleep(2)
@@ -357,8 +372,10 @@ class Soak:
         return r
 
     def start_master(self) -> None:
+        started = self.master.logged("all workers started") if self.master.proc else 0
         self.master.start("--graceful-timeout", "10", workers=WORKERS)
-        self.master.wait_workers(WORKERS, timeout=30)
+        # Consuming, not only forked: a SIGHUP before that has nothing to rebind.
+        self.master.wait_logged("all workers started", started + 1, timeout=60)
         assert self.master.proc is not None
         self.master_pids.append(self.master.proc.pid)
 
@@ -369,18 +386,53 @@ class Soak:
         self.master.signal(sig)
 
     def restart_broker(self) -> None:
-        began = time.monotonic()
-        self.target.restart()
-        self.result.broker_restarts += 1
-        log(f"{self.target.kind}: broker back after {time.monotonic() - began:.1f}s")
+        rabbit = isinstance(self.target, OwnRabbit)
+        with self.restarting:
+            if rabbit:  # the workers that live through it must re-declare, not new ones
+                self.checking.set()
+            try:
+                before = set(self.master.workers())
+                began = time.monotonic()
+                self.target.restart()
+                self.result.broker_restarts += 1
+                log(f"{self.target.kind}: broker back after {time.monotonic() - began:.1f}s")
+                if isinstance(self.target, OwnRabbit):
+                    self.check_redeclared(self.target.server, before)
+            finally:
+                self.checking.clear()
+
+    def check_redeclared(self, server: RabbitServer, before: set[int]) -> None:
+        """Count the restart as ridden out once every live worker's exclusive wake queue
+        (deleted by the restart) exists again, the queue has a consumer per worker, and
+        some of them are workers that lived through the restart (not replacements)."""
+        host = socket.gethostname()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = self.master.workers()
+            wakes = [server.consumers(f"consumerd.wake.{host}.{pid}") for pid in workers]
+            consumers = server.consumers(self.queue)
+            survivors = before & set(workers)
+            if survivors and None not in wakes and consumers == len(workers):
+                self.result.redeclared += 1
+                log(f"amqp: {len(workers)} workers re-declared and consuming")
+                return
+            time.sleep(0.5)
+        self.result.notes.append(
+            f"60 s after a restart: {consumers} consumers, wake queues {wakes} of "
+            f"{workers}, {before} before"
+        )
 
     def watch_workers(self, now: float) -> None:
         for pid in self.master.workers():
             self.first_seen.setdefault(pid, now)
 
     def kill_one(self, now: float) -> None:
+        if self.checking.is_set():
+            return
         old = [
-            p for p in self.master.workers() if now - self.first_seen.get(p, now) >= KILL_MIN_AGE
+            p
+            for p in self.master.workers()
+            if now - self.first_seen.get(p, now) >= KILL_MIN_AGE and not is_preflight(p)
         ]
         if old:
             victim = self.rng.choice(old)
@@ -515,6 +567,7 @@ ROWS = [
     ("worker SIGKILLs sent", "kills"),
     ("worker deaths seen by master", "worker_deaths"),
     ("broker restarts", "broker_restarts"),
+    ("RabbitMQ restarts re-declared", "redeclared"),
     ("SIGHUP rebinds (worker logs)", "sighup"),
     ("SIGTTIN / SIGTTOU", "scaled"),
     ("SIGUSR2 code reloads completed", "code_reloads"),
@@ -549,7 +602,7 @@ def soak_one(kind: str, args: argparse.Namespace) -> Result:
         else:
             stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
         tmp = pathlib.Path(tmp_dir)
-        target: Target = OwnRedis(tmp, args.redis_options) if kind == "redis" else ProxiedRabbit()
+        target: Target = OwnRedis(tmp, args.redis_options) if kind == "redis" else OwnRabbit(tmp)
         soak = Soak(target, tmp, args)
         try:
             return soak.run()

@@ -3,11 +3,13 @@ health endpoints, and configuration re-read on SIGHUP."""
 
 import json
 import os
+import re
 import signal
 import urllib.error
 import urllib.request
 
 from tests.consumer.conftest import free_port, publish_many, wait_for
+from tests.helpers import pid_alive
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
@@ -92,15 +94,52 @@ def test_sighup_rereads_the_config_file(consumerd, broker, name, tmp_path) -> No
     assert consumerd.stop() == 0
 
 
-def test_json_logs_carry_worker_fields(consumerd, broker, name) -> None:
-    consumerd.configure([{"name": name}])
+def json_rows(path: str) -> list[dict[str, object]]:
+    """Every line of a JSON-format log, parsed: a line that is not JSON fails the test."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"line {number} of the log is not JSON: {line!r}") from None
+    return rows
+
+
+def test_json_logs_carry_worker_and_message_fields(consumerd, broker, name) -> None:
+    """Every line is JSON; a handler's lines carry its queue and message id, and two
+    handlers running at once in one worker (threads) each carry their own."""
+    import consumerd as consumerd_app
+
+    consumerd.configure([{"name": name, "concurrency": 2, "prefetch": 2}], log=True, meet=2)
     consumerd.start("--log-format", "json", workers=1)
     consumerd.wait_logged("consuming")
+    app = consumerd_app.App("publisher")
+    app.configure(broker_url=broker.url)
+    try:
+        for i in range(2):
+            app.publish(name, {"i": i}, message_id=f"id-{name}-{i}")
+    finally:
+        app.close()
+    wait_for(lambda: len(consumerd.records()) == 2, 30, "both messages handled")
     assert consumerd.stop() == 0
-    with open(consumerd.log) as f:
-        rows = [json.loads(line) for line in f if line.startswith("{")]
-    assert rows and all({"time", "level", "message", "pid"} <= row.keys() for row in rows)
+    rows = json_rows(consumerd.log)
+    assert all({"time", "level", "message", "pid"} <= row.keys() for row in rows)
     assert any(row.get("worker_id") == 0 for row in rows)
+    handler_rows = [row for row in rows if row.get("logger") == "tapp"]
+    # Each handler logged "handling i" as it began and "handled i" once both had begun.
+    assert sorted(str(row["message"]) for row in handler_rows) == [
+        "handled 0", "handled 1", "handling 0", "handling 1",
+    ]  # fmt: skip
+    for row in handler_rows:
+        i = str(row["message"]).rsplit(" ", 1)[1]
+        assert row["queue"] == name and row["message_id"] == f"id-{name}-{i}", row
+        assert row["worker_id"] == 0
+    (pid,) = {r.pid for r in consumerd.records()}
+    assert {row["pid"] for row in handler_rows} == {pid}
+    # Outside a handler there is no message context.
+    consuming = [row for row in rows if str(row["message"]).startswith("consuming ")]
+    assert consuming and all("queue" not in row for row in consuming)
 
 
 def test_restarts_count_replaced_workers_not_a_scale_down(consumerd, broker, name) -> None:
@@ -202,3 +241,127 @@ def test_all_workers_started_waits_for_a_broker(
     wait_for(lambda: any("READY=1" in m for m in messages()), 10, "READY=1")
     assert consumerd.stop() == 0
     sock.close()
+
+
+def scrape(port: int) -> str:
+    status, text = http_get(port, "/metrics")
+    assert status == 200, (status, text)
+    return text
+
+
+def test_readyz_follows_a_real_broker_loss(consumerd, broker, proxy, name) -> None:
+    """A real consumerd through a proxy we cut: /readyz says 503 and why while the
+    workers have no broker, 200 once they are back; messages published before, during
+    and after the outage are each handled exactly once."""
+    port = free_port()
+    proxy.resume()
+    consumerd.configure([{"name": name, "prefetch": 10}])
+    consumerd.start("--metrics-port", str(port), workers=2, url=broker.consumer_url(proxy.port))
+    wait_for(lambda: http_get(port, "/readyz")[0] == 200, 30, "/readyz ready")
+    pids = consumerd.workers()
+    publish_many(broker.url, name, 40)  # before
+    wait_for(lambda: len(consumerd.records()) == 40, 30, "the first 40 handled")
+    # Nothing in flight at the cut: what it proves is readiness and exactly-once
+    # across a reconnect (a cut mid-handler redelivers, see test_flaps.py).
+    wait_for(lambda: broker.unacked() == 0, 90, "every ack at the broker")
+    proxy.cut()
+    consumerd.wait_logged("lost the broker", 2)
+
+    def not_ready() -> str | None:
+        status, why = http_get(port, "/readyz")
+        return why if status == 503 else None
+
+    why = wait_for(not_ready, 30, "/readyz 503")
+    found = re.fullmatch(r"worker [01] \(pid (\d+)\) has no broker connection", why.strip())
+    assert found and int(found[1]) in pids, why
+    assert metric(scrape(port), "consumerd_broker_connected") == 0
+    publish_many(broker.url, name, 40, start=40)  # during: straight to the broker
+    assert http_get(port, "/readyz")[0] == 503
+    proxy.resume()
+    wait_for(lambda: http_get(port, "/readyz")[0] == 200, 60, "/readyz ready again")
+    assert metric(scrape(port), "consumerd_broker_connected") == 2
+    publish_many(broker.url, name, 40, start=80)  # after
+    wait_for(lambda: len(consumerd.records()) >= 120, 60, "all 120 handled")
+    assert sorted(consumerd.workers()) == sorted(pids)  # reconnected, not respawned
+    assert consumerd.stop() == 0
+    assert consumerd.ids() == dict.fromkeys(range(120), 1)  # each exactly once
+    assert broker.depth(name) == 0 and broker.unacked() == 0
+
+
+def test_metrics_count_a_known_run_exactly(consumerd, broker, name) -> None:
+    """Counters of a real run: P messages handled at once, N failing once, M always
+    failing with max_retries R (attempts 1..R retried, attempt R+1 dead-lettered), then K
+    workers SIGKILLed. Counts are exact, and survive the deaths of the workers that made them."""
+    plain, once, always, retries, kills = 10, 6, 4, 2, 3
+    port = free_port()
+    consumerd.configure([{"name": name, "prefetch": 10}], retries=retries, delay=0.05)
+    consumerd.start("--metrics-port", str(port), workers=2)
+    wait_for(lambda: http_get(port, "/readyz")[0] == 200, 30, "/readyz ready")
+    publish_many(broker.url, name, plain)
+    publish_many(broker.url, name, once, start=plain, fail_until=1)
+    publish_many(broker.url, name, always, start=plain + once, fail_until=10**6)
+    wait_for(lambda: broker.depth(name + ".dlq") == always, 60, f"{always} dead letters")
+    wait_for(lambda: len(consumerd.records()) == plain + once, 60, "the others handled")
+
+    def counters() -> dict[str, float]:
+        text = scrape(port)
+        names = ("received", "acked", "retried", "dead_lettered")
+        found = {n: metric(text, f"consumerd_messages_{n}_total", consumer=name) for n in names}
+        found["restarts"] = metric(text, "consumerd_worker_restarts_total", service="consumer")
+        return found
+
+    expected = {
+        "received": plain + 2 * once + always * (retries + 1),
+        "acked": plain + once,
+        "retried": once + always * retries,
+        "dead_lettered": always,
+        "restarts": 0,
+    }
+    # A dead letter is counted just after its publish: wait for the last count, then all.
+    wait_for(lambda: counters()["dead_lettered"] == always, 10, "the last dead letter counted")
+    assert counters() == expected
+    assert len(consumerd.failures()) == once + always * (retries + 1)  # the handler's view
+    for k in range(1, kills + 1):
+        victim = consumerd.workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda v=victim: not pid_alive(v), 10, "the victim dead")
+        consumerd.wait_logged(f"(pid {victim}) killed by SIGKILL")
+        consumerd.wait_workers(2)
+        # The restart is counted in the loop step that logged the death; the killed
+        # worker's message counts are folded into the archive, not lost.
+        assert counters() == {**expected, "restarts": k}
+    assert consumerd.stop() == 0
+
+
+def test_respawn_backoff_of_a_crash_looping_worker(consumerd, broker, name) -> None:
+    """A worker that cannot reach its broker exits 75 every second (--broker-down-limit 1):
+    /metrics shows the pending back-off (> 0, at most the delay the master chose) and it
+    grows; every death is a restart."""
+    port = free_port()
+    consumerd.configure([{"name": name}])
+    consumerd.start(
+        "--metrics-port", str(port), "--broker-down-limit", "1",
+        workers=1, url=broker.consumer_url(free_port()),
+    )  # fmt: skip
+    seen: dict[int, float] = {}
+    for n in range(1, 6):
+        consumerd.wait_logged(f"(failed start #{n})", timeout=60)
+        text = scrape(port)
+        with open(consumerd.log) as f:
+            (delay,) = [
+                float(line.rsplit("respawning in ", 1)[1].rstrip("s\n"))
+                for line in f
+                if f"(failed start #{n})" in line
+            ]
+        seen[n] = metric(text, "consumerd_respawn_backoff_seconds", service="consumer")
+        assert metric(text, "consumerd_worker_restarts_total", service="consumer") == n
+        # Scraped right after the decision: pending, and no longer than the delay chosen
+        # (logged to 0.01 s). From #2 on the delay is at least 0.5 s, far above the
+        # scrape's latency.
+        assert seen[n] <= delay + 0.005, (n, seen[n], delay)
+        if n >= 2:
+            assert seen[n] > 0, (n, seen[n], delay)
+    # The n-th delay is at least half its ceiling (0.25 * 2**n): #5's (>= 4 s) is above
+    # #3's largest (2 s), whatever the jitter; the margin is the scrape's latency.
+    assert seen[5] > seen[3] > 0, seen
+    assert consumerd.stop() == 0

@@ -405,8 +405,16 @@ def test_undecodable_goes_straight_to_dead_letters(loop, body, ctype):
 
 
 def test_delivery_exposes_headers_and_attempt():
-    d = Delivery(FakeMessage(b"{}", headers={policy.ATTEMPT: 2}), "q.p1")
+    headers = {policy.ATTEMPT: 2, "x-trace": "abc"}
+    d = Delivery(FakeMessage(b"{}", headers=headers), "q.p1")
     assert (d.queue, d.attempt, d.redelivered) == ("q.p1", 2, False)
-    assert isinstance(
-        ConsumerSpec.queue_name(ConsumerSpec("q", print, None, 4, policy.RetryPolicy()), 2), str
-    )
+    assert d.headers == headers and d.delivery_info == {"routing_key": "q"}
+    # Redelivered as the broker says it (AMQP), or as the Redis/SQLite transports mark it.
+    by_broker = FakeMessage(b"{}")
+    by_broker.delivery_info["redelivered"] = True
+    by_transport = FakeMessage(b"{}", headers={"redelivered": True})
+    assert Delivery(by_broker, "q").redelivered and Delivery(by_transport, "q").redelivered
+    assert Delivery(FakeMessage(b"{}"), "q").attempt == 1  # no header: the first attempt
+    spec = ConsumerSpec("q", print, None, 4, policy.RetryPolicy())
+    assert [spec.queue_name(p) for p in (None, 0, 3)] == ["q", "q.p0", "q.p3"]
+    assert spec.queue_names == ["q.p0", "q.p1", "q.p2", "q.p3"]
