@@ -37,6 +37,19 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def catches(pid: int, sig: int) -> bool:
+    """True once ``pid`` has a handler for ``sig`` (its SigCgt mask in /proc), or is gone.
+
+    A signal sent to a master that is still importing meets the default action: SIGTERM
+    and SIGHUP then kill it (exit -15 / -1) instead of asking for a graceful stop."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return bool(int(caught.split()[1], 16) >> (sig - 1) & 1) or not pid_alive(pid)
+
+
 def _children(pid: int, zombies: bool) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

@@ -26,7 +26,7 @@ import redis as redis_lib
 from kombu import Connection
 
 from consumerd.consumer.broker import connect
-from tests.helpers import wait_for
+from tests.helpers import catches, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -360,12 +360,14 @@ class Consumerd:
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
+        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):  # never caught
+            wait_for(lambda: catches(self.proc.pid, sig), 30, f"the master to catch {sig}")
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 20) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         finally:

@@ -14,6 +14,7 @@ import pytest
 from oslo_config import cfg
 
 from consumerd import oslo_config_glue
+from tests.helpers import wait_for
 from tests.supervisor.harness import Master
 
 GLUE_TARGET = Path(__file__).with_name("glue_target.py")
@@ -77,13 +78,20 @@ def test_setup_applies_and_logs_the_options(glue, log_options):
     [master] = m.events("master")
     assert (master["manager_timeout"], master["colour"]) == (7, "blue")
     assert all(s["timeout"] == 7 and s["colour"] == "blue" for s in m.events("start"))
-    output = m.output()
     if log_options:  # the master at setup, each worker once its service is built
-        assert output.count(FULL_SET) == 3
-        assert len(re.findall(r"oslo_config_glue graceful_shutdown_timeout\s+= 7\n", output)) == 3
-        assert len(re.findall(r"oslo_config_glue colour\s+= blue\n", output)) == 3
+
+        def logged_sets() -> tuple[int, int, int]:
+            output = m.output()
+            return (
+                output.count(FULL_SET),
+                len(re.findall(r"oslo_config_glue graceful_shutdown_timeout\s+= 7\n", output)),
+                len(re.findall(r"oslo_config_glue colour\s+= blue\n", output)),
+            )
+
+        # A worker writes its set after its "start" event, line by line: wait for all of it.
+        wait_for(lambda: logged_sets() == (3, 3, 3), 20, "3 whole option sets logged")
     else:
-        assert FULL_SET not in output
+        assert FULL_SET not in m.output()
     m.signal(signal.SIGTERM)
     assert m.wait_exit(20) == 0
 
