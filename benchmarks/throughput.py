@@ -11,6 +11,8 @@ Runners:
 - consumerd: ``consumerd --app benchmarks.peers.consumerd_app:app --workers 2 --prefetch 100``
 - plain kombu: 2 forked processes, one connection each, ``prefetch_count=100`` in the
   ``Consumer`` constructor, ``message.ack()`` after the handler.
+- kombu no-ack (``--runners ...,kombu_noack``): the same with ``no_ack=True``: the rate
+  of consuming with no acknowledgement at all, the ceiling of any acking consumer.
 - Celery: prefork pool, ``-c 2``, ``acks_late``, ``--prefetch-multiplier 100`` (Celery
   prefetches for the whole worker, multiplier x concurrency = 200 = 2 x 100, the same
   in-flight total as the others), gossip/mingle/heartbeat and remote control off.
@@ -191,6 +193,13 @@ def make_runners(s: Settings, dramatiq_threads: list[int]) -> list[Runner]:
             f"plain kombu ({w} procs)",
             "kombu",
             lambda url, queue: [PY, "-m", "benchmarks.peers.kombu_consumer", str(w)],
+        ),
+        Runner(
+            "kombu_noack",
+            "kombu_consumer",
+            f"kombu no-ack ({w} procs)",
+            "kombu",
+            lambda url, queue: [PY, "-m", "benchmarks.peers.kombu_consumer", str(w), "noack"],
         ),
     ]
     runners += [
