@@ -52,6 +52,8 @@ class Acks:
     def __init__(self, batched: bool) -> None:
         self.batched = batched
         self._channels: dict[Channel, _Channel] = {}
+        self.held = 0
+        """Acks held now, over all channels."""
 
     def track(self, channel: Channel, prefetch: int, label: str) -> None:
         """A channel whose deliveries (of ``label``: a consumer, the retry queues) will be
@@ -85,6 +87,7 @@ class Acks:
             while unsettled and unsettled[0] in settled:
                 settled.discard(unsettled.popleft())
             state.pending = tag
+            self.held += 1
             # kombu's own flag (no API sets it without sending): a handler's late
             # ack() of it then fails as for any acked message, instead of going out twice.
             message._state = "ACK"
@@ -105,14 +108,15 @@ class Acks:
 
     def flush(self) -> None:
         """Send every held ack."""
-        for state in self._channels.values():
-            if state.count:
-                self._send(state)
+        if self.held:
+            for state in self._channels.values():
+                if state.count:
+                    self._send(state)
 
     def close(self, channel: Channel) -> None:
         """``channel`` is about to close: its held acks go now, and it is forgotten."""
         state = self._channels.pop(channel, None)
-        if state is not None and state.count:
+        if state is not None:
             self._send(state)
 
     def oldest(self) -> list[tuple[Channel, str, int]]:
@@ -127,10 +131,11 @@ class Acks:
     def forget(self) -> None:
         """The connection is gone: whatever was held is redelivered by the broker."""
         self._channels.clear()
+        self.held = 0
 
-    @staticmethod
-    def _send(state: _Channel) -> None:
+    def _send(self, state: _Channel) -> None:
         if state.count:
+            self.held -= state.count
             tag, state.pending, state.count = state.pending, 0, 0
             state.channel.basic_ack(tag, multiple=True)
 

@@ -92,6 +92,10 @@ the age of the oldest unacked delivery."""
 WARN_AT = 0.8
 """Warn when a delivery has been unacked for this fraction of ``consumer_timeout``."""
 _CONSUMER_TIMEOUT_MARKER = "delivery acknowledgement on channel"
+PEEK = 0.0005
+"""With acks held, how long the loop looks for a message already on its way before it
+calls itself idle and sends them (a read returns one message at a time: without this
+look every message was "the last", and every ack went alone)."""
 
 Message = typing.Any  # kombu.message.Message: kombu ships no type information
 
@@ -344,6 +348,9 @@ class Loop:
             if self._timers and self._timers[0][0] <= time.time():
                 self._release_due_retries()
             inbox = self._inbox
+            if not inbox and self._acks.held:
+                with contextlib.suppress(socket.timeout):
+                    drain(timeout=PEEK)
             if not inbox:
                 self._acks.flush()  # idle: nothing handled waits for its ack
                 metrics.flush()  # and publish the tail of the last burst
