@@ -331,10 +331,13 @@ def _wait_handled(
 
 
 def _counts(broker: Broker, runner: Runner, queue: str) -> tuple[int, int] | None:
-    """``(ready, unacked)`` over the runner's queues (None: one does not exist)."""
+    """``(ready, unacked)`` over the runner's queues (None: the queue does not exist; a
+    partition queue is declared by the first message published to it, or by a worker)."""
     total = (0, 0)
     for name in runner.queues(queue):
         counts = broker.counts(name, runner.layout)
+        if counts is None and runner.partitions:
+            continue
         if counts is None:
             return None
         total = (total[0] + counts[0], total[1] + counts[1])

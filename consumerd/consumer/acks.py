@@ -28,7 +28,7 @@ import typing
 Message = typing.Any  # kombu.message.Message
 Channel = typing.Any
 
-BATCH = 32
+BATCH = 64
 """At most this many acks held per channel (and at most half its prefetch: the broker
 sends no more than prefetch unacked messages, so holding them all would stall it)."""
 
