@@ -470,6 +470,8 @@ class Proxy:
                     dst.sendall(data)
         except OSError:
             pass
+        if src in self.frozen or dst in self.frozen:
+            return  # silent: not even the other side's close gets through
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
