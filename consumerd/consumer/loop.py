@@ -677,22 +677,26 @@ class Loop:
             key = _key_of(message, queue) if spec.partitions else None
             pool.submit(dispatch.Job(message, body, delivery, key, log_context, identity))
             return
-        wire = self._wire
-        self._inline_since = time.monotonic()
-        wire.release()  # the pulse thread keeps the connection alive if this takes long
         try:
             with meter.handling(), log_context:
-                result = spec.handler(body, delivery)
+                result = self._run_inline(spec.handler, body, delivery)
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt and the like from a handler are its failures:
             # the runtime never stops a worker by raising into the handler's thread.
-            wire.acquire()
-            self._inline_since = 0.0
             self._failed(spec, message, delivery, exc)
             return
-        wire.acquire()
-        self._inline_since = 0.0
         self._handled_one(spec, message, delivery, result)
+
+    def _run_inline(self, handler: typing.Callable[..., object], *args: object) -> object:
+        """Run a handler on this thread, letting go of the connection meanwhile: the pulse
+        thread keeps it alive if the handler takes long."""
+        self._inline_since = time.monotonic()
+        self._wire.release()
+        try:
+            return handler(*args)
+        finally:
+            self._wire.acquire()
+            self._inline_since = 0.0
 
     def _handled_one(
         self, spec: ConsumerSpec, message: Message, delivery: Delivery, result: object
@@ -975,8 +979,8 @@ class Loop:
         items, deliveries = batch.take()
         try:
             with meter.handling(), logs.message(deliveries[0].queue, None):
-                handle_batch = typing.cast(typing.Callable[..., object], spec.handler)
-                result = handle_batch(items, deliveries)  # spec.batch: it takes lists
+                # spec.batch: the handler takes lists
+                result = self._run_inline(spec.handler, items, deliveries)
         except BaseException as exc:
             LOG.warning(
                 "%s: a batch of %d failed (%s): retrying all of it",
