@@ -7,7 +7,10 @@ handlers run inline, one message at a time, and prefetch hides the broker's late
 Other threads (``terminate()``, ``reload()``) only set a flag and *poke* the loop: they
 publish an empty message to a private wake queue the loop consumes, so a loop blocked in
 ``drain_events`` wakes at once on every transport, with no periodic tick and no
-cross-thread use of the connection.
+cross-thread use of the connection — but one: on RabbitMQ, while an inline handler runs,
+the loop lets go of the connection (``_wire``) and a pulse thread sends the acks held for
+the messages before it and the heartbeats the broker expects (see :meth:`Loop._pulse`).
+Acks are batched there (:mod:`~consumerd.consumer.acks`).
 
 Batched consumers (:mod:`~consumerd.consumer.batching`) collect messages instead; a batch
 that does not fill is flushed at its deadline, which bounds ``drain_events``'s timeout
