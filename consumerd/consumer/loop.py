@@ -199,7 +199,7 @@ class Loop:
         self._heartbeat, self._consumer_timeout = broker.consuming_options(self._url)
         # Held by the loop's thread whenever it may use the connection: it lets go only
         # while an inline handler runs, when the pulse thread may use it instead.
-        self._wire = threading.Lock()
+        self._wire = _taken_lock()
         root = lease_root(self._url)
         self._leases = Leases(root)
         self._waiting: dict[tuple[str, int], float] = {}
@@ -305,7 +305,6 @@ class Loop:
     def run(self) -> None:
         self._membership.join()
         self._deaths.collect()  # a predecessor may have died handling a message
-        self._wire.acquire()
         if self._amqp:
             threading.Thread(target=self._pulse, name="consumerd-pulse", daemon=True).start()
         try:
@@ -330,7 +329,6 @@ class Loop:
                     self._abandon_connection()
         finally:
             self._shutdown()
-            self._wire.release()
             self._done.set()
 
     def _serve(self) -> None:
@@ -1239,6 +1237,13 @@ class Loop:
 
 def _nothing() -> None:
     pass
+
+
+def _taken_lock() -> threading.Lock:
+    """A lock already held (by whoever drives the loop: a plain lock has no owner)."""
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 def _redelivered(message: Message) -> bool:
