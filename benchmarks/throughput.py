@@ -11,6 +11,8 @@ Runners:
 - consumerd: ``consumerd --app benchmarks.peers.consumerd_app:app --workers 2 --prefetch 100``
 - plain kombu: 2 forked processes, one connection each, ``prefetch_count=100`` in the
   ``Consumer`` constructor, ``message.ack()`` after the handler.
+- kombu no-ack (``--runners ...,kombu_noack``): the same with ``no_ack=True``: the rate
+  of consuming with no acknowledgement at all, the ceiling of any acking consumer.
 - Celery: prefork pool, ``-c 2``, ``acks_late``, ``--prefetch-multiplier 100`` (Celery
   prefetches for the whole worker, multiplier x concurrency = 200 = 2 x 100, the same
   in-flight total as the others), gossip/mingle/heartbeat and remote control off.
@@ -109,6 +111,8 @@ class Settings:
     sleep: float = 0.0
     concurrency: int = 1
     async_concurrency: int = 0
+    partitions: int = 0
+    keys: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,13 @@ class Runner:
     url: Callable[[Broker], str] = lambda broker: broker.url
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     unavailable: Callable[[], str | None] = lambda: None
+    partitions: int = 0  # its queue is that many partition queues (consumerd)
+
+    def queues(self, queue: str) -> list[str]:
+        """Where its messages are: the queue, or its partition queues."""
+        if not self.partitions:
+            return [queue]
+        return [f"{queue}.p{p}" for p in range(self.partitions)]
 
 
 def _dramatiq_url(broker: Broker) -> str:
@@ -184,6 +195,23 @@ def make_runners(s: Settings, dramatiq_threads: list[int]) -> list[Runner]:
                 unavailable=_consumerd_unavailable,
             )
         )
+    if s.partitions:
+        runners.append(
+            Runner(
+                "consumerd-keyed",
+                "consumerd_app",
+                f"consumerd keyed {s.partitions}p/{s.keys:,} keys",
+                "kombu",
+                runners[0].command,
+                env={
+                    "BENCH_CONCURRENCY": str(s.concurrency),
+                    "BENCH_PARTITIONS": str(s.partitions),
+                    "BENCH_KEYS": str(s.keys),
+                },
+                unavailable=_consumerd_unavailable,
+                partitions=s.partitions,
+            )
+        )
     runners += [
         Runner(
             "kombu",
@@ -191,6 +219,13 @@ def make_runners(s: Settings, dramatiq_threads: list[int]) -> list[Runner]:
             f"plain kombu ({w} procs)",
             "kombu",
             lambda url, queue: [PY, "-m", "benchmarks.peers.kombu_consumer", str(w)],
+        ),
+        Runner(
+            "kombu_noack",
+            "kombu_consumer",
+            f"kombu no-ack ({w} procs)",
+            "kombu",
+            lambda url, queue: [PY, "-m", "benchmarks.peers.kombu_consumer", str(w), "noack"],
         ),
     ]
     runners += [
@@ -295,10 +330,39 @@ def _wait_handled(
             raise RunFailed(f"timed out with {total}/{n} messages handled")
 
 
-def _wait_drained(broker: Broker, queue: str, layout: str) -> None:
+def _counts(broker: Broker, runner: Runner, queue: str) -> tuple[int, int] | None:
+    """``(ready, unacked)`` over the runner's queues (None: the queue does not exist; a
+    partition queue is declared by the first message published to it, or by a worker)."""
+    total = (0, 0)
+    for name in runner.queues(queue):
+        counts = broker.counts(name, runner.layout)
+        if counts is None and runner.partitions:
+            continue
+        if counts is None:
+            return None
+        total = (total[0] + counts[0], total[1] + counts[1])
+    return total
+
+
+@contextlib.contextmanager
+def _drained_probe(
+    broker: Broker, runner: Runner, queue: str
+) -> Iterator[Callable[[], bool] | None]:
+    with contextlib.ExitStack() as stack:
+        probes = [
+            stack.enter_context(broker.drained_probe(name, runner.layout))
+            for name in runner.queues(queue)
+        ]
+        if any(p is None for p in probes):
+            yield None
+        else:
+            yield lambda: all(p() for p in probes if p is not None)
+
+
+def _wait_drained(broker: Broker, runner: Runner, queue: str) -> None:
     deadline = time.monotonic() + ACK_WAIT_SECONDS
     while True:
-        counts = broker.counts(queue, layout)
+        counts = _counts(broker, runner, queue)
         if counts == (0, 0):
             return
         if time.monotonic() > deadline:
@@ -328,22 +392,25 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
         )  # fmt: skip
         if fill.returncode:
             raise RunFailed(f"fill failed: {fill.stderr.strip().splitlines()[-1:]}")
-        filled = broker.counts(queue, runner.layout)
+        filled = _counts(broker, runner, queue)
         if filled != (s.count, 0):
             raise RunFailed(f"after fill (ready, unacked) = {filled}, expected ({s.count}, 0)")
         started = time.monotonic()
         with (
-            broker.drained_probe(queue, runner.layout) as probe,
+            _drained_probe(broker, runner, queue) as probe,
             _running(runner.command(url, queue), env, log) as proc,
         ):
             try:
                 reports, acked = _wait_handled(proc, count_dir, s.count, started + s.timeout, probe)
-                _wait_drained(broker, queue, runner.layout)
+                _wait_drained(broker, runner, queue)
             except RunFailed as exc:
                 raise RunFailed(f"{exc}\n      log tail: {_tail(log)}") from None
             handled = sum(r[0] for r in counter.read_all(count_dir))
         if handled != s.count:
             raise RunFailed(f"handled {handled} messages for {s.count} sent (duplicates)")
+        broken = counter.disorders(count_dir)
+        if broken:
+            raise RunFailed(f"PER-KEY ORDER BROKEN {len(broken)} times, first: {broken[0]}")
         first = min(r[1] for r in reports if r[0])
         last = max(r[2] for r in reports)
         end = max(last, acked or last)
@@ -401,6 +468,16 @@ def print_table(
     print()
     print(f"{'consumerd / peer (medians)':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_))
     for r in runners:
+        if r.name == "consumerd-keyed":
+            cells = []
+            for b in brokers_:
+                ours, keyed = rates["consumerd", b.name], rates[r.name, b.name]
+                ok = ours and keyed
+                cells.append(
+                    f"{statistics.median(keyed) / statistics.median(ours):.2f}x" if ok else "n/a"
+                )
+            print(f"{'keyed / unordered':<34}" + "".join(f"{c:>{col}}" for c in cells))
+            continue
         if r.name == "consumerd":
             continue
         cells = []
@@ -450,6 +527,13 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--sleep", type=float, default=0.0, help="seconds each handler waits (0)")
     p.add_argument("--concurrency", type=int, default=1, help="consumerd handlers per worker")
     p.add_argument(
+        "--keyed-partitions",
+        type=int,
+        default=0,
+        help="add a consumerd row: that many partitions, keyed messages, order checked",
+    )
+    p.add_argument("--keys", type=int, default=1000, help="keys of the keyed row (1000)")
+    p.add_argument(
         "--async-concurrency",
         type=int,
         default=0,
@@ -468,6 +552,8 @@ def main() -> None:
         args.sleep,
         args.concurrency,
         args.async_concurrency,
+        args.keyed_partitions,
+        args.keys,
     )
     all_brokers = {
         "rabbitmq": Broker("RabbitMQ", "rabbitmq", args.rabbitmq_url),

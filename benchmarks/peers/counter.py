@@ -75,11 +75,28 @@ def hit() -> None:
     _counter.hit()
 
 
+def disorder(what: str) -> None:
+    """Record a broken promise of order (a keyed run): the benchmark fails on it."""
+    path = os.path.join(os.environ["BENCH_COUNT_DIR"], f"{os.getpid()}.disorder")
+    with open(path, "a") as f:
+        f.write(what + "\n")
+
+
+def disorders(directory: str) -> list[str]:
+    """Every broken order recorded so far, by any process."""
+    out: list[str] = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".disorder"):
+            with open(os.path.join(directory, name)) as f:
+                out += f.read().splitlines()
+    return out
+
+
 def read_all(directory: str) -> list[tuple[int, float, float]]:
     """``(count, first, last)`` of every process that has reported so far."""
     out = []
     for name in os.listdir(directory):
-        if name.endswith(".tmp"):
+        if name.endswith((".tmp", ".disorder")):
             continue
         with open(os.path.join(directory, name)) as f:
             count, first, last = f.read().split()

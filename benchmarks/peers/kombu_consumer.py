@@ -1,8 +1,10 @@
 """The baseline: a plain kombu consumer, one connection per process, ack after handler.
 
-``python -m benchmarks.peers.kombu_consumer <processes>`` forks that many consumers and
-waits; SIGTERM to the parent stops them. Prefetch is set in the ``Consumer``
-constructor (a later ``qos()`` is too late on RabbitMQ: the backlog goes to one process).
+``python -m benchmarks.peers.kombu_consumer <processes> [noack]`` forks that many consumers
+and waits; SIGTERM to the parent stops them. ``noack``: consume with ``no_ack=True`` (the
+broker forgets a message as it sends it), the rate with no acknowledgement at all.
+Prefetch is set in the ``Consumer`` constructor (a later ``qos()`` is too late on
+RabbitMQ: the backlog goes to one process).
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ def handle(body: object, message: kombu.Message) -> None:
     message.ack()
 
 
-def consume() -> None:
+def handle_no_ack(body: object, message: kombu.Message) -> None:
+    config.wait()
+    counter.hit()
+
+
+def consume(no_ack: bool) -> None:
     stopping = False
 
     def stop(_signo: int, _frame: types.FrameType | None) -> None:
@@ -48,7 +55,13 @@ def consume() -> None:
     signal.signal(signal.SIGTERM, stop)
     with (
         kombu.Connection(config.BROKER_URL) as conn,
-        conn.Consumer(queue(), callbacks=[handle], accept=["json"], prefetch_count=config.PREFETCH),
+        conn.Consumer(
+            queue(),
+            callbacks=[handle_no_ack if no_ack else handle],
+            accept=["json"],
+            prefetch_count=config.PREFETCH,
+            no_ack=no_ack,
+        ),
     ):
         while not stopping:
             with contextlib.suppress(TimeoutError):  # wake up to check `stopping`
@@ -56,7 +69,10 @@ def consume() -> None:
 
 
 def main() -> None:
-    procs = [multiprocessing.Process(target=consume) for _ in range(int(sys.argv[1]))]
+    no_ack = sys.argv[2:] == ["noack"]
+    procs = [
+        multiprocessing.Process(target=consume, args=(no_ack,)) for _ in range(int(sys.argv[1]))
+    ]
     for p in procs:
         p.start()
 

@@ -56,6 +56,17 @@ _TRANSPORTS = {
 }
 
 
+HEARTBEAT = 30.0
+"""AMQP heartbeat of a worker's consuming connection, in seconds (``?heartbeat=`` in the
+URL; 0: none). Without one a connection that dies silently (a host gone, a NAT entry
+dropped) is never noticed: the worker waits for messages for ever while the broker has
+them requeued for others."""
+CONSUMER_TIMEOUT = 1800.0
+"""RabbitMQ's ``consumer_timeout`` (seconds; ``?consumer_timeout=`` in the URL says what
+the broker is set to, 0: none): a delivery unacked that long closes its channel."""
+_AMQP_ONLY = ("heartbeat", "consumer_timeout")
+
+
 class BrokerURLError(ValueError):
     """A broker URL that cannot be used, with a message fit for the command line."""
 
@@ -172,8 +183,21 @@ def validate(url: str) -> str:
     return scheme
 
 
+def consuming_options(url: str) -> tuple[float, float]:
+    """``(heartbeat, consumer_timeout)`` for a worker consuming from ``url``: the URL's
+    values or the defaults on AMQP, ``(0, 0)`` elsewhere (no such thing there)."""
+    if _TRANSPORTS.get(_scheme_of(url)) != "pyamqp":
+        return 0.0, 0.0
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    return (
+        float(query.get("heartbeat", HEARTBEAT)),
+        float(query.get("consumer_timeout", CONSUMER_TIMEOUT)),
+    )
+
+
 def connect(url: str, *, confirm_each: bool = True, **kwargs: object) -> Connection:
-    """A (not yet connected) :class:`kombu.Connection` for ``url``.
+    """A (not yet connected) :class:`kombu.Connection` for ``url``; a consuming worker
+    passes ``heartbeat=`` (see :func:`consuming_options`), a publisher has none.
 
     On RabbitMQ each publish waits for the broker's confirm, unless ``confirm_each`` is
     False: then the caller puts its channels in confirm mode and reads the confirms
@@ -194,6 +218,8 @@ def connect(url: str, *, confirm_each: bool = True, **kwargs: object) -> Connect
         # A lock that expires early can only make two sweeps overlap: duplicates, no loss.
         options.setdefault("unacked_mutex_expire", 15)
     if _TRANSPORTS[scheme] == "pyamqp":
+        for name in _AMQP_ONLY:  # read by consuming_options(), not transport options
+            options.pop(name, None)
         # Publisher confirms: a retry copy or dead letter is on the broker before the
         # original is acked.
         options.setdefault("confirm_publish", True)

@@ -7,7 +7,10 @@ handlers run inline, one message at a time, and prefetch hides the broker's late
 Other threads (``terminate()``, ``reload()``) only set a flag and *poke* the loop: they
 publish an empty message to a private wake queue the loop consumes, so a loop blocked in
 ``drain_events`` wakes at once on every transport, with no periodic tick and no
-cross-thread use of the connection.
+cross-thread use of the connection — but one: on RabbitMQ, while an inline handler runs,
+the loop lets go of the connection (``_wire``) and a pulse thread sends the acks held for
+the messages before it and the heartbeats the broker expects (see :meth:`Loop._pulse`).
+Acks are batched there (:mod:`~consumerd.consumer.acks`).
 
 Batched consumers (:mod:`~consumerd.consumer.batching`) collect messages instead; a batch
 that does not fill is flushed at its deadline, which bounds ``drain_events``'s timeout
@@ -44,6 +47,7 @@ from kombu.messaging import Consumer, Producer
 
 from consumerd.config import Config, Settings
 from consumerd.consumer import (
+    acks,
     amqp_headers,
     batching,
     broker,
@@ -80,6 +84,16 @@ FLAP_BACKOFF = (0.5, 30.0)
 FULL_POLL = 1.0
 """Without a wake queue (a full broker refused it), how often the loop looks for a stop."""
 _FULL_MARKERS = ("maxmemory", "OOM command not allowed", "disk is full", "No space left")
+PULSE = 1.0
+"""How often the pulse thread (AMQP) looks at a loop busy in an inline handler, and at
+the age of the oldest unacked delivery."""
+WARN_AT = 0.8
+"""Warn when a delivery has been unacked for this fraction of ``consumer_timeout``."""
+_CONSUMER_TIMEOUT_MARKER = "delivery acknowledgement on channel"
+PEEK = 0.0005
+"""With acks held, how long the loop looks for a message already on its way before it
+calls itself idle and sends them (a read returns one message at a time: without this
+look every message was "the last", and every ack went alone)."""
 
 Message = typing.Any  # kombu.message.Message: kombu ships no type information
 
@@ -94,6 +108,7 @@ class _Binding:
     channel: typing.Any = None
     consumer: Consumer | None = None
     batch: batching.Batch | None = None
+    settling: acks.Acks | None = None
     names: frozenset[str] = frozenset()
     """The queues consumed now: a delivery naming another (a foreign envelope on Redis)
     counts as one of the first."""
@@ -104,12 +119,19 @@ class _Binding:
             return self.spec.queue_names
         return [routing.partition_queue(self.spec.name, p) for p in sorted(self.owned)]
 
-    def open(self, connection: Connection, on_message: typing.Callable[..., None]) -> None:
+    def open(
+        self,
+        connection: Connection,
+        on_message: typing.Callable[..., None],
+        settling: acks.Acks,
+    ) -> None:
         names = self.queue_names()
         if not names:
             return
         self.names, self.first = frozenset(names), names[0]
         self.channel = connection.channel()
+        self.settling = settling
+        settling.track(self.channel, self.prefetch, self.spec.name)
         # Our Redis and SQLite transports move what is not a message at all there.
         dead_letters = routing.dead_letter_queue(self.spec.name)
         self.channel.dead_letter_queues = dict.fromkeys(names, dead_letters)
@@ -134,6 +156,8 @@ class _Binding:
         """Stop consuming and hand prefetched, unacked messages back to the broker."""
         consumer, channel = self.consumer, self.channel
         self.consumer = self.channel = self.batch = None  # the batch goes back with them
+        if channel is not None and self.settling is not None:
+            self.settling.close(channel)  # what was handled is acked before the rest goes back
         if consumer is not None:
             consumer.cancel()
         if channel is not None:
@@ -166,6 +190,11 @@ class Loop:
         self._connected_at = 0.0
         self._without_wake = False  # a full broker refused the wake queue
         self._amqp = broker.is_amqp(self._probe)
+        self._acks = acks.Acks(batched=self._amqp)
+        self._heartbeat, self._consumer_timeout = broker.consuming_options(self._url)
+        # Held by the loop's thread whenever it may use the connection: it lets go only
+        # while an inline handler runs, when the pulse thread may use it instead.
+        self._wire = _taken_lock()
         root = lease_root(self._url)
         self._membership = Membership(
             root, f"{app.name}.{settings.member[0]}", worker_id, settings.workers
@@ -183,17 +212,21 @@ class Loop:
         self._inline: set[str] = set()  # consumers known to run inline (until a reload)
         self._free_slots = list(range(deaths.SLOTS - 1, 0, -1))  # in-flight record slots
         self._retries = retries.Retries(
-            republish=self._republish, dead_letter=self._dead_letter_to, ack=_ack
+            republish=self._republish,
+            dead_letter=self._dead_letter_to,
+            ack=functools.partial(self._acks.ack, at_once=True),
         )
         self._restore_every = 0.0
         self._next_restore = math.inf  # chores: math.inf = never
-        self._next_flush = math.inf  # the earliest deadline of an open batch
+        # The earliest deadline of an open batch; the next heartbeat check (AMQP).
+        self._next_flush = self._next_beat = math.inf
         self._stopping = False
         # Jitter, so that workers started together do not all recycle together. The
         # limits themselves are read at each check: a SIGHUP may have changed them.
         self._recycle_jitter = random.uniform(1, 1.1)
         self._rss_jitter = random.uniform(1, 1.05)
         self._handled = 0
+        self._inline_since = 0.0  # when the inline handler running now began (0: none)
         self.recycle = False
         """True once the worker stopped to be replaced (a recycling limit was reached)."""
         self._pending_app: App | None = None
@@ -267,6 +300,8 @@ class Loop:
     def run(self) -> None:
         self._membership.join()
         self._deaths.collect()  # a predecessor may have died handling a message
+        if self._amqp:
+            threading.Thread(target=self._pulse, name="consumerd-pulse", daemon=True).start()
         try:
             while not self._stopping:
                 if self._conn is None:
@@ -277,6 +312,16 @@ class Loop:
                 except self._recoverable as exc:
                     self._abandon_connection()
                     self._after_loss(exc)
+                except self._probe.channel_errors as exc:
+                    if _CONSUMER_TIMEOUT_MARKER not in str(exc):
+                        raise
+                    LOG.error(
+                        "RabbitMQ closed a channel: a message stayed unacked past its "
+                        "consumer_timeout (%s); reconnecting: every unacked message of this "
+                        "worker is redelivered",
+                        exc,
+                    )
+                    self._abandon_connection()
         finally:
             self._shutdown()
             self._done.set()
@@ -298,10 +343,19 @@ class Loop:
                 self._flush_due_batches(now)
             self._retries.release_due()
             inbox = self._inbox
+            if not inbox and self._acks.held:
+                with contextlib.suppress(socket.timeout):
+                    drain(timeout=PEEK)
             if not inbox:
-                metrics.flush()  # idle: publish the tail of the last burst
+                self._acks.flush()  # idle: nothing handled waits for its ack
+                metrics.flush()  # and publish the tail of the last burst
                 with contextlib.suppress(socket.timeout):
                     drain(timeout=self._timeout())
+                if time.monotonic() >= self._next_beat:
+                    # Only right after a read: py-amqp counts a heartbeat missed when no
+                    # byte arrived since its last check, and none is read in a handler.
+                    self._next_beat = time.monotonic() + self._heartbeat / 4
+                    self._conn.heartbeat_check()
             while inbox and not self._stopping:
                 binding, message = inbox.popleft()
                 if binding is None:
@@ -339,6 +393,7 @@ class Loop:
             self._partitions.deadline,
             self._next_restore,
             self._next_flush,
+            self._next_beat,
             self._retries.deadline(),
         )
         if self._without_wake:
@@ -397,10 +452,12 @@ class Loop:
         self._interrupt.wait(seconds)  # a stop or reload cuts the back-off short
 
     def _connect_once(self) -> None:
-        conn = broker.connect(self._url, connect_timeout=5)
+        conn = broker.connect(self._url, connect_timeout=5, heartbeat=self._heartbeat)
         try:
             conn.connect()
             self._conn = conn
+            if self._heartbeat:
+                self._next_beat = time.monotonic() + self._heartbeat / 4
             self._producer = Producer(conn.default_channel, serializer="json")
             self._connected_at = time.monotonic()
             self._without_wake = False
@@ -436,6 +493,7 @@ class Loop:
         metrics.set_connected(False)
         metrics.set_consuming(False)
         self._producer = None
+        self._acks.forget()
         self._retries.drop()
         self._inbox.clear()
         for pool in self._pools.values():
@@ -476,7 +534,7 @@ class Loop:
         """Consume a binding's queues on a new channel; jobs its consumer's pool still
         held came from the closed one, which handed their messages back."""
         assert self._conn is not None
-        binding.open(self._conn, self._receive)
+        binding.open(self._conn, self._receive, self._acks)
         pool = self._pools.get(binding.spec.name)
         if pool is not None:
             pool.drop_waiting()
@@ -490,6 +548,7 @@ class Loop:
         names = [routing.retry_queue(name) for name in self._app.consumers]
         self._retry_channel = self._conn.channel()
         self._retries.watch(self._retry_channel, self._app.consumers)
+        self._acks.track(self._retry_channel, RETRY_PREFETCH, "the retry queues")
         self._retry_channel.dead_letter_queues = {
             routing.retry_queue(name): routing.dead_letter_queue(name)
             for name in self._app.consumers
@@ -549,6 +608,7 @@ class Loop:
         """kombu's callback only queues: py-amqp runs callbacks while it waits for a
         publisher confirm, and a handler publishing a retry from in there would wait for
         a confirm the outer wait may already have eaten. Handling happens in the loop."""
+        self._acks.delivered(message)
         self._inbox.append((binding, message))
 
     def _on_message(self, binding: _Binding, message: Message) -> None:
@@ -603,7 +663,7 @@ class Loop:
             self._dead_letter(spec, message, queue, f"undecodable: {reason}")
             return
         if body is None and spec.prepare is not None:
-            _ack(message)  # filtered out
+            self._acks.ack(message)  # filtered out
             meter.acked()
             return
         delivery = Delivery(message, queue)
@@ -618,13 +678,24 @@ class Loop:
             return
         try:
             with meter.handling(), log_context:
-                result = spec.handler(body, delivery)
+                result = self._run_inline(spec.handler, body, delivery)
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt and the like from a handler are its failures:
             # the runtime never stops a worker by raising into the handler's thread.
             self._failed(spec, message, delivery, exc)
             return
         self._handled_one(spec, message, delivery, result)
+
+    def _run_inline(self, handler: typing.Callable[..., object], *args: object) -> object:
+        """Run a handler on this thread, letting go of the connection meanwhile: the pulse
+        thread keeps it alive if the handler takes long."""
+        self._inline_since = time.monotonic()
+        self._wire.release()
+        try:
+            return handler(*args)
+        finally:
+            self._wire.acquire()
+            self._inline_since = 0.0
 
     def _handled_one(
         self, spec: ConsumerSpec, message: Message, delivery: Delivery, result: object
@@ -633,7 +704,7 @@ class Loop:
         if result is policy.REQUEUE:
             self._requeue(spec, [delivery])
             return
-        _ack(message)
+        self._acks.ack(message)
         metrics.for_consumer(spec.name).acked()
         self._count_for_recycling()
 
@@ -693,6 +764,72 @@ class Loop:
         while self._conn is not None and any(p.outstanding for p in self._pools.values()):
             time.sleep(HANDLER_POLL)  # the stop is already requested: nothing to wait on
             self._settle_completed()
+            self._acks.flush()
+            self._keep_alive()
+
+    # -- the pulse (AMQP): long handlers ------------------------------------------------
+
+    def _pulse(self) -> None:
+        """While an inline handler runs the loop's thread neither reads nor writes: this
+        thread, holding the connection meanwhile (``_wire``), sends the acks held for the
+        messages handled before it and the heartbeats the broker expects, so a long
+        handler costs neither duplicates nor the connection. It also warns of deliveries
+        nearing RabbitMQ's consumer_timeout, pool handlers' and inline ones alike."""
+        seen: dict[typing.Any, tuple[int, float]] = {}
+        warned: set[tuple[int, int]] = set()
+        while not self._done.wait(PULSE):
+            since = self._inline_since
+            if since and time.monotonic() - since >= PULSE and self._wire.acquire(False):
+                try:
+                    if self._inline_since == since:  # still in that handler
+                        self._acks.flush()
+                        self._keep_alive()
+                except Exception as exc:  # the loop meets the same error at its next read
+                    LOG.debug("pulse: %s", exc)
+                finally:
+                    self._wire.release()
+            if self._consumer_timeout:
+                self._watch_unacked(seen, warned)
+
+    def _keep_alive(self) -> None:
+        """Send a heartbeat if one is due; the loop is not reading, so unlike
+        ``heartbeat_check`` this does not judge the broker by what arrived meanwhile."""
+        conn = self._conn
+        amqp_conn = conn.connection if conn is not None and self._heartbeat else None
+        if amqp_conn is not None and (
+            time.monotonic() - amqp_conn.last_heartbeat_sent >= self._heartbeat / 4
+        ):
+            amqp_conn.send_heartbeat()
+            amqp_conn.last_heartbeat_sent = time.monotonic()
+
+    def _watch_unacked(
+        self, seen: dict[typing.Any, tuple[int, float]], warned: set[tuple[int, int]]
+    ) -> None:
+        """Warn once per delivery unacked for WARN_AT of the consumer_timeout. Its age is
+        counted from when it was first seen the oldest of its channel (within PULSE of
+        its delivery, or later: the warning may come late, never early)."""
+        now = time.monotonic()
+        heads = self._acks.oldest()
+        current = {channel for channel, _, _ in heads}
+        for channel in [c for c in seen if c not in current]:
+            del seen[channel]
+        for channel, label, tag in heads:
+            first_tag, first_seen = seen.get(channel, (tag, now))
+            if first_tag != tag:
+                first_seen = now
+            seen[channel] = (tag, first_seen)
+            age = now - first_seen
+            key = (id(channel), tag)
+            if age >= WARN_AT * self._consumer_timeout and key not in warned:
+                warned.add(key)
+                LOG.warning(
+                    "%s: a message has been unacked for %.0fs; at RabbitMQ's "
+                    "consumer_timeout (%.0fs) the broker closes the channel and redelivers "
+                    "every unacked message of it (see README: long handlers)",
+                    label,
+                    age,
+                    self._consumer_timeout,
+                )
 
     def _count_for_recycling(self) -> None:
         """Past a recycling limit, take no more messages: the loop hands back what it
@@ -738,7 +875,7 @@ class Loop:
             message.headers, delivery.attempt + 1, time.time() + delay, delivery.queue
         )
         self._republish(message, routing.retry_queue(spec.name), headers)
-        _ack(message)  # only now: the copy is safely published
+        self._acks.ack(message, at_once=True)  # only now: the copy is safely published
         metrics.for_consumer(spec.name).retried()
 
     def _requeue(self, spec: ConsumerSpec, deliveries: list[Delivery]) -> None:
@@ -748,6 +885,7 @@ class Loop:
             "%s: requeueing %d message(s) at the handler's request", spec.name, len(deliveries)
         )
         for delivery in deliveries:
+            self._acks.before_reject(delivery.raw)
             delivery.raw.requeue()
 
     def _dead_letter(self, spec: ConsumerSpec, message: Message, queue: str, error: str) -> None:
@@ -775,7 +913,7 @@ class Loop:
             self._republish(
                 message, dead_letters, policy.dead_letter_headers(None, error, queue), plain=True
             )
-        _ack(message)
+        self._acks.ack(message, at_once=True)
 
     def _republish(
         self, message: Message, queue: str, headers: policy.Headers, plain: bool = False
@@ -840,8 +978,8 @@ class Loop:
         items, deliveries = batch.take()
         try:
             with meter.handling(), logs.message(deliveries[0].queue, None):
-                handle_batch = typing.cast(typing.Callable[..., object], spec.handler)
-                result = handle_batch(items, deliveries)  # spec.batch: it takes lists
+                # spec.batch: the handler takes lists
+                result = self._run_inline(spec.handler, items, deliveries)
         except BaseException as exc:
             LOG.warning(
                 "%s: a batch of %d failed (%s): retrying all of it",
@@ -856,7 +994,7 @@ class Loop:
             self._requeue(spec, deliveries)
             return
         for delivery in deliveries:
-            _ack(delivery.raw)
+            self._acks.ack(delivery.raw)
             meter.acked()
             self._count_for_recycling()
 
@@ -927,6 +1065,7 @@ class Loop:
             self._partitions.leave(name, binding.owned)
             del self._bindings[name]
         if list(app.consumers) != list(old.consumers):
+            self._acks.close(self._retry_channel)
             self._close_quietly(self._retry_channel)
             self._retries.drop()
             self._bind_retry()
@@ -951,6 +1090,10 @@ class Loop:
             pool.close()
         conn = self._conn
         if conn is not None:
+            try:
+                self._acks.flush()
+            except Exception as exc:  # lost: the broker redelivers those messages
+                LOG.warning("could not send the last acks: %s", exc)
             for binding in self._bindings.values():
                 self._close_quietly(binding)
             self._close_quietly(self._retry_channel)
@@ -981,10 +1124,11 @@ def _nothing() -> None:
     pass
 
 
-def _ack(message: Message) -> None:
-    """Ack, unless a handler already acked, rejected or requeued it itself."""
-    if not message.acknowledged:
-        message.ack()
+def _taken_lock() -> threading.Lock:
+    """A lock already held (by whoever drives the loop: a plain lock has no owner)."""
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 def _redelivered(message: Message) -> bool:

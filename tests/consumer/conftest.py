@@ -450,6 +450,7 @@ class Proxy:
         self.lock = threading.Lock()
         self.listener: socket.socket | None = None
         self.accepted = 0
+        self.frozen: set[socket.socket] = set()
 
     def resume(self) -> None:
         import threading
@@ -485,13 +486,21 @@ class Proxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def freeze(self) -> None:
+        """Stop forwarding on every open connection without closing any (a peer gone
+        silent: a host powered off, a NAT entry dropped); new connections still work."""
+        with self.lock:
+            self.frozen.update(self.conns)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if src not in self.frozen:
+                    dst.sendall(data)
         except OSError:
             pass
+        if src in self.frozen or dst in self.frozen:
+            return  # silent: not even the other side's close gets through
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
