@@ -54,6 +54,22 @@ def holders_by_pid(broker: Broker) -> dict[int, str]:
     return out
 
 
+def stop_a_worker_holding(
+    c: Consumerd, broker: Broker, at_least: int
+) -> tuple[int, dict[int, str], set[int]] | None:
+    """SIGSTOP the worker holding the most messages and return (pid, holders, its ids) if
+    it holds ``at_least``; else let it go on and return None. A worker between two
+    fetches holds none for a moment, and under load all may be there at once."""
+    by_pid = holders_by_pid(broker)
+    victim = max(c.workers(), key=lambda p: len(held_ids(broker, by_pid.get(p, ""))))
+    os.kill(victim, signal.SIGSTOP)
+    ids = set(held_ids(broker, by_pid.get(victim, "")))
+    if len(ids) >= at_least:
+        return victim, by_pid, ids
+    os.kill(victim, signal.SIGCONT)
+    return None
+
+
 def held_ids(broker: Broker, holder: str) -> dict[int, str]:
     """id → queue of the messages ``holder`` holds unacked."""
     r = broker.client()
@@ -113,11 +129,9 @@ def test_worker_sigkill_gives_its_messages_back_within_seconds(tmp_path, name, r
         wait_for(lambda: len(c.ids()) >= 300, 30, "the workers to be mid-stream")
         measures = []
         for _kill in range(2):
-            by_pid = holders_by_pid(redis_broker)
-            victim = max(c.workers(), key=lambda p: len(held_ids(redis_broker, by_pid.get(p, ""))))
-            os.kill(victim, signal.SIGSTOP)
-            ids = set(held_ids(redis_broker, by_pid[victim]))
-            assert len(ids) >= 20, f"the victim held only {len(ids)}: not mid-stream"
+            victim, by_pid, ids = wait_for(
+                lambda: stop_a_worker_holding(c, redis_broker, 20), 30, "a worker mid-stream"
+            )
             os.kill(victim, signal.SIGKILL)
             m = Measured(redis_broker, by_pid[victim], ids, time.time())
             back = m.poll_back(10)
