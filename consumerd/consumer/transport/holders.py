@@ -53,6 +53,7 @@ from time import monotonic
 import redis
 from redis.commands.core import Script
 
+from consumerd.consumer.transport import scripts
 from consumerd.supervisor import osproc
 
 LOG = logging.getLogger(__name__)
@@ -67,17 +68,20 @@ RECLAIM_BATCH = 500
 # KEYS: registry zset, this host's holder set. ARGV: holder ('' to only look), timeout,
 # limit. Beats with the Redis clock (no skew between hosts) and returns
 # {now, holders silent for timeout (none just after an outage), this host's holders}.
+# A beat rewrites entries that exist (one per live holder): it runs on a full Redis
+# (see scripts.py; its EXPIRE comes first for Redis < 7), because a holder whose beats
+# were refused would be taken for dead by other hosts and its messages delivered twice.
 BEAT_LUA = """
+local clock = KEYS[1] .. ':clock'
+redis.call('EXPIRE', clock, 86400)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local timeout = tonumber(ARGV[2])
-local clock = KEYS[1] .. ':clock'
 local last = tonumber(redis.call('HGET', clock, 'beat') or now)
 if now - last > timeout / 3 then
   redis.call('HSET', clock, 'resumed', tostring(now))  -- nobody beat: an outage
 end
 redis.call('HSET', clock, 'beat', tostring(now))
-redis.call('EXPIRE', clock, 86400)
 if ARGV[1] ~= '' then
   redis.call('ZADD', KEYS[1], now, ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[1])
@@ -175,8 +179,9 @@ class Holder:
         self.interval = interval
         self.timeout = timeout
         self._client = redis.Redis(connection_pool=pool)
-        self._beat: Script = self._client.register_script(BEAT_LUA)
-        self._reclaim: Script = self._client.register_script(RECLAIM_LUA)
+        # Both must run on a full Redis: see BEAT_LUA, and a reclaim only moves.
+        self._beat: Script = scripts.register(self._client, BEAT_LUA)
+        self._reclaim: Script = scripts.register(self._client, RECLAIM_LUA)
         self._users: weakref.WeakSet[object] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._stop = threading.Event()
