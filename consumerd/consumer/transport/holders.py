@@ -97,7 +97,8 @@ return {tostring(now), stale, redis.call('SMEMBERS', KEYS[2])}
 
 # KEYS: unacked hash, unacked index zset, the holder's hash, registry zset, the holder's
 # host set. ARGV: holder, stale_before ('' if its process is known to be gone), then
-# (tag, source key, payload) triples; an empty payload only drops the holder's entry.
+# (tag, source key, payload) triples; an empty payload only drops the holder's entry, an
+# empty source key acks the message (a late ack: see Holder.ack_late).
 # Returns how many were pushed back, or -1 if the holder beat again meanwhile.
 RECLAIM_LUA = """
 if ARGV[2] ~= '' then
@@ -106,12 +107,16 @@ if ARGV[2] ~= '' then
 end
 local restored = 0
 for i = 3, #ARGV, 3 do
-  local tag, payload = ARGV[i], ARGV[i + 2]
-  if redis.call('HDEL', KEYS[3], tag) == 1 and payload ~= ''
-      and redis.call('HDEL', KEYS[1], tag) == 1 then
-    redis.call('ZREM', KEYS[2], tag)
-    redis.call('RPUSH', ARGV[i + 1], payload)
-    restored = restored + 1
+  local tag, source, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HDEL', KEYS[3], tag) == 1 then
+    if source == '' then
+      redis.call('HDEL', KEYS[1], tag)
+      redis.call('ZREM', KEYS[2], tag)
+    elseif payload ~= '' and redis.call('HDEL', KEYS[1], tag) == 1 then
+      redis.call('ZREM', KEYS[2], tag)
+      redis.call('RPUSH', source, payload)
+      restored = restored + 1
+    end
   end
 end
 if redis.call('HLEN', KEYS[3]) == 0 then
@@ -187,6 +192,12 @@ class Holder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing_since: float | None = None
+        #: tag → message delivered to the application and not settled, whatever its
+        #: channel: never given back by this process while the message object lives (a
+        #: handler has it); one a lost connection's loop dropped unhandled goes with it
+        self.in_hand: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
+        self._late_acks: list[str] = []
+        self._late_lock = threading.Lock()
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -194,6 +205,12 @@ class Holder:
         with self._lock:
             self._users.add(user)
             if self._thread is None or not self._thread.is_alive():
+                # No channel was open: whatever this holder still holds, a closed
+                # connection fetched and could not hand back (Redis was unreachable as
+                # it closed). The process beat all along, so no sweep would take it:
+                # give it back now, but for what a handler still has in hand.
+                self.send_late_acks()
+                self.reclaim(self.id, keep=frozenset(self.in_hand.keys()))
                 # Registered before the first fetch: a holder nobody knows of would be
                 # left to the visibility timeout.
                 self.sweep(beat=True)
@@ -218,9 +235,29 @@ class Holder:
         with contextlib.suppress(redis.RedisError):
             self._reclaim(keys=self._reclaim_keys(self.id), args=[self.id, ""])
 
+    def ack_late(self, tag: str) -> None:
+        """Ack ``tag``, in hand when its channel closed, with the next beat."""
+        self.in_hand.pop(tag, None)
+        with self._late_lock:
+            self._late_acks.append(tag)
+
+    def send_late_acks(self) -> None:
+        with self._late_lock:
+            acks, self._late_acks = self._late_acks, []
+        if not acks:
+            return
+        try:
+            args = [self.id, "", *(x for tag in acks for x in (tag, "", ""))]
+            self._reclaim(keys=self._reclaim_keys(self.id), args=args)
+        except BaseException:
+            with self._late_lock:
+                self._late_acks[:0] = acks
+            raise
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                self.send_late_acks()
                 self.sweep(beat=True)
             except redis.RedisError as exc:
                 self._failed(exc)
@@ -265,9 +302,12 @@ class Holder:
         dead.pop(self.id, None)
         return sum(self.reclaim(holder, stale_before) for holder, stale_before in dead.items())
 
-    def reclaim(self, holder: str, stale_before: str = "") -> int:
-        """Give back ``holder``'s unacked messages, marked redelivered, at the head of the
-        lists they came from; forget the holder once its hash is empty."""
+    def reclaim(
+        self, holder: str, stale_before: str = "", keep: frozenset[str] = frozenset()
+    ) -> int:
+        """Give back ``holder``'s unacked messages but those in ``keep``, marked
+        redelivered, at the head of the lists they came from; forget the holder once its
+        hash is empty."""
         hkey = self.keys.holder(holder)
         restored, cursor = 0, 0
         while True:
@@ -275,7 +315,7 @@ class Holder:
                 "tuple[int, dict[bytes, bytes]]",
                 self._client.hscan(hkey, cursor, count=RECLAIM_BATCH),
             )
-            tags = list(chunk)
+            tags = [tag for tag in chunk if tag.decode() not in keep]
             values = typing.cast(
                 "list[bytes | None]", self._client.hmget(self.keys.unacked, tags) if tags else []
             )
@@ -292,7 +332,9 @@ class Holder:
             restored += done
             if cursor == 0:
                 break
-        if restored:
+        if restored and holder == self.id:
+            LOG.warning("gave back %d message(s) a lost connection of this process held", restored)
+        elif restored:
             how = "its process is gone" if not stale_before else f"silent {self.timeout:.0f} s"
             LOG.warning(
                 "gave back %d message(s) held by dead consumer %s (%s)", restored, holder, how

@@ -326,6 +326,7 @@ class QoS(stock.QoS):
     def append(self, message: typing.Any, delivery_tag: str) -> None:
         if delivery_tag in self.channel.fetched_keys:
             VirtualQoS.append(self, message, delivery_tag)  # recorded by the fetch
+            self.channel.in_hand(delivery_tag, message)
         else:
             super().append(message, delivery_tag)  # basic_get, fanout: stock
 
@@ -492,6 +493,11 @@ class Channel(stock.Channel):
     def ack_later(self, tag: str) -> None:
         """Mark ``tag`` acked; it is deleted from Redis with the next batch."""
         held = self.fetched_keys.pop(tag, None) is not None
+        if self._holder is not None and self.closed:
+            self._holder.ack_late(tag)  # a handler outlived the channel: it sends no more
+            return
+        if self._holder is not None:
+            self._holder.in_hand.pop(tag, None)
         with self._acks_lock:  # kombu allows acks from other threads
             if not self._pending_acks:
                 self._pending_since = monotonic()
@@ -748,6 +754,11 @@ class Channel(stock.Channel):
 
     # -- delivering -------------------------------------------------------------------
 
+    def in_hand(self, tag: str, message: typing.Any) -> None:
+        """``message`` went to the application: its holder keeps it while it lives."""
+        if self._holder is not None:
+            self._holder.in_hand[tag] = message
+
     def can_deliver_prefetched(self) -> bool:
         return bool(self._prefetched) and bool(self.qos.can_consume())
 
@@ -825,7 +836,11 @@ class Channel(stock.Channel):
             else:
                 payload = dumps(_redelivered(message._raw))
                 ours.append(_Restore(message.delivery_tag, key, payload))
-        return self._restore_many(ours, head=head)
+        restored = self._restore_many(ours, head=head)
+        if self._holder is not None:  # not before: a failed hand-back keeps them in hand
+            for restore in ours:
+                self._holder.in_hand.pop(restore.tag, None)
+        return restored
 
     def basic_recover(self, requeue: bool = False) -> None:
         if not self._fast:
@@ -865,14 +880,30 @@ class Channel(stock.Channel):
                 # restores it); the hand-back below uses another connection.
                 with contextlib.suppress(*self.connection_errors):
                     self._finish_outstanding()
+                if self._in_poll:  # Redis unreachable: stock's close would read it
+                    self._in_poll = self._outstanding = None  # type: ignore[assignment]
                 if self._qos is not None or self._prefetched or self._pending_acks:
-                    self.qos.restore_unacked_once()
+                    self._hand_back_at_close()
         finally:
             try:
                 super().close()
             finally:
                 if self._holder is not None:
                     self._holder.remove_user(self)
+
+    def _hand_back_at_close(self) -> None:
+        try:
+            self.qos.restore_unacked_once()
+        except self.connection_errors as exc:
+            # Raising would stop kombu closing the connection's other channels, and the
+            # holder would never see its last channel go: what this one held stays
+            # recorded, and the holder gives it back when the process reconnects.
+            LOG.warning(
+                "Could not hand back this channel's messages (%s: %s): given back at "
+                "the next connect",
+                type(exc).__name__,
+                exc,
+            )
 
     def _finish_outstanding(self) -> None:
         """Collect an in-flight fetch reply (its messages are handed back like the
