@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -210,6 +211,7 @@ class Holder:
                 # it closed). The process beat all along, so no sweep would take it:
                 # give it back now, but for what a handler still has in hand.
                 self.send_late_acks()
+                gc.collect()  # a message only a dropped reference cycle holds is not in hand
                 self.reclaim(self.id, keep=frozenset(self.in_hand.keys()))
                 # Registered before the first fetch: a holder nobody knows of would be
                 # left to the visibility timeout.
