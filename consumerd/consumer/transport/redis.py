@@ -887,6 +887,10 @@ class Channel(stock.Channel):
         finally:
             try:
                 super().close()
+            except self.connection_errors as exc:
+                # Raising would stop kombu closing the connection's other channels: the
+                # holder would never see its last user go (see _hand_back_at_close).
+                LOG.debug("closing a channel of a lost connection: %s", exc)
             finally:
                 if self._holder is not None:
                     self._holder.remove_user(self)
