@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ from time import monotonic
 import redis
 from redis.commands.core import Script
 
+from consumerd.consumer.transport import scripts
 from consumerd.supervisor import osproc
 
 LOG = logging.getLogger(__name__)
@@ -67,17 +69,20 @@ RECLAIM_BATCH = 500
 # KEYS: registry zset, this host's holder set. ARGV: holder ('' to only look), timeout,
 # limit. Beats with the Redis clock (no skew between hosts) and returns
 # {now, holders silent for timeout (none just after an outage), this host's holders}.
+# A beat rewrites entries that exist (one per live holder): it runs on a full Redis
+# (see scripts.py; its EXPIRE comes first for Redis < 7), because a holder whose beats
+# were refused would be taken for dead by other hosts and its messages delivered twice.
 BEAT_LUA = """
+local clock = KEYS[1] .. ':clock'
+redis.call('EXPIRE', clock, 86400)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local timeout = tonumber(ARGV[2])
-local clock = KEYS[1] .. ':clock'
 local last = tonumber(redis.call('HGET', clock, 'beat') or now)
 if now - last > timeout / 3 then
   redis.call('HSET', clock, 'resumed', tostring(now))  -- nobody beat: an outage
 end
 redis.call('HSET', clock, 'beat', tostring(now))
-redis.call('EXPIRE', clock, 86400)
 if ARGV[1] ~= '' then
   redis.call('ZADD', KEYS[1], now, ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[1])
@@ -93,7 +98,8 @@ return {tostring(now), stale, redis.call('SMEMBERS', KEYS[2])}
 
 # KEYS: unacked hash, unacked index zset, the holder's hash, registry zset, the holder's
 # host set. ARGV: holder, stale_before ('' if its process is known to be gone), then
-# (tag, source key, payload) triples; an empty payload only drops the holder's entry.
+# (tag, source key, payload) triples; an empty payload only drops the holder's entry, an
+# empty source key acks the message (a late ack: see Holder.ack_late).
 # Returns how many were pushed back, or -1 if the holder beat again meanwhile.
 RECLAIM_LUA = """
 if ARGV[2] ~= '' then
@@ -102,12 +108,16 @@ if ARGV[2] ~= '' then
 end
 local restored = 0
 for i = 3, #ARGV, 3 do
-  local tag, payload = ARGV[i], ARGV[i + 2]
-  if redis.call('HDEL', KEYS[3], tag) == 1 and payload ~= ''
-      and redis.call('HDEL', KEYS[1], tag) == 1 then
-    redis.call('ZREM', KEYS[2], tag)
-    redis.call('RPUSH', ARGV[i + 1], payload)
-    restored = restored + 1
+  local tag, source, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HDEL', KEYS[3], tag) == 1 then
+    if source == '' then
+      redis.call('HDEL', KEYS[1], tag)
+      redis.call('ZREM', KEYS[2], tag)
+    elseif payload ~= '' and redis.call('HDEL', KEYS[1], tag) == 1 then
+      redis.call('ZREM', KEYS[2], tag)
+      redis.call('RPUSH', source, payload)
+      restored = restored + 1
+    end
   end
 end
 if redis.call('HLEN', KEYS[3]) == 0 then
@@ -175,13 +185,20 @@ class Holder:
         self.interval = interval
         self.timeout = timeout
         self._client = redis.Redis(connection_pool=pool)
-        self._beat: Script = self._client.register_script(BEAT_LUA)
-        self._reclaim: Script = self._client.register_script(RECLAIM_LUA)
+        # Both must run on a full Redis: see BEAT_LUA, and a reclaim only moves.
+        self._beat: Script = scripts.register(self._client, BEAT_LUA)
+        self._reclaim: Script = scripts.register(self._client, RECLAIM_LUA)
         self._users: weakref.WeakSet[object] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing_since: float | None = None
+        #: tag → message delivered to the application and not settled, whatever its
+        #: channel: never given back by this process while the message object lives (a
+        #: handler has it); one a lost connection's loop dropped unhandled goes with it
+        self.in_hand: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
+        self._late_acks: list[str] = []
+        self._late_lock = threading.Lock()
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -189,6 +206,13 @@ class Holder:
         with self._lock:
             self._users.add(user)
             if self._thread is None or not self._thread.is_alive():
+                # No channel was open: whatever this holder still holds, a closed
+                # connection fetched and could not hand back (Redis was unreachable as
+                # it closed). The process beat all along, so no sweep would take it:
+                # give it back now, but for what a handler still has in hand.
+                self.send_late_acks()
+                gc.collect()  # a message only a dropped reference cycle holds is not in hand
+                self.reclaim(self.id, keep=frozenset(self.in_hand.keys()))
                 # Registered before the first fetch: a holder nobody knows of would be
                 # left to the visibility timeout.
                 self.sweep(beat=True)
@@ -213,9 +237,29 @@ class Holder:
         with contextlib.suppress(redis.RedisError):
             self._reclaim(keys=self._reclaim_keys(self.id), args=[self.id, ""])
 
+    def ack_late(self, tag: str) -> None:
+        """Ack ``tag``, in hand when its channel closed, with the next beat."""
+        self.in_hand.pop(tag, None)
+        with self._late_lock:
+            self._late_acks.append(tag)
+
+    def send_late_acks(self) -> None:
+        with self._late_lock:
+            acks, self._late_acks = self._late_acks, []
+        if not acks:
+            return
+        try:
+            args = [self.id, "", *(x for tag in acks for x in (tag, "", ""))]
+            self._reclaim(keys=self._reclaim_keys(self.id), args=args)
+        except BaseException:
+            with self._late_lock:
+                self._late_acks[:0] = acks
+            raise
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                self.send_late_acks()
                 self.sweep(beat=True)
             except redis.RedisError as exc:
                 self._failed(exc)
@@ -260,9 +304,12 @@ class Holder:
         dead.pop(self.id, None)
         return sum(self.reclaim(holder, stale_before) for holder, stale_before in dead.items())
 
-    def reclaim(self, holder: str, stale_before: str = "") -> int:
-        """Give back ``holder``'s unacked messages, marked redelivered, at the head of the
-        lists they came from; forget the holder once its hash is empty."""
+    def reclaim(
+        self, holder: str, stale_before: str = "", keep: frozenset[str] = frozenset()
+    ) -> int:
+        """Give back ``holder``'s unacked messages but those in ``keep``, marked
+        redelivered, at the head of the lists they came from; forget the holder once its
+        hash is empty."""
         hkey = self.keys.holder(holder)
         restored, cursor = 0, 0
         while True:
@@ -270,7 +317,7 @@ class Holder:
                 "tuple[int, dict[bytes, bytes]]",
                 self._client.hscan(hkey, cursor, count=RECLAIM_BATCH),
             )
-            tags = list(chunk)
+            tags = [tag for tag in chunk if tag.decode() not in keep]
             values = typing.cast(
                 "list[bytes | None]", self._client.hmget(self.keys.unacked, tags) if tags else []
             )
@@ -287,7 +334,9 @@ class Holder:
             restored += done
             if cursor == 0:
                 break
-        if restored:
+        if restored and holder == self.id:
+            LOG.warning("gave back %d message(s) a lost connection of this process held", restored)
+        elif restored:
             how = "its process is gone" if not stale_before else f"silent {self.timeout:.0f} s"
             LOG.warning(
                 "gave back %d message(s) held by dead consumer %s (%s)", restored, holder, how

@@ -81,6 +81,13 @@ Half-open connections
     ever (``brpop_timeout=0``) has no bound. An idle poll still sleeps until the reply or
     the bound: no polling.
 
+A full Redis (``maxmemory``, ``noeviction``)
+    Fetches, acks and hand-backs keep running (see :mod:`.scripts`): draining is what
+    frees memory. The idle wait's BLMOVE is refused there (Redis counts it as a write that
+    may grow memory): the channel then fetches once per idle wait instead, sleeping in
+    the poll in between. Stock's visibility-timeout sweep (its mutex is a SET) is
+    skipped until there is room. Publishing fails, as it should.
+
 Transport options (on top of stock ones): ``fetch_batch_size`` (cap per fetch, default
 200, also the batch when prefetch is unlimited), ``ack_flush_interval`` (seconds,
 default 0.1), ``ack_batch_max`` (default 500) and ``rescan_interval`` (seconds, default
@@ -112,7 +119,7 @@ from kombu.utils.json import dumps, loads
 from redis.commands.core import Script
 
 from consumerd import deps
-from consumerd.consumer.transport import envelope, holders
+from consumerd.consumer.transport import envelope, holders, scripts
 
 LOG = get_logger(__name__)
 
@@ -127,14 +134,14 @@ deps.require(
             priority_steps sep socket_timeout unacked_index_key unacked_key
             visibility_timeout""",
         stock.QoS: """_delivered _flush can_consume_max_estimate restore_at_shutdown
-            restore_by_tag restore_unacked_once""",
+            restore_by_tag restore_unacked_once restore_visible""",
         stock.MultiChannelPoller: """_channels _in_protected_read after_read handle_event
             maybe_restore_messages on_poll_start poller""",
         stock.Transport: "_deliver cycle",
         virtual.Message: "_raw",
         redis.connection.Connection: "_sock read_response send_command",
         redis.Redis: "client_unblock register_script",
-        Script: "sha",
+        Script: "script sha",
     },
     "kombu",
     "redis",
@@ -319,6 +326,7 @@ class QoS(stock.QoS):
     def append(self, message: typing.Any, delivery_tag: str) -> None:
         if delivery_tag in self.channel.fetched_keys:
             VirtualQoS.append(self, message, delivery_tag)  # recorded by the fetch
+            self.channel.in_hand(delivery_tag, message)
         else:
             super().append(message, delivery_tag)  # basic_get, fanout: stock
 
@@ -338,6 +346,14 @@ class QoS(stock.QoS):
         messages = list(self._delivered.values())
         self._delivered.clear()
         self.channel.restore_delivered(messages, head=True)
+
+    def restore_visible(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.exceptions.OutOfMemoryError:
+            # Its mutex is a SET a full Redis refuses: skip this last-resort sweep until
+            # draining made room, rather than drop a connection that drains.
+            LOG.debug("Redis is full: visibility-timeout sweep skipped")
 
     def restore_unacked_once(self, stderr: typing.Any = None) -> None:
         # Prefetched messages are newer than delivered ones: pushed to the head first,
@@ -382,6 +398,7 @@ class Channel(stock.Channel):
         self._outstanding: tuple[str, list[str], list[str]] | None = None
         self._blocking_id: tuple[object, int] | None = None  # (socket, CLIENT ID)
         self._reply_due: float | None = None  # monotonic; None: no bound (wait 0)
+        self._full_until = 0.0  # monotonic: a full Redis refused the idle wait
         self._sync: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         #: queue → its dead-letter queue, for entries that are not messages (the runtime's)
@@ -407,10 +424,11 @@ class Channel(stock.Channel):
         pool = self.pool
         if self._sync is None or self._sync.connection_pool is not pool:
             self._sync = redis.Redis(connection_pool=pool)
+            # They only move or delete: they must run on a full Redis (drain it).
             self._scripts = {
-                "fetch": self._sync.register_script(FETCH_LUA),
-                "restore": self._sync.register_script(RESTORE_LUA),
-                "touch": self._sync.register_script(TOUCH_LUA),
+                "fetch": scripts.register(self._sync, FETCH_LUA),
+                "restore": scripts.register(self._sync, RESTORE_LUA),
+                "touch": scripts.register(self._sync, TOUCH_LUA),
             }
         return self._sync
 
@@ -476,6 +494,11 @@ class Channel(stock.Channel):
     def ack_later(self, tag: str) -> None:
         """Mark ``tag`` acked; it is deleted from Redis with the next batch."""
         held = self.fetched_keys.pop(tag, None) is not None
+        if self._holder is not None and self.closed:
+            self._holder.ack_late(tag)  # a handler outlived the channel: it sends no more
+            return
+        if self._holder is not None:
+            self._holder.in_hand.pop(tag, None)
         with self._acks_lock:  # kombu allows acks from other threads
             if not self._pending_acks:
                 self._pending_since = monotonic()
@@ -507,6 +530,7 @@ class Channel(stock.Channel):
         if not self._pending_acks:
             return False
         blocked = self._outstanding is not None and self._outstanding[0] == _WAIT
+        blocked = blocked or monotonic() < self._full_until
         return blocked or not self.active_queues or not self.qos.can_consume()
 
     # -- fetching ---------------------------------------------------------------------
@@ -520,6 +544,8 @@ class Channel(stock.Channel):
             return None
         if self._prefetched:
             return None  # deliver what we hold before asking for more
+        if monotonic() < self._full_until:
+            return None  # a full Redis: the poll sleeps instead (reply_wait_bound)
         keys = self._consume_keys()
         if not keys:
             return None
@@ -582,6 +608,8 @@ class Channel(stock.Channel):
             return None if due is None or due <= now else due - now
         if not self.active_queues:
             return None  # sends nothing
+        if now < self._full_until:
+            return self._full_until - now
         wait = self._idle_wait()
         return wait + self.reply_timeout() if wait else None
 
@@ -619,7 +647,14 @@ class Channel(stock.Channel):
         except BaseException as exc:
             self._unsent_acks(acks)
             if isinstance(exc, redis.exceptions.NoScriptError):
-                self.sync_client.script_load(FETCH_LUA)  # Redis restarted or flushed
+                self.sync_client.script_load(self._script("fetch").script)  # Redis restarted
+                raise Empty() from None
+            if command == _WAIT and isinstance(exc, redis.exceptions.OutOfMemoryError):
+                # A full Redis refuses BLMOVE (it could grow a list), though it takes
+                # nothing here. Fetch (allowed: it drains) once per idle wait instead,
+                # sleeping in the poll in between, until draining made room.
+                self._full_until = monotonic() + (self._idle_wait() or 1.0)
+                self._queue_empty = False
                 raise Empty() from None
             if isinstance(exc, self.connection_errors):
                 conn.disconnect()
@@ -720,6 +755,11 @@ class Channel(stock.Channel):
 
     # -- delivering -------------------------------------------------------------------
 
+    def in_hand(self, tag: str, message: typing.Any) -> None:
+        """``message`` went to the application: its holder keeps it while it lives."""
+        if self._holder is not None:
+            self._holder.in_hand[tag] = message
+
     def can_deliver_prefetched(self) -> bool:
         return bool(self._prefetched) and bool(self.qos.can_consume())
 
@@ -797,7 +837,11 @@ class Channel(stock.Channel):
             else:
                 payload = dumps(_redelivered(message._raw))
                 ours.append(_Restore(message.delivery_tag, key, payload))
-        return self._restore_many(ours, head=head)
+        restored = self._restore_many(ours, head=head)
+        if self._holder is not None:  # not before: a failed hand-back keeps them in hand
+            for restore in ours:
+                self._holder.in_hand.pop(restore.tag, None)
+        return restored
 
     def basic_recover(self, requeue: bool = False) -> None:
         if not self._fast:
@@ -859,14 +903,34 @@ class Channel(stock.Channel):
                 # restores it); the hand-back below uses another connection.
                 with contextlib.suppress(*self.connection_errors):
                     self._finish_outstanding()
+                if self._in_poll:  # Redis unreachable: stock's close would read it
+                    self._in_poll = self._outstanding = None  # type: ignore[assignment]
                 if self._qos is not None or self._prefetched or self._pending_acks:
-                    self.qos.restore_unacked_once()
+                    self._hand_back_at_close()
         finally:
             try:
                 super().close()
+            except self.connection_errors as exc:
+                # Raising would stop kombu closing the connection's other channels: the
+                # holder would never see its last user go (see _hand_back_at_close).
+                LOG.debug("closing a channel of a lost connection: %s", exc)
             finally:
                 if self._holder is not None:
                     self._holder.remove_user(self)
+
+    def _hand_back_at_close(self) -> None:
+        try:
+            self.qos.restore_unacked_once()
+        except self.connection_errors as exc:
+            # Raising would stop kombu closing the connection's other channels, and the
+            # holder would never see its last channel go: what this one held stays
+            # recorded, and the holder gives it back when the process reconnects.
+            LOG.warning(
+                "Could not hand back this channel's messages (%s: %s): given back at "
+                "the next connect",
+                type(exc).__name__,
+                exc,
+            )
 
     def _finish_outstanding(self) -> None:
         """Collect an in-flight fetch reply (its messages are handed back like the

@@ -100,6 +100,11 @@ _HAS_PROC = os.path.exists("/proc/self/stat")
 # SQLite's last-connection cleanup against files the parent still uses), so they are kept here.
 _INHERITED: list[sqlite3.Connection] = []
 
+# Owners whose channel closed while the database refused writes (a full disk): their
+# process lives on, so no sweep would release their claims before the visibility timeout.
+# The process's next sweep does, once the database takes writes again.
+_UNRETIRED: set[Owner] = set()
+
 
 class DatabasePathError(RuntimeError):
     """The broker database cannot be created, opened or written at the configured path."""
@@ -321,9 +326,17 @@ class Store:
         with self._lock:
             if self.closed or self._pid != os.getpid():
                 return
-            with self._transaction() as db:
-                db.execute(f"{_RELEASE} WHERE owner = ?", (owner.token,))
-                db.execute("DELETE FROM owners WHERE token = ?", (owner.token,))
+            try:
+                with self._transaction() as db:
+                    db.execute(f"{_RELEASE} WHERE owner = ?", (owner.token,))
+                    db.execute("DELETE FROM owners WHERE token = ?", (owner.token,))
+            except sqlite3.OperationalError as exc:
+                _UNRETIRED.add(owner)
+                logger.warning(
+                    "could not release this channel's claims (%s): released at the next "
+                    "fetch that can write",
+                    exc,
+                )
 
     def maybe_sweep(self) -> None:
         """Release claims of dead owners and expired claims, at most once per sweep_interval."""
@@ -336,6 +349,8 @@ class Store:
             for token, host, pid, started in self._query("SELECT * FROM owners")
             if host == self._host and not _is_alive(pid, started)
         ]
+        unretired = [o for o in list(_UNRETIRED) if o.pid == os.getpid()]
+        dead += [o.token for o in unretired]
         expired = "owner IS NOT NULL AND claimed_at < ?"
         cutoff = time.time() - (self.visibility_timeout or 0.0)
         stale = self.visibility_timeout is not None and bool(
@@ -350,6 +365,7 @@ class Store:
                 db.execute("DELETE FROM owners WHERE token = ?", (token,))
             if stale:
                 released += db.execute(f"{_RELEASE} WHERE {expired}", (cutoff,)).rowcount
+        _UNRETIRED.difference_update(unretired)
         if released:
             logger.warning(
                 "released %d message(s) claimed by %d dead consumer(s) or past the %s s "
@@ -562,7 +578,13 @@ class Channel(virtual.Channel):
 
     def close(self) -> None:
         closing = not self.closed
-        super().close()
+        try:
+            super().close()
+        except sqlite3.OperationalError:
+            if not closing or self._owner is None:
+                raise
+            # Its hand-back was refused (a full disk): retiring the owner below releases
+            # the claims, or leaves them to the process's next sweep.
         if closing and self._owner is not None:
             self._buffers.clear()
             self.store.retire(self._owner)
