@@ -428,6 +428,13 @@ def _fmt_rate(rates: list[float], reps: int) -> str:
     return text if len(rates) == reps else f"{text} ({len(rates)}/{reps} ok)"
 
 
+def _ratio(top: list[float], bottom: list[float]) -> str:
+    """The ratio of two runners' medians, "n/a" where one has no run."""
+    if not top or not bottom:
+        return "n/a"
+    return f"{statistics.median(top) / statistics.median(bottom):.2f}x"
+
+
 def print_table(
     runners: list[Runner],
     brokers_: list[Broker],
@@ -469,24 +476,12 @@ def print_table(
     print(f"{'consumerd / peer (medians)':<34}" + "".join(f"{b.name:>{col}}" for b in brokers_))
     for r in runners:
         if r.name == "consumerd-keyed":
-            cells = []
-            for b in brokers_:
-                ours, keyed = rates["consumerd", b.name], rates[r.name, b.name]
-                ok = ours and keyed
-                cells.append(
-                    f"{statistics.median(keyed) / statistics.median(ours):.2f}x" if ok else "n/a"
-                )
+            cells = [_ratio(rates[r.name, b.name], rates["consumerd", b.name]) for b in brokers_]
             print(f"{'keyed / unordered':<34}" + "".join(f"{c:>{col}}" for c in cells))
             continue
         if r.name == "consumerd":
             continue
-        cells = []
-        for b in brokers_:
-            ours, theirs = rates["consumerd", b.name], rates[r.name, b.name]
-            ok = ours and theirs
-            cells.append(
-                f"{statistics.median(ours) / statistics.median(theirs):.2f}x" if ok else "n/a"
-            )
+        cells = [_ratio(rates["consumerd", b.name], rates[r.name, b.name]) for b in brokers_]
         print(f"{'vs ' + r.label:<34}" + "".join(f"{c:>{col}}" for c in cells))
 
 
