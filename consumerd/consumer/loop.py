@@ -740,7 +740,11 @@ class Loop:
                 with _METER_LOCK:
                     meter.finished(job.seconds)
                 binding = self._bindings.get(name)
-                if binding is None or job.message.channel is not binding.channel:
+                if binding is None:
+                    continue  # a reload dropped the consumer and closed its channel
+                if job.message.channel is not binding.channel and not getattr(
+                    job.message.channel, "settles_after_close", False
+                ):
                     continue  # its channel was closed: the broker has the message back
                 if job.error is not None:
                     self._failed(binding.spec, job.message, job.delivery, job.error)

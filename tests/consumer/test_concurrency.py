@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.consumer.conftest import Record, publish_many
+from tests.consumer.conftest import Broker, Consumerd, Proxy, Record, RedisServer, publish_many
 from tests.helpers import wait_for
 
 
@@ -131,3 +131,35 @@ def test_sighup_changes_concurrency_live(consumerd, broker, name, tmp_path: Path
     assert consumerd.stop() == 0
     assert most_at_once([r for r in consumerd.records() if r.id >= 8]) == 6
     assert sorted(consumerd.ids().elements()) == list(range(26))
+
+
+def test_pool_handlers_that_outlive_a_lost_redis_connection_are_settled(tmp_path, name):
+    """Four handlers are running when the connection to Redis is cut. The reconnect gives
+    back what the old connection held but for those four (their handlers still have them:
+    never redelivered while they run); when they finish, their acks must still reach Redis
+    (the holder sends them). Before, the loop dropped the result of a handler whose channel
+    had closed, and its message sat in Redis's unacked hash until the 1 h visibility
+    timeout or the worker's exit — then it was handled a second time."""
+    server = RedisServer(tmp_path)
+    server.start()
+    proxy = Proxy(server.port)
+    proxy.resume()
+    c = Consumerd(tmp_path, name, f"redis://127.0.0.1:{proxy.port}/0")
+    broker = Broker("redis", server.url)
+    try:
+        c.configure([{"name": name, "concurrency": 4, "prefetch": 8, "sleep": 2.0}])
+        c.start(workers=1)
+        c.wait_logged(f"consuming {name} from", 1, timeout=30)
+        publish_many(server.url, name, 8)
+        wait_for(lambda: len(c.started()) == 4, 30, "four handlers running")
+        proxy.cut()
+        proxy.resume()  # a flap: the worker reconnects while the four still run
+        wait_for(lambda: len(c.ids()) == 8, 60, "every message handled")
+        wait_for(lambda: broker.unacked() == 0, 30, "nothing left held in Redis")
+        assert c.stop() == 0
+    finally:
+        c.kill()
+        proxy.cut()
+        server.stop()
+    assert c.ids() == collections.Counter(range(8))  # none lost, none twice
+    assert sorted(c.started()) == list(range(8))  # the four running were not redelivered

@@ -369,6 +369,10 @@ class Channel(stock.Channel):
 
     QoS = QoS
 
+    #: A message whose channel closed while its handler ran is still settled through it
+    #: (the holder sends the ack): the reconnect left it recorded, not given back.
+    settles_after_close = True
+
     fetch_batch_size = 200
     ack_flush_interval = 0.1
     ack_batch_max = 500
