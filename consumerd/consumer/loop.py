@@ -81,8 +81,10 @@ reconnect waits (FLAP_BACKOFF), growing while flaps continue, instead of reconne
 once: a full broker (Redis at maxmemory, a full disk) fails right after each connect."""
 FLAP_BACKOFF = (0.5, 30.0)
 """First and longest wait before reconnecting after a flap (doubling, equal jitter)."""
-FULL_POLL = 1.0
-"""Without a wake queue (a full broker refused it), how often the loop looks for a stop."""
+STOP_CHECK = 1.0
+"""Longest idle wait of the loop before it looks for a stop or reload again: the wake
+message that cuts the wait short can be refused (a broker that filled up, a wake queue
+a full broker would not create)."""
 _FULL_MARKERS = ("maxmemory", "OOM command not allowed", "disk is full", "No space left")
 PULSE = 1.0
 """How often the pulse thread (AMQP) looks at a loop busy in an inline handler, and at
@@ -188,7 +190,6 @@ class Loop:
         )
         self._flaps = 0
         self._connected_at = 0.0
-        self._without_wake = False  # a full broker refused the wake queue
         self._amqp = broker.is_amqp(self._probe)
         self._acks = acks.Acks(batched=self._amqp)
         self._heartbeat, self._consumer_timeout = broker.consuming_options(self._url)
@@ -387,8 +388,8 @@ class Loop:
         self._interrupt.clear()
         self._sleep(delay)
 
-    def _timeout(self) -> float | None:
-        """Until the next chore; None (block until a message or a poke) if there is none."""
+    def _timeout(self) -> float:
+        """Until the next chore, or the next look for a stop (:data:`STOP_CHECK`)."""
         deadline = min(
             self._partitions.deadline,
             self._next_restore,
@@ -396,13 +397,11 @@ class Loop:
             self._next_beat,
             self._retries.deadline(),
         )
-        if self._without_wake:
-            deadline = min(deadline, time.monotonic() + FULL_POLL)
+        now = time.monotonic()
+        deadline = min(deadline, now + STOP_CHECK)
         if any(pool.outstanding for pool in self._pools.values()):
-            deadline = min(deadline, time.monotonic() + HANDLER_POLL)
-        if deadline == math.inf:
-            return None
-        return max(0.001, deadline - time.monotonic())
+            deadline = min(deadline, now + HANDLER_POLL)
+        return max(0.001, deadline - now)
 
     def _rebalance_soon(self) -> None:
         self._partitions.look_soon(any(b.spec.partitions for b in self._bindings.values()))
@@ -460,17 +459,15 @@ class Loop:
                 self._next_beat = time.monotonic() + self._heartbeat / 4
             self._producer = Producer(conn.default_channel, serializer="json")
             self._connected_at = time.monotonic()
-            self._without_wake = False
             try:
                 self._bind_wake()
             except Exception as exc:
                 if not _is_full(exc):
                     raise
                 # The broker is full: consume without a wake queue (acks and fetches
-                # free space); a stop or reload is noticed within FULL_POLL instead.
+                # free space); a stop or reload is noticed within STOP_CHECK instead.
                 LOG.warning("broker full (%s); consuming without a wake queue", exc)
                 self._wake_channel = None
-                self._without_wake = True
             self._schedule_restore()
             self._bind_retry()
             LOG.info(

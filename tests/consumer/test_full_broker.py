@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -301,3 +302,32 @@ def test_embedded_broker_on_a_full_disk_backs_off_and_loses_nothing(tmp_path, na
     assert set(counts) == set(range(EMBEDDED_QUEUED)) | set(range(1000, 1010)) | accepted
     # at-least-once: what was claimed when the disk filled (its ack refused) comes again
     assert sum(n - 1 for n in counts.values()) <= 2 * 20
+
+
+def test_a_stop_reaches_an_idle_worker_on_a_redis_that_filled_up(tmp_path, name):
+    """SIGTERM and SIGHUP wake the consume loop through a message to its wake queue; a
+    Redis that fills up while the workers idle refuses that message. The stop must still
+    reach them at once, not after the loop's next chore (up to a minute) or the graceful
+    timeout."""
+    server = RedisServer(tmp_path)
+    server.start()
+    client = redis_lib.Redis(port=server.port)
+    c = Consumerd(tmp_path, name, server.url)
+    try:
+        c.configure([{"name": name}])
+        c.start(workers=1)
+        c.wait_logged(f"consuming {name} from", 1, timeout=30)
+        client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 64 * 1024)
+        client.config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+            for i in range(10_000):
+                client.set(f"{name}:filler:{i}", PAD)
+        c.signal(signal.SIGTERM)
+        asked = time.monotonic()
+        assert c.stop(timeout=60) == 0
+        took = time.monotonic() - asked
+    finally:
+        c.kill()
+        server.stop()
+    assert c.logged("exited with status 0") == 1  # the worker stopped cleanly
+    assert took < 10, took  # a wait on the next chore took ~60 s
