@@ -29,6 +29,7 @@ import pytest
 import redis
 
 from consumerd.consumer.transport import redis as fast
+from tests.consumer.conftest import Proxy
 from tests.helpers import wait_for
 
 URL = "redis://127.0.0.1:6379/13"
@@ -327,6 +328,35 @@ def test_clean_close_restores_prefetched_at_once_in_order(broker):
     assert redelivered[:2] == [True, True]  # delivered, unacked
     assert not any(redelivered[2:])  # prefetched only: put back untouched
     assert broker.unacked() == 0 and broker.indexed() == 0
+
+
+def test_acks_not_yet_sent_when_redis_is_lost_are_not_redelivered_after(broker):
+    """Acked messages whose acks still waited for their batch when the connection was
+    cut: the close cannot send them, the reconnect gives back what the old connection
+    held, and those are acked first (late acks), not delivered again. Prefetched ones
+    come back, each once."""
+    broker.publish(30)
+    proxy = Proxy(6379)
+    proxy.resume()
+    url = f"redis://127.0.0.1:{proxy.port}/13"
+    # Acks wait for a full batch or for their interval: neither comes in this test.
+    options = {"ack_flush_interval": 3600, "ack_batch_max": 1000}
+    try:
+        with broker.connect(url=url, **options) as conn:
+            got, _, _ = consume(conn, broker.queue, 20, prefetch=30)
+            assert broker.unacked() == 30  # 20 acked here, not in Redis yet
+            proxy.cut()
+            conn.collect()  # what the runtime does with a broken connection
+        assert broker.unacked() == 30  # the close could hand nothing back
+        proxy.resume()
+        with broker.connect(url=url, **options) as conn:
+            more, _, _ = consume(conn, broker.queue, 10)
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)  # a duplicate would come in now
+    finally:
+        proxy.cut()
+    assert sorted(got + more) == list(range(30)), sorted(got + more)  # each once
+    assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
 
 
 def test_requeue_prefetched_keeps_delivered_ones(broker):
