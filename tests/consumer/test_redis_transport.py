@@ -28,7 +28,9 @@ import kombu
 import pytest
 import redis
 
+from consumerd.consumer.transport import holders
 from consumerd.consumer.transport import redis as fast
+from tests.consumer.conftest import Proxy
 from tests.helpers import wait_for
 
 URL = "redis://127.0.0.1:6379/13"
@@ -327,6 +329,35 @@ def test_clean_close_restores_prefetched_at_once_in_order(broker):
     assert redelivered[:2] == [True, True]  # delivered, unacked
     assert not any(redelivered[2:])  # prefetched only: put back untouched
     assert broker.unacked() == 0 and broker.indexed() == 0
+
+
+def test_acks_not_yet_sent_when_redis_is_lost_are_not_redelivered_after(broker):
+    """Acked messages whose acks still waited for their batch when the connection was
+    cut: the close cannot send them, the reconnect gives back what the old connection
+    held, and those are acked first (late acks), not delivered again. Prefetched ones
+    come back, each once."""
+    broker.publish(30)
+    proxy = Proxy(6379)
+    proxy.resume()
+    url = f"redis://127.0.0.1:{proxy.port}/13"
+    # Acks wait for a full batch or for their interval: neither comes in this test.
+    options = {"ack_flush_interval": 3600, "ack_batch_max": 1000}
+    try:
+        with broker.connect(url=url, **options) as conn:
+            got, _, _ = consume(conn, broker.queue, 20, prefetch=30)
+            assert broker.unacked() == 30  # 20 acked here, not in Redis yet
+            proxy.cut()
+            conn.collect()  # what the runtime does with a broken connection
+        assert broker.unacked() == 30  # the close could hand nothing back
+        proxy.resume()
+        with broker.connect(url=url, **options) as conn:
+            more, _, _ = consume(conn, broker.queue, 10)
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)  # a duplicate would come in now
+    finally:
+        proxy.cut()
+    assert sorted(got + more) == list(range(30)), sorted(got + more)  # each once
+    assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
 
 
 def test_requeue_prefetched_keeps_delivered_ones(broker):
@@ -874,6 +905,45 @@ def test_half_open_connection_raises_in_bounded_time_and_loses_nothing(
         more, _, _ = consume(conn, broker.queue, sent - 20)
     assert sorted(got + more) == list(range(sent))  # count in == count out, each once
     assert broker.queued() == 0 and broker.unacked() == 0 and broker.indexed() == 0
+
+
+def test_a_beat_blocked_through_a_restart_of_the_holder_ends(broker, proxy):
+    """A channel closes while the holder's beat waits for a reply that never comes (the
+    stop outlasts remove_user's join), and a new channel starts a new beat thread: the
+    old one ends once its read times out, instead of beating beside the new one for
+    good (one more thread on a pool of 2 connections per outage)."""
+
+    class User:
+        pass
+
+    before = set(threading.enumerate())
+
+    def beats() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name == "consumerd-holder-beat" and t not in before
+        ]
+
+    pool = redis.ConnectionPool.from_url(
+        proxy.url, socket_timeout=fast.REPLY_TIMEOUT, max_connections=2
+    )
+    keys = holders.Keys(broker.options["unacked_key"], broker.options["unacked_index_key"])
+    holder = holders.Holder(pool, keys, interval=0.1, timeout=holders.TIMEOUT)
+    first, second = User(), User()
+    try:
+        holder.add_user(first)
+        proxy.drop(once_sent=b"EVALSHA")  # the next beat's request, never answered
+        wait_for(proxy.dropping, 10, "a beat sent into the void")
+        proxy.resume()  # Redis is back, but that beat waits for its reply until timeout
+        holder.remove_user(first)
+        assert len(beats()) == 1  # still blocked: the join gave up on it
+        holder.add_user(second)
+        wait_for(lambda: len(beats()) == 1, fast.REPLY_TIMEOUT + 20, "one beat thread left")
+    finally:
+        holder.remove_user(second)
+        broker.r.delete(*broker.r.scan_iter(f"{keys.unacked}_holder*"))
+    assert not beats()
 
 
 def test_idle_wait_without_timeout_is_quiet_and_wakes_at_once(broker, monkeypatch):

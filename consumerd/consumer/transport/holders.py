@@ -190,7 +190,7 @@ class Holder:
         self._reclaim: Script = scripts.register(self._client, RECLAIM_LUA)
         self._users: weakref.WeakSet[object] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the running beat thread's
         self._thread: threading.Thread | None = None
         self._failing_since: float | None = None
         #: tag → message delivered to the application and not settled, whatever its
@@ -216,9 +216,12 @@ class Holder:
                 # Registered before the first fetch: a holder nobody knows of would be
                 # left to the visibility timeout.
                 self.sweep(beat=True)
-                self._stop.clear()
+                # A new event: a thread stopped while its beat blocked (longer than
+                # remove_user waits) must still end once that call returns.
+                self._stop = threading.Event()
                 self._thread = threading.Thread(
                     target=self._run,
+                    args=(self._stop,),
                     name="consumerd-holder-beat",
                     daemon=True,
                 )
@@ -256,8 +259,8 @@ class Holder:
                 self._late_acks[:0] = acks
             raise
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
             try:
                 self.send_late_acks()
                 self.sweep(beat=True)

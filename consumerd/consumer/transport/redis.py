@@ -935,6 +935,11 @@ class Channel(stock.Channel):
                 type(exc).__name__,
                 exc,
             )
+            # Acks that die with the channel would let that give-back deliver their
+            # handled messages again: the holder sends them first.
+            if self._holder is not None:
+                for tag in self._take_acks():
+                    self._holder.ack_late(tag.removeprefix("\0"))
 
     def _finish_outstanding(self) -> None:
         """Collect an in-flight fetch reply (its messages are handed back like the
