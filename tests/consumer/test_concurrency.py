@@ -134,12 +134,12 @@ def test_sighup_changes_concurrency_live(consumerd, broker, name, tmp_path: Path
 
 
 def test_pool_handlers_that_outlive_a_lost_redis_connection_are_settled(tmp_path, name):
-    """Four handlers are running when the connection to Redis is cut. The reconnect gives
-    back what the old connection held but for those four (their handlers still have them:
-    never redelivered while they run); when they finish, their acks must still reach Redis
-    (the holder sends them). Before, the loop dropped the result of a handler whose channel
-    had closed, and its message sat in Redis's unacked hash until the 1 h visibility
-    timeout or the worker's exit — then it was handled a second time."""
+    """Four handlers are running when the connection to Redis is lost for a while. The
+    reconnect gives back what the old connection held but for those four (their handlers
+    still have them: never redelivered while they run); when they finish, their acks must
+    still reach Redis (the holder sends them). Before, the loop dropped the result of a
+    handler whose channel had closed, and its message sat in Redis's unacked hash until
+    the 1 h visibility timeout or the worker's exit, then ran a second time."""
     server = RedisServer(tmp_path)
     server.start()
     proxy = Proxy(server.port)
@@ -147,13 +147,17 @@ def test_pool_handlers_that_outlive_a_lost_redis_connection_are_settled(tmp_path
     c = Consumerd(tmp_path, name, f"redis://127.0.0.1:{proxy.port}/0")
     broker = Broker("redis", server.url)
     try:
-        c.configure([{"name": name, "concurrency": 4, "prefetch": 8, "sleep": 2.0}])
+        c.configure([{"name": name, "concurrency": 4, "prefetch": 8, "sleep": 3.0}])
         c.start(workers=1)
         c.wait_logged(f"consuming {name} from", 1, timeout=30)
         publish_many(server.url, name, 8)
         wait_for(lambda: len(c.started()) == 4, 30, "four handlers running")
         proxy.cut()
-        proxy.resume()  # a flap: the worker reconnects while the four still run
+        # Redis stays out of reach until the worker has tried to reconnect: its closing
+        # channel could not hand the four back (had it reached Redis, they would run
+        # again, as on any broker after a lost connection: at-least-once).
+        c.wait_logged("unreachable", 1, timeout=30)
+        proxy.resume()
         wait_for(lambda: len(c.ids()) == 8, 60, "every message handled")
         wait_for(lambda: broker.unacked() == 0, 30, "nothing left held in Redis")
         assert c.stop() == 0
