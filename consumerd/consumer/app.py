@@ -408,8 +408,9 @@ class App:
         :class:`Message` brings its own (its ``headers`` added to the common ones).
         Every message is confirmed, but ``window`` at a time: RabbitMQ confirms a
         window's messages together, Redis stores them in one round trip (MULTI/EXEC),
-        the embedded broker in one transaction. ``bodies`` is read as it goes, so a
-        generator is fine. If some are not confirmed (refused, a lost connection that
+        the embedded broker in one transaction. ``bodies`` is read as it goes, and
+        outside the App's lock, so a generator is fine, even a slow one or one that
+        publishes itself. If some are not confirmed (refused, a lost connection that
         did not come back, a body that is not JSON) it stops at that window and raises
         :class:`~consumerd.consumer.publishing.PublishError`, whose ``confirmed``,
         ``unconfirmed`` (positions, from 0) and ``sent`` say what to send again.
@@ -439,10 +440,13 @@ class App:
         )
 
     def _send(self, name: str, messages: typing.Iterable[publishing.Outgoing], window: int) -> int:
+        return publishing.send(name, messages, window, self._confirm)
+
+    def _confirm(self, window: publishing.Window) -> None:
         with self._lock:
             if self._publisher is None:
                 self._publisher = publishing.Publisher(self.broker_url)
-            return self._publisher.publish(name, messages, window)
+            self._publisher.confirm(window)
 
     def close(self) -> None:
         """Release the producer's connection."""

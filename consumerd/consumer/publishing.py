@@ -36,7 +36,7 @@ import typing
 from consumerd.consumer import broker
 
 if typing.TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 WINDOW = 1000
 """Messages sent before their confirms are awaited (RabbitMQ) or written together."""
@@ -179,7 +179,7 @@ class _Session:
         self.connection.release()
 
 
-class _Window:
+class Window:
     """Up to ``WINDOW`` messages and which of them are confirmed; positions from ``start``."""
 
     def __init__(self, name: str, start: int, messages: list[Outgoing]) -> None:
@@ -205,6 +205,38 @@ class _Window:
         )
 
 
+def send(
+    name: str, messages: Iterable[Outgoing], window: int, confirm: Callable[[Window], None]
+) -> int:
+    """Send ``messages``, ``window`` at a time, each window given to ``confirm`` (which
+    sends it and raises :class:`PublishError` unless all of it is confirmed) before the
+    next is read; returns how many were sent.
+
+    ``messages`` is read here, not inside ``confirm``: the App holds its lock only while
+    a window is confirmed, so a slow iterable, or one that itself publishes, does not
+    hold up (or deadlock) other publishes.
+    """
+    done = 0
+    batch: list[Outgoing] = []
+    iterator = iter(messages)
+    while True:
+        try:
+            message = next(iterator, None)
+        except Exception as exc:  # the caller's iterable: keep what it gave first
+            last = Window(name, done, batch)
+            if batch:
+                confirm(last)
+            raise last.error(exc) from exc
+        if message is not None:
+            batch.append(message)
+        if batch and (message is None or len(batch) >= window):
+            confirm(Window(name, done, batch))
+            done += len(batch)
+            batch = []
+        if message is None:
+            return done
+
+
 class Publisher:
     """The App's publisher: a :class:`_Session` kept across calls, made afresh after a
     fork (connections do not survive one) or a failure."""
@@ -216,30 +248,7 @@ class Publisher:
         self._lost: tuple[type[BaseException], ...] = tuple(broker.connect(url).connection_errors)
         self._session: _Session | None = None
 
-    def publish(self, name: str, messages: Iterable[Outgoing], window: int = WINDOW) -> int:
-        """Send ``messages``, ``window`` at a time, each window confirmed before the next
-        is sent; returns how many were sent. Raises :class:`PublishError`."""
-        done = 0
-        batch: list[Outgoing] = []
-        iterator = iter(messages)
-        while True:
-            try:
-                message = next(iterator, None)
-            except Exception as exc:  # the caller's iterable: keep what it gave first
-                last = _Window(name, done, batch)
-                if batch:
-                    self._confirm(last)
-                raise last.error(exc) from exc
-            if message is not None:
-                batch.append(message)
-            if batch and (message is None or len(batch) >= window):
-                self._confirm(_Window(name, done, batch))
-                done += len(batch)
-                batch = []
-            if message is None:
-                return done
-
-    def _confirm(self, window: _Window) -> None:
+    def confirm(self, window: Window) -> None:
         """Send and confirm ``window``, reconnecting after a lost connection; raises
         :class:`PublishError` unless all of it is confirmed."""
         for attempt in range(RETRIES + 1):
@@ -259,7 +268,7 @@ class Publisher:
                 raise window.error(stop) from stop
             return
 
-    def _attempt(self, window: _Window) -> Exception | None:
+    def _attempt(self, window: Window) -> Exception | None:
         """Send the window's unconfirmed messages once and wait for their confirms; the
         error of a message that could not be sent (the ones after it are not sent)."""
         session = self._session_for_this_process()

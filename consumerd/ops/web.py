@@ -55,6 +55,8 @@ if typing.TYPE_CHECKING:
 MAX_IDS = 500
 #: The tail of an action's output kept for the page.
 OUTPUT_SHOWN = 2000
+#: A message id as an argument of the command: not an option; printable, which also keeps
+#: out what an argv cannot carry (NUL) or encode (a lone surrogate).
 _ID = re.compile(r"[^\s-][^\s]{0,199}")
 _COUNTERS = {
     "consumerd_messages_received": "received",
@@ -241,7 +243,7 @@ class Web:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        except OSError as exc:
+        except Exception as exc:  # OSError, or ValueError (a NUL in the environment): no leak
             out.close()
             return _json(500, {"error": f"could not start the command: {exc}"})
         self._action = action
@@ -261,7 +263,7 @@ class Web:
         if (
             not isinstance(ids, list)
             or not 0 < len(ids) <= MAX_IDS
-            or not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids)
+            or not all(isinstance(i, str) and _ID.fullmatch(i) and i.isprintable() for i in ids)
         ):
             raise ValueError(f'"ids": 1 to {MAX_IDS} message ids, or "all": true')
         return [verb, name, *ids]

@@ -18,6 +18,7 @@ import time
 import pytest
 import redis as redis_lib
 
+from consumerd.cli import main as cli_main
 from consumerd.consumer import inspection, policy, routing
 from consumerd.consumer.broker import connect
 from tests.consumer.conftest import (
@@ -263,6 +264,49 @@ def test_dlq_list_show_replay_purge(ops, name):
     assert sorted(i for i, _, _ in replayed) == [0, 1, 2, 4, 5]
     assert {(attempt, queue) for _, attempt, queue in replayed} == {(1, name)}
     assert _summary(queues(ops)[name]) == (0, 0, {"ready": 0, "held": 0}, 0)
+
+
+@pytest.mark.parametrize("ops", ["amqp"], indirect=True)
+def test_replay_all_says_what_a_listing_held_back(ops, name, monkeypatch, capsys):
+    """On RabbitMQ a listing (the web page's, every 2 s while watched) holds dead letters
+    with ``basic.get`` for a moment: a ``dlq replay --all`` from a shell cannot see them
+    and cannot take the page's lock, so once its move is done it counts the queue again
+    and fails naming what is left. Run in this process so that the listing ends exactly
+    between the command's move and its count."""
+    publish(ops, name, [{"i": i, "fail": True} for i in range(6)])
+    ops.start(workers=1)
+    wait_for(lambda: queues(ops)[name]["dead"] == 6, 60, "six dead letters")
+    assert ops.stop() == 0
+
+    dead = routing.dead_letter_queue(name)
+    with connect(AMQP_URL) as conn:
+        listing = conn.channel()
+        held = [listing.basic_get(dead, no_ack=False) for _ in range(2)]
+        assert all(message is not None for message in held)
+        moving = inspection.RabbitInspector.dead_letters
+
+        @contextlib.contextmanager
+        def then_the_listing_ends(self, queue, limit=None):
+            with moving(self, queue, limit) as session:
+                yield session
+            listing.close()  # its two are ready again
+
+        monkeypatch.setattr(inspection.RabbitInspector, "dead_letters", then_the_listing_ends)
+        monkeypatch.syspath_prepend(str(ops.tmp))
+        for key, value in ops.env().items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["dlq", "replay", name, "--all", "--app", "tapp", "--broker", ops.url])
+        assert exited.value.code == 1
+        out, err = capsys.readouterr()
+        assert "4 dead letter(s) of" in out
+        assert err.count("\n") == 1 and f"2 more still in {dead}" in err, err
+        monkeypatch.undo()
+    result = dlq(ops, "replay", name, "--all")
+    assert result.returncode == 0, result.stderr
+    assert "2 dead letter(s) of" in result.stdout
+    after = queues(ops)[name]
+    assert (after["ready"], after["dead"]) == (6, 0)
 
 
 def test_replay_returns_each_to_its_partition(ops, name):

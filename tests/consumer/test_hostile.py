@@ -183,3 +183,34 @@ def test_a_database_in_a_shared_directory_leaves_the_directory_as_it_was(shared)
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
     assert stat.S_IMODE(os.stat(f"{shared}/broker.db").st_mode) & 0o077 == 0
     as_nobody("touch", f"{shared}/still-mine")  # other users still use the directory
+
+
+@pytest.mark.parametrize("planted", ["file", "symlink"])
+def test_a_wal_planted_by_another_user_is_refused(c, shared, planted):
+    """SQLite keeps a ``-wal`` it finds, with its owner, mode or symlink target: one
+    planted next to our database would let another user read every message. A worker
+    refuses the database as it refuses a symlinked one: DatabasePathError naming the
+    file, exit status 2 (and the master respawns it, with backoff)."""
+    url = f"sqlite:///{shared}/broker.db"
+    wal = f"{shared}/broker.db-wal"
+    with kombu.Connection(url, transport="consumerd.consumer.transport.sqlite:Transport") as conn:
+        conn.SimpleQueue("q").put({"n": 1})  # ours, closed: SQLite removed its -wal
+    assert not os.path.lexists(wal)
+    if planted == "file":
+        as_nobody("sh", "-c", f"umask 0; touch {wal}")
+        expected = "companion file belongs to uid"
+    else:
+        as_nobody("ln", "-s", f"{shared}/elsewhere", wal)
+        expected = "companion file is a symbolic link"
+    c.start(workers=1, url=url)
+    c.wait_logged(expected)
+    c.wait_logged("worker 0 exited with status 2")
+    assert c.stop() == 0
+    assert c.logged("consuming") == 0
+    log = Path(c.log).read_text().splitlines()
+    refusals = [line for line in log if line.startswith("consumerd.consumer.transport.sqlite")]
+    assert refusals and all(expected in line and wal in line for line in refusals), refusals
+    if planted == "file":
+        assert os.stat(wal).st_size == 0  # nothing written to it
+    else:
+        assert not os.path.lexists(f"{shared}/elsewhere")  # nor created where it points

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import redis as redis_lib
@@ -166,6 +167,46 @@ def test_an_iterable_that_raises_keeps_what_it_gave_first(any_broker, name):
     assert raised.value.confirmed == 130
     assert isinstance(raised.value.__cause__, LookupError)
     assert any_broker.depth(name) == 130
+
+
+def test_an_iterable_may_publish_and_does_not_hold_up_other_threads(any_broker, name):
+    """The iterable given to ``publish_many`` is read outside the App's lock: one that
+    publishes itself (an audit message per 10 items) does not deadlock, and while it is
+    being read another thread's ``publish`` goes through. Run in a thread so that a
+    regression fails on the join instead of hanging the suite."""
+    audit = f"{name}.audit"
+    app = app_on(any_broker.url)
+    other: list[str] = []
+
+    def bodies():
+        for i in range(250):
+            if i % 10 == 0:
+                app.publish(audit, {"audit": i})
+            if i == 55:  # a slow source: another thread publishes while it waits
+                meanwhile = threading.Thread(
+                    target=lambda: other.append(app.publish(audit, {"other": True}))
+                )
+                meanwhile.start()
+                meanwhile.join(30)
+            yield {"i": i}
+
+    sent: list[int] = []
+    publisher = threading.Thread(
+        target=lambda: sent.append(app.publish_many(name, bodies(), window=WINDOW)),
+        daemon=True,
+    )
+    publisher.start()
+    publisher.join(60)
+    try:  # not closed if deadlocked: close() would wait for the same lock
+        assert not publisher.is_alive(), "publish_many deadlocked on its own iterable"
+        app.close()
+        assert sent == [250]
+        assert other == [audit], "another thread's publish waited for the whole bulk"
+        assert any_broker.depth(name) == 250
+        assert any_broker.depth(audit) == 26
+        assert [m.payload["i"] for m in drain(any_broker, name)] == list(range(250))
+    finally:
+        any_broker.cleanup([audit])
 
 
 @pytest.fixture

@@ -3,11 +3,16 @@ gate in front of the dead-letter actions (token, body, one action at a time, out
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import os
 import select
 import socket
 import sys
 import threading
+import typing
+import warnings
 
 import pytest
 
@@ -159,6 +164,46 @@ def test_a_bad_body_is_refused(site, body):
     status, answer = post(web.Web(site), "replay", body)
     assert status == 400 and answer["error"]
     assert site.manager.watched == []
+
+
+@contextlib.contextmanager
+def no_file_left_open() -> typing.Iterator[None]:
+    """Neither a descriptor more at the end nor a file closed only by the garbage
+    collector (which would hide a leak that a kept traceback makes real)."""
+    before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) == before
+
+
+def test_an_id_no_argv_can_carry_is_refused_and_leaks_nothing(site):
+    """A NUL or a lone surrogate passed the id pattern, then Popen raised ValueError: a
+    500, and the output file of the action that never started stayed open."""
+    page = web.Web(site)
+    with no_file_left_open():
+        for _ in range(20):
+            for bad in ("id\x00x", "id\ud800", "id\x7f"):
+                status, answer = post(page, "replay", {"consumer": "orders", "ids": [bad]})
+                assert status == 400 and answer["error"], bad
+    assert site.manager.watched == []
+
+
+def test_a_command_that_cannot_start_closes_its_output_file(site):
+    """Whatever Popen raises (here ValueError: a NUL in the environment), a 500 that
+    says why, and no descriptor left behind."""
+    site.env = {"BAD": "x\x00y"}
+    page = web.Web(site)
+    with no_file_left_open():
+        for _ in range(20):
+            status, answer = post(page, "replay", {"consumer": "orders", "all": True})
+            assert status == 500 and "could not start the command" in answer["error"], answer
+    assert site.manager.watched == []
+    site.env = {}
+    assert post(page, "replay", {"consumer": "orders", "all": True})[0] == 202  # not stuck
+    site.manager.finish()
 
 
 def test_an_action_runs_the_command_and_reports_its_outcome(site):

@@ -736,13 +736,31 @@ def _private_file(path: str) -> None:
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
         raise OSError(errno.ELOOP, "the database path is a symbolic link", path)
+    owner = info.st_uid
     for name in (path, path + "-wal", path + "-shm"):
         try:
             info = os.lstat(name)
         except FileNotFoundError:
             continue
+        _check_companion(name, info, owner)
         if stat.S_ISREG(info.st_mode):
             _narrow(name, info)
+
+
+def _check_companion(name: str, info: os.stat_result, owner: int) -> None:
+    """Refuse a ``-wal`` or ``-shm`` that another user could read: a symlink (SQLite
+    follows it), or a file not owned by the database file's owner, planted before SQLite
+    made it (SQLite keeps a file it finds, with its owner and mode). The database's owner
+    rather than ours: SQLite run by root gives these files to the database's owner."""
+    if stat.S_ISLNK(info.st_mode):
+        raise OSError(errno.ELOOP, "the database's companion file is a symbolic link", name)
+    if info.st_uid != owner:
+        raise OSError(
+            errno.EPERM,
+            f"the database's companion file belongs to uid {info.st_uid}, "
+            f"not to the database's owner (uid {owner})",
+            name,
+        )
 
 
 def _create_private(path: str) -> None:
