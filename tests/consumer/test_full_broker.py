@@ -355,10 +355,13 @@ def test_embedded_broker_on_a_full_disk_is_drained(tmp_path, name, small_disk):
     try:
         c.start(workers=2)
         expected = set(range(EMBEDDED_QUEUED)) | accepted
+        reserve = small_disk / "broker.db.reserve"
+        wait_for(lambda: not reserve.exists(), 30, "the first claim spent the reserve")
 
         def drained() -> bool:
             nonlocal refused
-            assert not publish_one(url, name, -1)  # refused all along: room is for draining
+            # refused all along (the WAL's slack took some before): room is for draining
+            assert not publish_one(url, name, -1)
             refused += 1
             return len(c.ids()) >= len(expected)
 
@@ -366,11 +369,11 @@ def test_embedded_broker_on_a_full_disk_is_drained(tmp_path, name, small_disk):
         cli = c.cli("publish", "--app", "tapp", "--broker", url, name, '{"i": -2}')
         assert cli.returncode != 0
         assert cli.stderr.strip().count("\n") == 0 and "disk is full" in cli.stderr
-        assert (small_disk / "filler").exists() and not (small_disk / "broker.db.reserve").exists()
+        assert (small_disk / "filler").exists() and not reserve.exists()
         handled_while_full = c.ids()
         os.unlink(small_disk / "filler")
         publish_many(url, name, 10, start=1000)  # makes the reserve again, then goes in
-        assert (small_disk / "broker.db.reserve").exists()
+        assert reserve.exists()
         wait_for(lambda: len(c.ids()) >= len(expected) + 10, 30, "the new ones")
         assert c.stop() == 0
     finally:
