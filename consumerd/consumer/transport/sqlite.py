@@ -34,12 +34,23 @@ Durability: a publish commits with ``synchronous=FULL`` (fsync before it returns
 ``publish_synchronous`` says otherwise; claims and acks commit with ``NORMAL``, since losing one to
 a power cut only redelivers a message. Every process must run on the same host (WAL mode).
 
+A full disk: the database keeps ``<db>.reserve`` beside it, ``reserve_mb`` MiB really
+allocated, set aside while there is room. A claim, ack, release or sweep that SQLite refuses
+with SQLITE_FULL deletes the reserve and is tried once more, so consumers go on draining (a
+delete or claim still appends to the WAL). The default, 8 MiB, is twice what the WAL grows to
+before SQLite checkpoints it (1000 pages of 4 KiB): a full WAL, plus the database file growing
+by the pages that checkpoint copies back. While the reserve is missing a publish first makes it
+again, when the disk has twice its size free, and is refused ("database or disk is full")
+when it cannot: the room freed is kept for draining, and publishing resumes by itself once
+the disk has that room again.
+
 Waiting costs one indexed read per consumed queue every ``polling_interval``; an idle consumer
 used 0.4 % of a core at 0.05 s (0.17 % at 0.1 s) on a 2-core VM.
 
 Transport options: ``polling_interval`` (0.05 s between polls of empty queues),
 ``visibility_timeout`` (3600 s; ``None`` or 0 disables), ``sweep_interval`` (1 s),
-``busy_timeout`` (10 s), ``publish_synchronous`` (``"FULL"``).
+``busy_timeout`` (10 s), ``publish_synchronous`` (``"FULL"``), ``reserve_mb`` (8; 0 keeps no
+reserve).
 """
 
 from __future__ import annotations
@@ -54,10 +65,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from queue import Empty
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
@@ -67,6 +78,8 @@ from consumerd.consumer.transport import envelope
 from consumerd.supervisor.osproc import pid_exists
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: How many rows a fetch claims when the channel has no prefetch limit.
 UNLIMITED_BATCH = 100
@@ -177,6 +190,8 @@ class Store:
         timeout = options.get("visibility_timeout", 3600.0)
         self.visibility_timeout = float(timeout) if timeout and float(timeout) > 0 else None
         self.sweep_interval = float(options.get("sweep_interval", 1.0))
+        self.reserve_size = int(float(options.get("reserve_mb", 8)) * 1024 * 1024)
+        self.reserve_path = path + ".reserve"
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._pid = 0
@@ -199,6 +214,7 @@ class Store:
                     check_same_thread=False,  # kombu may ack from another thread; _lock guards
                 )
                 self._init_schema(db)
+                self._make_reserve()
             except (OSError, sqlite3.DatabaseError) as exc:
                 if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                     raise
@@ -222,6 +238,59 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    # -- the reserve for a full disk --------------------------------------------------------
+
+    def _make_reserve(self) -> bool:
+        """Make sure the reserve exists, whole; False if the disk has no room for it: less
+        than twice its size free. While posix_fallocate runs it holds what it took, and on
+        a nearly full disk that was all the room the consumers were draining with."""
+        if not self.reserve_size or os.path.lexists(self.reserve_path):
+            return True
+        disk = os.statvfs(os.path.dirname(self.path))
+        if disk.f_bavail * disk.f_frsize < 2 * self.reserve_size:
+            return False
+        # Allocated under a name of its own, then linked: no process ever sees a partial one.
+        tmp = f"{self.reserve_path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, self.reserve_size)
+                finally:
+                    os.close(fd)
+                os.link(tmp, self.reserve_path)  # never replaces one another process made
+            finally:
+                os.unlink(tmp)
+        except FileExistsError:
+            return True  # another process made it meanwhile
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return False
+        return True
+
+    def _draining(self, write: Callable[[], _T]) -> _T:
+        """Run a write that drains (claim, ack, release, sweep); refused for a full disk,
+        delete the reserve and try it once more."""
+        try:
+            return write()
+        except sqlite3.OperationalError as exc:
+            if not self.reserve_size or "disk is full" not in str(exc):
+                raise
+        try:
+            os.unlink(self.reserve_path)
+        except FileNotFoundError:
+            pass  # spent by another process: its room may be what this write needs
+        else:
+            logger.warning(
+                "the disk under the broker is full: spent its %d MiB reserve (%s) so that "
+                "consumers keep draining; publishing is refused until the reserve fits again",
+                self.reserve_size // (1024 * 1024),
+                self.reserve_path,
+            )
+        return write()
 
     def close(self) -> None:
         with self._lock:
@@ -277,7 +346,14 @@ class Store:
     # -- messages ---------------------------------------------------------------------------
 
     def put(self, rows: Iterable[tuple[str, str]]) -> None:
-        """Insert (queue, payload) rows in one transaction: one fsync for all of them."""
+        """Insert (queue, payload) rows in one transaction: one fsync for all of them.
+        Refused while the reserve is spent and cannot be made again: that room is for draining."""
+        if self.reserve_size and not os.path.lexists(self.reserve_path):
+            if not self._make_reserve():
+                raise sqlite3.OperationalError(
+                    "database or disk is full (the broker keeps its reserve for consumers)"
+                )
+            logger.info("the broker's reserve (%s) is back: publishing resumes", self.reserve_path)
         with self._transaction(self.publish_synchronous) as db:
             db.executemany("INSERT INTO messages (queue, payload) VALUES (?, ?)", rows)
 
@@ -286,50 +362,72 @@ class Store:
         ready = "SELECT id FROM messages WHERE queue = ? AND owner IS NULL ORDER BY id LIMIT ?"
         if not self._query(ready, (queue, 1)):
             return []  # an idle poll stays a read: no write lock
-        with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO owners VALUES (?, ?, ?, ?)", owner)
-            rows: list[Row] = db.execute(
-                "UPDATE messages SET owner = ?, claimed_at = ?, deliveries = deliveries + 1"
-                f" WHERE id IN ({ready}) RETURNING id, payload, deliveries",
-                (owner.token, time.time(), queue, limit),
-            ).fetchall()
+
+        def take() -> list[Row]:
+            with self._transaction() as db:
+                db.execute("INSERT OR IGNORE INTO owners VALUES (?, ?, ?, ?)", owner)
+                return list(
+                    db.execute(
+                        "UPDATE messages SET owner = ?, claimed_at = ?, deliveries = deliveries"
+                        f" + 1 WHERE id IN ({ready}) RETURNING id, payload, deliveries",
+                        (owner.token, time.time(), queue, limit),
+                    ).fetchall()
+                )
+
+        rows = self._draining(take)
         rows.sort()  # RETURNING gives no order
         return rows
 
     def move(self, message_id: int, owner: Owner, queue: str, payload: str) -> bool:
-        """Replace one claimed message by ``payload`` on ``queue``, in one transaction."""
-        with self._transaction(self.publish_synchronous) as db:
-            gone = db.execute(
-                "DELETE FROM messages WHERE id = ? AND owner = ?", (message_id, owner.token)
-            ).rowcount
-            if gone == 1:
-                db.execute("INSERT INTO messages (queue, payload) VALUES (?, ?)", (queue, payload))
-        return gone == 1
+        """Replace one claimed message by ``payload`` on ``queue``, in one transaction (a
+        dead-lettering is part of draining: it may spend the reserve)."""
+
+        def move() -> bool:
+            with self._transaction(self.publish_synchronous) as db:
+                gone = db.execute(
+                    "DELETE FROM messages WHERE id = ? AND owner = ?", (message_id, owner.token)
+                ).rowcount
+                if gone == 1:
+                    db.execute(
+                        "INSERT INTO messages (queue, payload) VALUES (?, ?)", (queue, payload)
+                    )
+            return gone == 1
+
+        return self._draining(move)
 
     def settle(self, message_id: int, owner: Owner, *, delete: bool) -> bool:
         """Delete (ack) or release (requeue) one claimed message; False if no longer ours."""
         where = " WHERE id = ? AND owner = ?"
         sql = ("DELETE FROM messages" if delete else _RELEASE) + where
-        return self._write(sql, (message_id, owner.token)) == 1
+        return self._draining(lambda: self._write(sql, (message_id, owner.token))) == 1
 
     def release(self, owner: Owner, ids: Iterable[int] | None = None) -> int:
         """Release ``ids`` (default: every claim) held by ``owner``."""
         if ids is None:
-            return self._write(f"{_RELEASE} WHERE owner = ?", (owner.token,))
-        with self._transaction() as db:
-            return db.executemany(
-                f"{_RELEASE} WHERE id = ? AND owner = ?", [(i, owner.token) for i in ids]
-            ).rowcount
+            return self._draining(
+                lambda: self._write(f"{_RELEASE} WHERE owner = ?", (owner.token,))
+            )
+        pairs = [(i, owner.token) for i in ids]
+
+        def release() -> int:
+            with self._transaction() as db:
+                return db.executemany(f"{_RELEASE} WHERE id = ? AND owner = ?", pairs).rowcount
+
+        return self._draining(release)
 
     def retire(self, owner: Owner) -> None:
         """Release every claim of ``owner`` and forget it (a channel closing)."""
         with self._lock:
             if self.closed or self._pid != os.getpid():
                 return
-            try:
+
+            def retire() -> None:
                 with self._transaction() as db:
                     db.execute(f"{_RELEASE} WHERE owner = ?", (owner.token,))
                     db.execute("DELETE FROM owners WHERE token = ?", (owner.token,))
+
+            try:
+                self._draining(retire)
             except sqlite3.OperationalError as exc:
                 _UNRETIRED.add(owner)
                 logger.warning(
@@ -358,13 +456,18 @@ class Store:
         )
         if not dead and not stale:
             return
-        released = 0
-        with self._transaction() as db:
-            for token in dead:
-                released += db.execute(f"{_RELEASE} WHERE owner = ?", (token,)).rowcount
-                db.execute("DELETE FROM owners WHERE token = ?", (token,))
-            if stale:
-                released += db.execute(f"{_RELEASE} WHERE {expired}", (cutoff,)).rowcount
+
+        def sweep() -> int:
+            released = 0
+            with self._transaction() as db:
+                for token in dead:
+                    released += db.execute(f"{_RELEASE} WHERE owner = ?", (token,)).rowcount
+                    db.execute("DELETE FROM owners WHERE token = ?", (token,))
+                if stale:
+                    released += db.execute(f"{_RELEASE} WHERE {expired}", (cutoff,)).rowcount
+            return released
+
+        released = self._draining(sweep)
         _UNRETIRED.difference_update(unretired)
         if released:
             logger.warning(
