@@ -541,7 +541,29 @@ class MasterMetrics:
     def workers(self) -> dict[int, _WorkerState]:
         """The per-worker gauges of the live workers, by pid."""
         found: dict[int, _WorkerState] = {}
-        for path in glob.glob(os.path.join(self.directory, "gauge_liveall_*.db")):
+        for pid, key, value in self._live_values("gauge_liveall"):
+            metric, _name, labels, _help = json.loads(key)
+            state = found.setdefault(pid, _WorkerState())
+            state.service = labels.get("service", "")
+            state.worker_id = labels.get("worker_id", "")
+            if metric == _CONNECTED:
+                state.connected = value
+            elif metric == _CONSUMING:
+                state.consuming = value
+        return found
+
+    def settled(self) -> dict[int, int]:
+        """Messages each live worker has acked, retried or dead-lettered, by pid."""
+        found: dict[int, int] = {}
+        for pid, key, value in self._live_values("counter"):
+            if json.loads(key)[0] in _SETTLED:
+                found[pid] = found.get(pid, 0) + int(value)
+        return found
+
+    def _live_values(self, kind: str) -> typing.Iterator[tuple[int, str, float]]:
+        """``(pid, key, value)`` from each live worker's ``<kind>_<pid>.db`` file (not the
+        archive of dead workers, whose name carries no pid)."""
+        for path in glob.glob(os.path.join(self.directory, f"{kind}_*.db")):
             pid = _pid_of(path)
             if pid is None:
                 continue
@@ -550,31 +572,7 @@ class MasterMetrics:
             except FileNotFoundError:
                 continue  # the worker died and was cleaned since the glob
             for key, value, _timestamp, _pos in rows:
-                metric, _name, labels, _help = json.loads(key)
-                state = found.setdefault(pid, _WorkerState())
-                state.service = labels.get("service", "")
-                state.worker_id = labels.get("worker_id", "")
-                if metric == _CONNECTED:
-                    state.connected = value
-                elif metric == _CONSUMING:
-                    state.consuming = value
-        return found
-
-    def settled(self) -> dict[int, int]:
-        """Messages each live worker has acked, retried or dead-lettered, by pid."""
-        found: dict[int, int] = {}
-        for path in glob.glob(os.path.join(self.directory, "counter_*.db")):
-            pid = _pid_of(path)
-            if pid is None:
-                continue  # the archive of dead workers
-            try:
-                rows = _read_file(path)
-            except FileNotFoundError:
-                continue
-            for key, value, _timestamp, _pos in rows:
-                if json.loads(key)[0] in _SETTLED:
-                    found[pid] = found.get(pid, 0) + int(value)
-        return found
+                yield pid, key, value
 
     def counters(self, names: typing.Iterable[str]) -> dict[tuple[str, str], float]:
         """The totals of the per-consumer counters ``names`` over all workers, dead ones
