@@ -21,6 +21,8 @@ EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Loop(typing.Protocol):
     def add_reader(self, fd: int, callback: typing.Callable[[], None]) -> None: ...
 
+    def call_at(self, when: float, callback: typing.Callable[[], None]) -> None: ...
+
 
 def routes(
     metrics: MasterMetrics,
@@ -66,7 +68,11 @@ def serve(
     if web is not None:
         served.update(web.routes())
     responder = HTTPResponder(
-        host, port, served, actions=web.actions() if web is not None else None
+        host,
+        port,
+        served,
+        actions=web.actions() if web is not None else None,
+        call_at=loop.call_at,
     )
     loop.add_reader(responder.fileno(), responder.on_ready)
     return responder

@@ -10,10 +10,14 @@ responder wakes up), or when ``max_connections`` newer ones push it out.
 
 A flood of idle connections (a leaking client pool, a slowloris; measured: 300 from one
 local client left /healthz at 2 of 20 answered) must not starve the liveness probe. A
-request already sent when its connection is accepted is answered in the same turn; at
-most ``ACCEPTS_PER_TURN`` connections are accepted a turn, so a new one gets turns to
-send its request before newer ones could push it out; and the one pushed out is an idle
-one (nothing received yet) of the peer holding the most connections, oldest first.
+request already sent when its connection is accepted is answered in the same turn. When
+``max_connections`` are open, a new one pushes out an idle one (nothing received, nothing
+waiting in its socket) of the peer holding the most connections, oldest first, but only
+one open for :data:`GRACE` seconds at least: a client descheduled between its connect and
+its send (a loaded machine) is not pushed out by a flood that reconnects faster than it
+sends. While no connection can be pushed out the responder stops accepting until one can
+(a ``call_at`` from the loop wakes it); new connections wait in the listen backlog, in
+order, so a probe waits behind at most the flood's own connections.
 
 ``GET``/``HEAD`` go to ``routes``; ``POST`` to ``actions``, with a body of at most
 :data:`MAX_BODY` bytes announced by ``Content-Length`` (no chunked bodies), received
@@ -40,6 +44,11 @@ MAX_REQUEST = 8192
 MAX_BODY = 16384
 #: Connections accepted per turn of the loop; the others wait in the listen backlog.
 ACCEPTS_PER_TURN = 16
+#: Seconds a new connection has to send its request before a newer one may push it out.
+GRACE = 0.25
+#: The listen backlog (the kernel caps it at net.core.somaxconn): a flood's connections
+#: wait there while the responder is full, so a probe's is queued, not dropped.
+BACKLOG = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,8 @@ class Request:
 
 Route = typing.Callable[[], Response]
 Action = typing.Callable[[Request], Response]
+#: ``call_at(when, callback)``: have the loop call ``callback()`` at monotonic time ``when``.
+CallAt = typing.Callable[[float, typing.Callable[[], None]], None]
 
 
 def text(status: int, message: str) -> Response:
@@ -91,9 +102,18 @@ class _Connection:
     response: bytes = b""
     sent: int = 0
 
+    @property
+    def idle(self) -> bool:
+        """Nothing received yet (its socket may hold bytes not read yet)."""
+        return not self.received and not self.response
+
 
 class HTTPResponder:
-    """Serve ``routes`` (path → function returning a :class:`Response`) on ``host:port``."""
+    """Serve ``routes`` (path → function returning a :class:`Response`) on ``host:port``.
+
+    ``call_at`` is the loop's timer (``ServiceManager.call_at``); without one, whoever
+    drives the responder must call :meth:`on_ready` now and then while it is full.
+    """
 
     def __init__(
         self,
@@ -103,18 +123,22 @@ class HTTPResponder:
         *,
         actions: collections.abc.Mapping[str, Action] | None = None,
         budget: float = 2.0,
-        max_connections: int = 64,
+        max_connections: int = 256,
+        call_at: CallAt | None = None,
     ) -> None:
         self.routes = dict(routes)
         self.actions = dict(actions or {})
         self.budget = budget
         self.max_connections = max_connections
+        self._call_at = call_at
+        #: While full with nothing to push out: when accepting may resume.
+        self._resume_at: float | None = None
         self._selector = selectors.DefaultSelector()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((host, port))
-        self._listener.listen(128)
+        self._listener.listen(BACKLOG)
         self._listener.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._connections: dict[int, _Connection] = {}
@@ -134,14 +158,17 @@ class HTTPResponder:
 
     def on_ready(self) -> None:
         """Do all the work there is, without blocking; the callback for ``add_reader``."""
+        now = time.monotonic()
+        self._expire(now)
+        if self._resume_at is not None and now >= self._resume_at:
+            self._resume()
         for key, events in self._selector.select(0):
             if key.fileobj is self._listener:
-                self._accept()
+                self._accept(now)
             else:
                 conn = self._connections.get(key.fd)
                 if conn is not None:
                     self._serve(conn, events)
-        self._expire(time.monotonic())
 
     def close(self) -> None:
         for conn in list(self._connections.values()):
@@ -159,7 +186,7 @@ class HTTPResponder:
 
     # -- connections -----------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self, now: float) -> None:
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, address = self._listener.accept()
@@ -169,29 +196,51 @@ class HTTPResponder:
                 # Out of descriptors: free one, or the pending connection would keep the
                 # listener readable and the master's loop spinning.
                 if self._connections:
-                    self._drop(self._oldest())
+                    self._drop(min(self._connections.values(), key=lambda c: c.opened))
                 return
             sock.setblocking(False)
-            if len(self._connections) >= self.max_connections:
-                self._drop(self._victim())
-            now = time.monotonic()
             peer = str(address[0]) if isinstance(address, tuple) else ""
             conn = _Connection(sock, peer, now, now + self.budget)
             self._connections[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ)
             self._serve(conn, selectors.EVENT_READ)  # a probe's request is often there
+            # Room is made only for a connection in hand: the backlog may be empty.
+            while len(self._connections) > self.max_connections:
+                if not self._make_room(now):
+                    self._pause()
+                    return
 
-    def _oldest(self) -> _Connection:
-        return min(self._connections.values(), key=lambda c: c.opened)
-
-    def _victim(self) -> _Connection:
-        """The connection to drop for a new one: the oldest idle one (nothing received)
-        of the peer that holds the most connections; else the oldest of all."""
-        idle = [c for c in self._connections.values() if not c.received and not c.response]
-        if not idle:
-            return self._oldest()
+    def _make_room(self, now: float) -> bool:
+        """Push out an idle connection past its grace (see the module's docstring)."""
         held = collections.Counter(c.peer for c in self._connections.values())
-        return min(idle, key=lambda c: (-held[c.peer], c.opened))
+        candidates = sorted(
+            (c for c in self._connections.values() if c.idle and now - c.opened >= GRACE),
+            key=lambda c: (-held[c.peer], c.opened),
+        )
+        for conn in candidates:
+            if _has_bytes(conn.sock):
+                self._serve(conn, selectors.EVENT_READ)  # a late request, not an idle one
+                if len(self._connections) < self.max_connections:
+                    return True
+                continue
+            self._drop(conn)
+            return True
+        return False
+
+    def _pause(self) -> None:
+        """Stop accepting until a connection ends or the first one can be pushed out; the
+        one just accepted stays, one over the limit."""
+        conns = self._connections.values()
+        self._resume_at = min(
+            [c.opened + GRACE for c in conns if c.idle] + [c.deadline for c in conns]
+        )
+        self._selector.unregister(self._listener)
+        if self._call_at is not None:
+            self._call_at(self._resume_at, self.on_ready)
+
+    def _resume(self) -> None:
+        self._resume_at = None
+        self._selector.register(self._listener, selectors.EVENT_READ)
 
     def _serve(self, conn: _Connection, events: int) -> None:
         if events & selectors.EVENT_READ and not conn.response:
@@ -281,12 +330,23 @@ class HTTPResponder:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
         conn.sock.close()
+        if self._resume_at is not None:
+            self._resume()
 
 
 def _forget_in_child(ref: weakref.ref[HTTPResponder]) -> None:
     responder = ref()
     if responder is not None:
         responder.forget()
+
+
+def _has_bytes(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # reset by the peer: reading it will drop it
 
 
 def _end_of_headers(data: bytearray) -> tuple[int, int] | None:

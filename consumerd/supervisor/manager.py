@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
 import multiprocessing.context
 import multiprocessing.process
@@ -196,6 +198,8 @@ class ServiceManager:
         self._notifier = Notifier()
         self._selector = selectors.DefaultSelector()
         self._readers: set[int] = set()
+        self._calls: list[tuple[float, int, typing.Callable[[], None]]] = []
+        self._call_order = itertools.count()
         self._main_thread = threading.get_ident()
 
         self._exit_code: int | None = None  # set once stopping
@@ -313,6 +317,13 @@ class ServiceManager:
         self._selector.register(fd, selectors.EVENT_READ, callback)
         self._readers.add(fd)
 
+    def call_at(self, when: float, callback: typing.Callable[[], None]) -> None:
+        """Call ``callback()`` in the master's loop once ``time.monotonic()`` reaches ``when``.
+
+        For the same master-side services as :meth:`add_reader`, from the loop itself.
+        """
+        heapq.heappush(self._calls, (when, next(self._call_order), callback))
+
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd``."""
         self._selector.unregister(fd)
@@ -404,6 +415,8 @@ class ServiceManager:
 
     def _timeout(self, now: float) -> float | None:
         deadlines = [self._next_watchdog] if self._next_watchdog is not None else []
+        if self._calls:
+            deadlines.append(self._calls[0][0])
         if self._check_deadline is not None:
             deadlines.append(self._check_deadline)
         if self._exit_code is None:
@@ -413,6 +426,8 @@ class ServiceManager:
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _run_timers(self, now: float) -> None:
+        while self._calls and self._calls[0][0] <= now:
+            self._call_hook(heapq.heappop(self._calls)[2])
         if self._next_watchdog is not None and now >= self._next_watchdog:
             self._notifier.watchdog()
             self._next_watchdog = now + typing.cast(float, self._notifier.watchdog_interval)
