@@ -9,12 +9,14 @@ import contextlib
 import errno
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
+import typing
 
 import kombu
 import pytest
@@ -331,6 +333,47 @@ def test_the_reserve_is_not_made_without_room(small_disk, monkeypatch):
     store.put([("q", "in")])
     assert os.path.getsize(small_disk / "broker.db.reserve") == 8 << 20  # the default
     store.close()
+
+
+def _claim_after_barrier(path: str, barrier: typing.Any, results: typing.Any) -> None:
+    from consumerd.consumer.transport.sqlite import Store
+
+    store = Store(path, {})
+    store.open()
+    owner = store.new_owner()
+    barrier.wait()
+    try:
+        results.put(len(store.claim("q", owner, 20)))
+    except sqlite3.OperationalError as exc:
+        results.put(str(exc))
+
+
+def test_two_consumers_racing_for_the_reserve_both_drain(small_disk):
+    """Two processes hit the full disk at the same moment: one spends the reserve, and the
+    other's retried claim must find the room, not fail (the file system frees it a moment
+    after the name is gone: without waiting for it, 4 of 15 such races lost a claim)."""
+    from consumerd.consumer.transport.sqlite import Store
+
+    path = str(small_disk / "broker.db")
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for _ in range(10):
+        for leftover in small_disk.iterdir():
+            leftover.unlink()
+        store = Store(path, {})
+        store.open()
+        store.put([("q", "x" * 500)] * 300)
+        fill(small_disk)
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        racers = [ctx.Process(target=_claim_after_barrier, args=(path, barrier, results))]
+        racers.append(ctx.Process(target=_claim_after_barrier, args=(path, barrier, results)))
+        for racer in racers:
+            racer.start()
+        outcomes += [results.get(timeout=60) for _ in racers]
+        for racer in racers:
+            racer.join(30)
+        store.close()
+    assert outcomes == [20] * 20, outcomes
 
 
 def test_embedded_broker_on_a_full_disk_is_drained(tmp_path, name, small_disk):
