@@ -143,6 +143,22 @@ def _broker_url(explicit: str | None, app: App | None) -> str:
     return url
 
 
+def _check_embedded(url: str) -> None:
+    """An embedded broker's file is configuration, not an outage: one that cannot be made,
+    or is not ours, is refused here in one line, not by every worker in a crash loop."""
+    if broker.validate(url) != "sqlite":
+        return
+    from consumerd.consumer.transport import store  # noqa: PLC0415 - no kombu in the master
+
+    database = store.Store(broker.sqlite_path(url), broker.url_options(url))
+    try:
+        database.open()
+    except store.DatabasePathError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        database.close()
+
+
 def _load(settings: config.Settings) -> App:
     if settings.app is None:
         raise UsageError("--app is required (or $CONSUMERD_APP, or app = ... in --config)")
@@ -206,6 +222,7 @@ def _run(args: argparse.Namespace) -> None:
     master_metrics = metrics.enable() if s.metrics_port is not None and not preflight else None
     app = _load(s)
     url = _broker_url(s.broker, app)
+    _check_embedded(url)
     try:
         ownership.check_lease_root(url)
     except OSError as exc:
@@ -222,7 +239,6 @@ def _run(args: argparse.Namespace) -> None:
         if master_metrics is not None:
             master_metrics.name_service(service_id, ConsumerService.name or "consumer")
             master_metrics.follow(manager)  # restarts: only deaths whose slot respawns
-            master_metrics.follow(manager)
             manager.register_hooks(
                 on_new_worker=metrics.on_new_worker,
                 on_dead_worker=master_metrics.worker_died,

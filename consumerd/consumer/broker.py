@@ -195,6 +195,12 @@ def consuming_options(url: str) -> tuple[float, float]:
     )
 
 
+def url_options(url: str) -> dict[str, object]:
+    """The transport options a URL's query string sets (``?reserve_mb=0``, ...)."""
+    query = urllib.parse.urlsplit(url).query
+    return {k: _option(v) for k, v in urllib.parse.parse_qsl(query)}
+
+
 def connect(url: str, *, confirm_each: bool = True, **kwargs: object) -> Connection:
     """A (not yet connected) :class:`kombu.Connection` for ``url``; a consuming worker
     passes ``heartbeat=`` (see :func:`consuming_options`), a publisher has none.
@@ -205,8 +211,7 @@ def connect(url: str, *, confirm_each: bool = True, **kwargs: object) -> Connect
     from kombu.connection import Connection  # noqa: PLC0415 - the master never imports kombu
 
     scheme = validate(url)
-    parts = urllib.parse.urlsplit(url)
-    options = {k: _option(v) for k, v in urllib.parse.parse_qsl(parts.query)}
+    options = url_options(url)
     if scheme in ("redis", "rediss"):
         # Without a socket timeout a read on a half-open connection (broker host gone
         # without a reset) blocks for ever, even kombu's close of a dead channel.

@@ -355,9 +355,9 @@ class SQLiteInspector:
     }
 
     def __init__(self, url: str) -> None:
-        from consumerd.consumer.transport import sqlite as transport  # noqa: PLC0415
+        from consumerd.consumer.transport import store  # noqa: PLC0415
 
-        self.path = transport.database_path(url.split("?", 1)[0])
+        self.path = store.database_path(url.split("?", 1)[0])
         if not os.path.exists(self.path):
             raise Unreachable(
                 f"no embedded broker database at {self.path} (nothing was "

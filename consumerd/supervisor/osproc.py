@@ -159,7 +159,7 @@ def flush_and_exit(code: int) -> typing.NoReturn:
     os._exit(code)
 
 
-def _proc_stat(pid: int) -> list[bytes] | None:
+def proc_stat(pid: int | str) -> list[bytes] | None:
     """Fields of /proc/<pid>/stat from the state on (index 0 = state), None if no such pid."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
@@ -173,14 +173,14 @@ def _proc_stat(pid: int) -> list[bytes] | None:
 def start_time(pid: int) -> int:
     """When ``pid`` started (clock ticks since boot; 0 where /proc cannot say): with the
     pid, it names one process even after the pid is reused."""
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return int(fields[19]) if fields else 0
 
 
 def running(pid: int, started: int = 0) -> bool:
     """Whether ``pid`` runs (not a zombie: exited, not reaped yet) and, given ``started``
     (its :func:`start_time`), is still that process, not a new one reusing the pid."""
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     if fields is None:
         return pid_exists(pid) if not os.path.exists("/proc/self/stat") else False
     if fields[0] in (b"Z", b"X"):

@@ -188,7 +188,7 @@ class Broker:
 
     def _sqlite_count(self, where: str, *args: str) -> int:
         """Rows of the embedded broker's database matching ``where``."""
-        from consumerd.consumer.transport.sqlite import database_path
+        from consumerd.consumer.transport.store import database_path
 
         path = database_path(self.url)
         if not os.path.exists(path):

@@ -57,6 +57,10 @@ def apps(tmp_path):
         (["--app", "good", "--broker", "redis//x"], "malformed broker URL"),
         (["--app", "good", "--broker", "redis://h:99999/0"], "malformed broker URL"),
         (["--app", "good", "--broker", "sqlite://relative.db"], "like sqlite:///relative/path.db"),
+        (
+            ["--app", "good", "--broker", "sqlite:////proc/nowhere/broker.db"],
+            "cannot use '/proc/nowhere/broker.db' as the broker database",
+        ),
         (["--app", "good", "--workers", "0"], "--workers: expected an integer >= 1"),
         (["--app", "good", "--workers", "100000"], "workers: 100000 is above the limit of"),
         (["--app", "exits"], "--app 'exits': importing it called sys.exit(0)"),

@@ -280,7 +280,7 @@ def test_the_reserve_is_spent_by_draining_and_made_again_by_publishing(small_dis
     and goes through; publishing is then refused until the reserve fits again. The acks
     need more than 2 MiB of WAL before SQLite checkpoints it and starts it over: a 2 MiB
     reserve ran out at the 168th."""
-    from consumerd.consumer.transport.sqlite import Store
+    from consumerd.consumer.transport.store import Store
 
     store = Store(str(small_disk / "broker.db"), {})
     store.open()
@@ -318,7 +318,7 @@ def test_the_reserve_is_spent_by_draining_and_made_again_by_publishing(small_dis
 def test_the_reserve_is_not_made_without_room(small_disk, monkeypatch):
     """posix_fallocate refusing for lack of space: no reserve (and no partial file),
     the database still opens, and a publish is refused in the usual words."""
-    from consumerd.consumer.transport.sqlite import Store
+    from consumerd.consumer.transport.store import Store
 
     def no_room(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -336,7 +336,7 @@ def test_the_reserve_is_not_made_without_room(small_disk, monkeypatch):
 
 
 def _claim_after_barrier(path: str, barrier: typing.Any, results: typing.Any) -> None:
-    from consumerd.consumer.transport.sqlite import Store
+    from consumerd.consumer.transport.store import Store
 
     store = Store(path, {})
     store.open()
@@ -352,7 +352,7 @@ def test_two_consumers_racing_for_the_reserve_both_drain(small_disk):
     """Two processes hit the full disk at the same moment: one spends the reserve, and the
     other's retried claim must find the room, not fail (the file system frees it a moment
     after the name is gone: without waiting for it, 4 of 15 such races lost a claim)."""
-    from consumerd.consumer.transport.sqlite import Store
+    from consumerd.consumer.transport.store import Store
 
     path = str(small_disk / "broker.db")
     ctx = multiprocessing.get_context("fork")
@@ -381,7 +381,7 @@ def test_embedded_broker_on_a_full_disk_is_drained(tmp_path, name, small_disk):
     the workers spend the reserve and consume and ack every queued message exactly once
     while the filler is still there, over their first connection; every publish meanwhile
     is refused in one line; once the filler is gone publishing resumes by itself."""
-    from consumerd.consumer.transport.sqlite import Store
+    from consumerd.consumer.transport.store import Store
 
     url = f"sqlite:///{small_disk}/broker.db"
     publish_many(url, name, EMBEDDED_QUEUED, pad="x" * 500)

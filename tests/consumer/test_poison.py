@@ -19,7 +19,7 @@ from kombu.utils.json import dumps
 
 from consumerd.consumer import policy
 from consumerd.consumer.broker import connect
-from consumerd.consumer.transport.sqlite import Store, database_path
+from consumerd.consumer.transport.store import Store, database_path
 from tests.consumer.conftest import (
     AMQP_URL,
     REDIS_URL,

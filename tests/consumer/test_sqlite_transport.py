@@ -14,7 +14,7 @@ from pathlib import Path
 import kombu
 import pytest
 
-from consumerd.consumer.transport.sqlite import DatabasePathError, database_path
+from consumerd.consumer.transport.store import DatabasePathError, database_path
 
 TRANSPORT = "consumerd.consumer.transport.sqlite:Transport"
 ROOT = Path(__file__).resolve().parents[2]
