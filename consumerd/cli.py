@@ -324,6 +324,7 @@ def _web(
             scope=deaths.scope_of(app.name, s.member[0]),
             queues=lambda: running.settings.queues,
             token=lambda: running.settings.admin_token,
+            hosts=lambda: running.settings.web_hosts,
             command=web.dlq_command(),
             env=env,
         )

@@ -244,6 +244,14 @@ class Settings:
         metavar="TOKEN",
         secret=True,
     )
+    web_hosts: tuple[str, ...] = _setting(
+        (),
+        _names,
+        "host names the web page at / answers to besides IP addresses and localhost "
+        "(a proxy's or an ingress's name)",
+        live=True,
+        metavar="NAME,...",
+    )
     pidfile: str | None = _setting(None, _text, "the master's pid file", metavar="PATH")
     member: tuple[int, int] = _setting(
         (0, 1),

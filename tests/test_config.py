@@ -37,6 +37,12 @@ CASES = {
     "max_messages_per_worker": ("100", "200", "300", (100, 200, 300)),
     "max_memory_per_worker": ("256", "512", "1024", (256, 512, 1024)),
     "admin_token": ('"f-secret"', "e-secret", "c-secret", ("f-secret", "e-secret", "c-secret")),
+    "web_hosts": (
+        '["f.example"]',
+        "e.example",
+        "c.example",
+        (("f.example",), ("e.example",), ("c.example",)),
+    ),
 }
 
 
@@ -218,6 +224,7 @@ def test_live_and_restart_settings_are_declared():
         "max_messages_per_worker",
         "max_memory_per_worker",
         "admin_token",
+        "web_hosts",
     } == config.LIVE
 
 

@@ -73,6 +73,7 @@ def serve(
         served,
         actions=web.actions() if web is not None else None,
         call_at=loop.call_at,
+        gate=web.gate if web is not None else None,
     )
     loop.add_reader(responder.fileno(), responder.on_ready)
     return responder

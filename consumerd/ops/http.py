@@ -82,6 +82,8 @@ class Request:
 
 Route = typing.Callable[[], Response]
 Action = typing.Callable[[Request], Response]
+#: ``gate(path, headers)``: a refusal for a request (headers' names in lower case), or None.
+Gate = typing.Callable[[str, dict[str, str]], Response | None]
 #: ``call_at(when, callback)``: have the loop call ``callback()`` at monotonic time ``when``.
 CallAt = typing.Callable[[float, typing.Callable[[], None]], None]
 
@@ -113,6 +115,7 @@ class HTTPResponder:
 
     ``call_at`` is the loop's timer (``ServiceManager.call_at``); without one, whoever
     drives the responder must call :meth:`on_ready` now and then while it is full.
+    ``gate`` sees every request before its route and may refuse it.
     """
 
     def __init__(
@@ -125,8 +128,10 @@ class HTTPResponder:
         budget: float = 2.0,
         max_connections: int = 256,
         call_at: CallAt | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.routes = dict(routes)
+        self.gate = gate
         self.actions = dict(actions or {})
         self.budget = budget
         self.max_connections = max_connections
@@ -267,15 +272,20 @@ class HTTPResponder:
         end, body_start = found
         head = bytes(conn.received[:end])
         method, path = _request_line(head)
+        response = self.gate(path, _headers(head)) if self.gate is not None else None
+        if response is None:
+            response = self._route(conn, method, path, head, body_start)
+        if response is not None:  # else more of a POST's body is to come
+            self._respond(conn, response, head_only=method == "HEAD")
+
+    def _route(
+        self, conn: _Connection, method: str, path: str, head: bytes, body_start: int
+    ) -> Response | None:
         if method == "POST":
-            response = self._post(conn, path, head, body_start)
-            if response is None:
-                return  # more of the body to come
-        elif method not in ("GET", "HEAD"):
-            response = text(405, "only GET, HEAD and POST")
-        else:
-            response = self._call(method, path, self.routes.get(path))
-        self._respond(conn, response, head_only=method == "HEAD")
+            return self._post(conn, path, head, body_start)
+        if method not in ("GET", "HEAD"):
+            return text(405, "only GET, HEAD and POST")
+        return self._call(method, path, self.routes.get(path))
 
     def _post(self, conn: _Connection, path: str, head: bytes, body_start: int) -> Response | None:
         """The answer to a POST, or None while its body is not all in."""

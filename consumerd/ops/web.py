@@ -21,7 +21,12 @@ Nothing is kept in the master between polls but the state of the last action.
 Actions: ``POST /api/dlq/replay`` and ``POST /api/dlq/purge`` with ``{"consumer": NAME,
 "ids": [...]}`` or ``{"consumer": NAME, "all": true}``. Refused (403) unless the
 ``admin_token`` setting is set and the request carries it (``Authorization: Bearer …``,
-compared in constant time); without a token configured the page is read-only. The master
+compared in constant time); without a token configured the page is read-only.
+
+Hosts: the page and its API answer only requests whose ``Host`` is an IP address,
+``localhost`` (or a name under it) or a name in the ``web_hosts`` setting (421 otherwise).
+A web page elsewhere can point a name of its own at 127.0.0.1 (DNS rebinding) and would
+then read the dead letters as a same-origin page; its requests carry its own name. The master
 runs the tested command, ``python -m consumerd.cli dlq replay|purge NAME …``, as a child
 with the master's app and broker, its output in a file; the manager calls back when it
 exits (:meth:`~consumerd.supervisor.ServiceManager.watch_child`) and ``/api/state`` shows
@@ -34,6 +39,7 @@ import contextlib
 import dataclasses
 import hmac
 import importlib.resources
+import ipaddress
 import json
 import os
 import re
@@ -96,6 +102,7 @@ class Site:
     scope: str  # of the in-flight records, see deaths.scope_of
     queues: typing.Callable[[], tuple[str, ...] | None]  # the live --queues setting
     token: typing.Callable[[], str | None]  # the live admin_token setting
+    hosts: typing.Callable[[], tuple[str, ...]]  # the live web_hosts setting
     command: list[str]  # the dlq command line, up to the action
     env: dict[str, str]  # its environment
 
@@ -131,6 +138,22 @@ class Web:
             "/api/dlq/replay": lambda request: self.act("replay", request),
             "/api/dlq/purge": lambda request: self.act("purge", request),
         }
+
+    def gate(self, path: str, headers: dict[str, str]) -> Response | None:
+        """Refuse a request for the page or its API under a host name it does not know
+        (see the module's docstring); the probes and /metrics answer whatever the name."""
+        if path not in self.routes() and path not in self.actions():
+            return None
+        host = _host_name(headers.get("host", ""))
+        if not host or _known_host(host, self.site.hosts()):
+            return None
+        return _json(
+            421,
+            {
+                "error": f"this page does not answer to the host name {host!r}: use an IP "
+                "address or localhost, or add the name to the web_hosts setting"
+            },
+        )
 
     # -- reading ------------------------------------------------------------------------
 
@@ -285,4 +308,27 @@ def dlq_command() -> list[str]:
 def _json(status: int, data: object) -> Response:
     return Response(
         status, json.dumps(data).encode(), "application/json", (("Cache-Control", "no-store"),)
+    )
+
+
+def _host_name(header: str) -> str:
+    """The name in a ``Host`` header, lower case, without its port or IPv6 brackets."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _known_host(host: str, names: tuple[str, ...]) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True  # a rebinding page has a name of its own, never an address
+    host = host.rstrip(".")
+    return (
+        host == "localhost"
+        or host.endswith(".localhost")  # browsers resolve these to loopback themselves
+        or host in {name.lower().rstrip(".") for name in names}
     )

@@ -108,11 +108,75 @@ def site():
         scope="t.0",
         queues=lambda: ("orders",),
         token=lambda: token["value"],
+        hosts=lambda: ("consumerd.example.com",),
         command=[sys.executable, "-c", echo],
         env={},
     )
     s.token_value = token
     return s
+
+
+@pytest.mark.parametrize(
+    ("host", "answered"),
+    [
+        ("127.0.0.1:9100", True),
+        ("10.1.2.3", True),
+        ("[::1]:9100", True),
+        ("localhost:9100", True),
+        ("LocalHost", True),
+        ("box.localhost:9100", True),
+        ("consumerd.example.com:443", True),  # the web_hosts setting
+        ("Consumerd.Example.Com.", True),
+        (None, True),  # no Host: not a browser
+        ("rebind.attacker.example:9100", False),
+        ("localhost.attacker.example", False),
+        ("127.0.0.1.attacker.example", False),
+        ("example.com", False),
+    ],
+)
+def test_the_page_answers_only_to_addresses_and_known_names(site, host, answered):
+    """DNS rebinding: a page at attacker.example that points its name at 127.0.0.1 reads
+    what a same-origin page may, unless the master refuses the name it sends."""
+    page = web.Web(site)
+    headers = {"host": host} if host is not None else {}
+    for path in ("/", "/api/state", "/api/dlq/replay", "/api/dlq/purge"):
+        refusal = page.gate(path, headers)
+        assert (refusal is None) == answered, (path, host)
+        if refusal is not None:
+            assert refusal.status == 421 and b"web_hosts" in refusal.body
+    # The probes and the scrape answer whatever the name: a kubelet sends the pod's IP,
+    # a Prometheus its target's name.
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert page.gate(path, headers) is None
+
+
+def test_a_refused_host_never_reaches_the_route():
+    called = []
+
+    def route() -> http.Response:
+        called.append(1)
+        return http.text(200, "ok")
+
+    def gate(path: str, headers: dict[str, str]) -> http.Response | None:
+        return http.text(421, "no") if headers.get("host") == "evil" else None
+
+    server = http.HTTPResponder("127.0.0.1", 0, {"/": route}, gate=gate)
+    try:
+        replies = []
+        for host in (b"evil", b"127.0.0.1"):
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\nHost: " + host + b"\r\n\r\n")
+                sock.setblocking(False)
+                reply = b""
+                while not reply.endswith(b"\n"):
+                    select.select([server.fileno()], [], [], 0.05)
+                    server.on_ready()
+                    with contextlib.suppress(BlockingIOError):
+                        reply += sock.recv(4096)
+                replies.append(reply.split(b" ", 2)[1])
+    finally:
+        server.close()
+    assert replies == [b"421", b"200"] and called == [1]
 
 
 def post(page: web.Web, verb: str, body: object, auth: str | None = "Bearer s3cret"):
