@@ -172,6 +172,8 @@ class ServiceManager:
         self._checks: list[subprocess.Popen[bytes]] = []
         self._children: list[tuple[subprocess.Popen[bytes], typing.Callable[[int], None]]] = []
         self._check_deadline: float | None = None
+        #: A code reload checked and due, waiting for the watched children to exit.
+        self._exec_pending = False
 
         self._workers: dict[int, _WorkerProcess] = {}
         self._failures: collections.Counter[Slot] = collections.Counter()
@@ -558,6 +560,10 @@ class ServiceManager:
             if code is not None:
                 self._children.remove((child, on_exit))
                 self._call_hook(on_exit, code)
+        if self._exec_pending and not self._children:
+            self._exec_pending = False
+            if self._exit_code is None:  # not stopping meanwhile
+                self._exec()
 
     def _reap_adopted(self) -> None:
         """As PID 1, reap the orphans the kernel hands us, leaving our workers to _reap."""
@@ -691,14 +697,14 @@ class ServiceManager:
         if self.mp_context.get_start_method() == "forkserver":
             LOG.error("code reload is not supported with the forkserver start method")
             return
-        if self._checks:
-            LOG.info("code reload: the new code is still being checked")
+        if self._checks or self._exec_pending:
+            LOG.info("code reload: one is already under way")
             return
         self._notifier.reloading()
         if self._preflights:
             self._start_checks()
         else:
-            self._exec()
+            self._exec_after_children()
 
     def _start_checks(self) -> None:
         for check in self._preflights:
@@ -726,7 +732,7 @@ class ServiceManager:
         failed = next((code for code in codes if code not in (None, 0)), None)
         if failed is None and None not in codes:
             self._end_checks()
-            self._exec()
+            self._exec_after_children()
             return
         if failed is None and self._check_deadline is not None and now < self._check_deadline:
             return
@@ -751,6 +757,19 @@ class ServiceManager:
                 check.wait()
         self._checks.clear()
         self._check_deadline = None
+
+    def _exec_after_children(self) -> None:
+        """Re-execute now, or once the children the master watches (see
+        :meth:`watch_child`) have exited: the new image would not know them, and what
+        they were started for would never hear how they ended."""
+        if self._children:
+            self._exec_pending = True
+            LOG.info(
+                "code reload: waiting for pid %s, started by the master, to exit first",
+                ", ".join(str(child.pid) for child, _ in self._children),
+            )
+            return
+        self._exec()
 
     def _exec(self) -> None:
         LOG.info("reloading code: re-executing the master, pid %d is kept", os.getpid())

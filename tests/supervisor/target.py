@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -158,6 +159,13 @@ def main():
                 "reader", data=os.read(read_end, 64).decode(), threads=threading.active_count()
             ),
         )
+    if "watched_child" in CONFIG:
+        # A child of the master's (as the web page's dead-letter action is): it exits
+        # with status 3 once the test creates the file it waits for.
+        wait = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)"
+        argv = [sys.executable, "-c", wait + "\nsys.exit(3)", CONFIG["watched_child"]]
+        child = subprocess.Popen(argv)
+        manager.watch_child(child, lambda code: record("child_exit", code=code))
     record(
         "master",
         threads=threading.active_count(),

@@ -180,6 +180,25 @@ def test_code_reload_keeps_the_master_pid_and_follows_a_switched_symlink(master,
     assert m.wait_exit() == 0
 
 
+def test_code_reload_waits_for_the_children_the_master_watches(master, tmp_path) -> None:
+    """A child the master watches (the web page's dead-letter action) would be unknown to
+    the re-executed image and its outcome lost: the reload waits for it to exit."""
+    release = tmp_path / "release-the-child"
+    m = master({"services": [{"name": "A", "workers": 1}], "watched_child": str(release)})
+    old = m.wait_workers({0})
+    m.signal(signal.SIGUSR2)
+    wait_for(lambda: "waiting for pid" in m.log_path.read_text(), 10, "the reload to wait")
+    assert m.live_workers() == old  # nothing replaced while the child runs
+    release.touch()
+    wait_for(lambda: m.live_workers().keys() == {0} and m.live_workers() != old, 30, "reload")
+    (exited,) = m.events("child_exit")
+    assert exited["code"] == 3 and exited["pid"] == m.pid
+    order = {(r["e"], r["pid"]): n for n, r in enumerate(m.events())}
+    assert order[("child_exit", m.pid)] < order[("init", m.live_workers()[0])]
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+
+
 @pytest.mark.skipif(
     shutil.which("unshare") is None or os.geteuid() != 0,
     reason="needs unshare and root for a PID namespace",
