@@ -170,7 +170,8 @@ class _Worker:
 
     def _on_signal(self, sig: int) -> None:
         if sig == signal.SIGTERM:
-            LOG.info("caught SIGTERM, stopping %s gracefully", self.title)
+            if not self._terminating:  # a group signal and the master's both arrive
+                LOG.info("caught SIGTERM, stopping %s gracefully", self.title)
             self._begin_terminate()
         elif sig == signal.SIGINT:
             LOG.info("caught SIGINT, exiting %s at once", self.title)

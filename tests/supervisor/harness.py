@@ -26,7 +26,10 @@ class Master:
         argv: list[str] | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        own_group: bool = False,
     ) -> None:
+        """``own_group``: the master leads a process group of its own, as a shell's job
+        does, so that a test can signal the whole group."""
         self.events_path = tmp_path / f"events-{os.urandom(4).hex()}.jsonl"
         self.log_path = tmp_path / "master.log"
         full_env = {**os.environ, "EVENTS": str(self.events_path), **(env or {})}
@@ -41,6 +44,7 @@ class Master:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            process_group=0 if own_group else None,
         )
         self.pid = self.proc.pid
 

@@ -18,6 +18,22 @@ def test_sigterm_stops_gracefully_and_exits_0(master) -> None:
     assert not any(pid_alive(p) for p in live.values())
 
 
+def test_a_sigterm_to_the_whole_group_stops_each_worker_once(master) -> None:
+    """Ctrl-C's cousin: a SIGTERM to the process group (a shell's kill %1, systemd's
+    control-group mode) reaches every worker along with the master's own: each worker
+    stops once and says so once."""
+    m = master({"services": [{"name": "A", "workers": 2, "terminate_sleep": 0.3}]}, own_group=True)
+    live = m.wait_workers({0, 1})
+    os.killpg(m.pid, signal.SIGTERM)
+    assert m.wait_exit() == 0
+    assert sorted(r["pid"] for r in m.events("terminated")) == sorted(live.values())
+    caught = [line for line in m.log_path.read_text().splitlines() if "caught SIGTERM" in line]
+    assert sorted(caught) == sorted(
+        f"{pid} consumerd.supervisor.worker caught SIGTERM, stopping A({wid}) [{pid}] gracefully"
+        for wid, pid in live.items()
+    )
+
+
 def test_sigint_stops_at_once_and_exits_1(master) -> None:
     m = master({"services": [{"name": "A", "workers": 2, "terminate_sleep": 30}]})
     live = m.wait_workers({0, 1})
