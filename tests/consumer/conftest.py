@@ -407,10 +407,17 @@ def consumerd(tmp_path, name, broker):
 
 
 def publish_many(
-    url: str, name: str, count: int, partitions: int | None = None, start: int = 0, **fields
+    url: str,
+    name: str,
+    count: int,
+    partitions: int | None = None,
+    start: int = 0,
+    *,
+    keys: int = 97,
+    **fields,
 ) -> None:
     """Publish ``count`` messages ``{"i": n}`` through the App's own routing, confirmed
-    (``App.publish_many``)."""
+    (``App.publish_many``); partitioned, message n has the key ``k{n % keys}``."""
     import consumerd
     from consumerd.consumer.app import Message
 
@@ -422,7 +429,7 @@ def publish_many(
         sent = app.publish_many(
             name,
             (
-                Message({"i": i, **fields}, key=f"k{i % 97}" if partitions else None)
+                Message({"i": i, **fields}, key=f"k{i % keys}" if partitions else None)
                 for i in range(start, start + count)
             ),
         )

@@ -8,6 +8,7 @@ import collections
 import itertools
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,58 @@ def test_one_key_never_runs_twice_at_once_and_keeps_publish_order(consumerd, bro
             assert earlier.end <= later.start, f"k{key}: two at once"
     # ...while different keys, even of one partition, ran side by side.
     assert most_at_once(consumerd.records()) > 1
+
+
+KEYS = 8
+
+
+def test_per_key_order_holds_while_workers_scale(consumerd, broker, name):
+    """Partitions move between workers on SIGTTIN and SIGTTOU while a stream is being
+    published and handled, 8 handlers at once per worker: every message handled once,
+    and a key's messages never run two at once and start in publish order, whichever
+    worker ran them."""
+    consumerd.configure([{"name": name, "partitions": 4, "concurrency": 8, "sleep": 0.01}])
+    consumerd.start(workers=2)
+    wait_for(lambda: consumerd.logged("of 2 consumes partitions") >= 2, 30, "partitions held")
+    published = 0
+    done = threading.Event()
+
+    def stream() -> None:
+        nonlocal published
+        while not done.is_set():
+            # 8 keys: a key's next message is never far behind, for 8 handlers to race
+            publish_many(broker.url, name, 20, partitions=4, start=published, keys=KEYS)
+            published += 20
+            done.wait(0.02)  # a steady stream, not a burst the first owners drain at once
+
+    publisher = threading.Thread(target=stream)
+    publisher.start()
+    try:
+        wait_for(lambda: len(consumerd.ids()) >= 100, 60, "the stream handled")
+        first_two = set(consumerd.workers())
+        consumerd.signal(signal.SIGTTIN)
+        wait_for(lambda: consumerd.logged("of 3 consumes partitions") >= 3, 30, "three hold some")
+        third = set(consumerd.workers()) - first_two
+        wait_for(lambda: {r.pid for r in consumerd.records()} & third, 30, "the third handling")
+        consumerd.signal(signal.SIGTTOU)
+        wait_for(lambda: consumerd.logged("of 2 consumes partitions") >= 4, 30, "two again")
+        handled = len(consumerd.ids())
+        wait_for(lambda: len(consumerd.ids()) >= handled + 100, 60, "the stream on two")
+    finally:
+        done.set()
+        publisher.join(30)
+    wait_for(lambda: len(consumerd.ids()) >= published, 90, "every message handled")
+    assert consumerd.stop() == 0
+    assert sorted(consumerd.ids().elements()) == list(range(published))  # each once
+    records = consumerd.records()
+    assert len({r.pid for r in records}) >= 3  # the partitions did move
+    by_key: dict[int, list[Record]] = collections.defaultdict(list)
+    for r in sorted(records, key=lambda r: r.start):
+        by_key[r.id % KEYS].append(r)
+    for key, runs in by_key.items():
+        assert [r.id for r in runs] == sorted(r.id for r in runs), f"k{key} out of order"
+        for earlier, later in itertools.pairwise(runs):
+            assert earlier.end <= later.start, f"k{key}: two at once"
 
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["threads", "coroutines"])
