@@ -16,6 +16,9 @@ import pytest
 from tests.consumer.conftest import Broker, Consumerd, Proxy, Record, RedisServer, publish_many
 from tests.helpers import wait_for
 
+#: Keys of the partitioned tests: few, so that a key's next message is close behind.
+KEYS = 8
+
 
 def most_at_once(records: list[Record]) -> int:
     """The largest number of handlers whose [start, end] intervals overlap."""
@@ -44,24 +47,21 @@ def test_n_handlers_run_at_once_and_never_more(consumerd, broker, name, is_async
 
 def test_one_key_never_runs_twice_at_once_and_keeps_publish_order(consumerd, broker, name):
     consumerd.configure([{"name": name, "partitions": 4, "concurrency": 8, "sleep": 0.02}])
-    count = 300  # keys k0..k96 (publish_many keys message i with i % 97)
-    publish_many(broker.url, name, count, partitions=4)
+    count = 300  # keys k0..k7: a key's next message is close behind, for 8 handlers to race
+    publish_many(broker.url, name, count, partitions=4, keys=KEYS)
     consumerd.start(workers=1)
     wait_for(lambda: len(consumerd.ids()) == count, 60, "every message handled")
     assert consumerd.stop() == 0
     assert sorted(consumerd.ids().elements()) == list(range(count))
     by_key: dict[int, list[Record]] = collections.defaultdict(list)
     for r in sorted(consumerd.records(), key=lambda r: r.start):
-        by_key[r.id % 97].append(r)
+        by_key[r.id % KEYS].append(r)
     for key, runs in by_key.items():
         assert [r.id for r in runs] == sorted(r.id for r in runs), f"k{key} out of order"
         for earlier, later in itertools.pairwise(runs):
             assert earlier.end <= later.start, f"k{key}: two at once"
     # ...while different keys, even of one partition, ran side by side.
     assert most_at_once(consumerd.records()) > 1
-
-
-KEYS = 8
 
 
 def test_per_key_order_holds_while_workers_scale(consumerd, broker, name):
