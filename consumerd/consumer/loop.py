@@ -58,6 +58,7 @@ from consumerd.consumer import (
     policy,
     retries,
     routing,
+    settling,
 )
 from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
 from consumerd.consumer.ownership import Leases, Membership, lease_root
@@ -204,7 +205,6 @@ class Loop:
         self._deaths = deaths.DeathCounter(root, deaths.scope_of(app.name, settings.member[0]))
         self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
         self._conn: Connection | None = None
-        self._producer: Producer | None = None
         self._bindings: dict[str, _Binding] = {}
         self._retry_channel: typing.Any = None
         self._wake_channel: typing.Any = None
@@ -212,9 +212,15 @@ class Loop:
         self._pools: dict[str, dispatch.Pool] = {}  # consumers running handlers in parallel
         self._inline: set[str] = set()  # consumers known to run inline (until a reload)
         self._free_slots = list(range(deaths.SLOTS - 1, 0, -1))  # in-flight record slots
+        self._settler = settling.Settler(
+            acker=self._acks,
+            publisher=None,  # the connection's, from each connect
+            recoverable=self._recoverable,
+            on_handled=self._count_for_recycling,
+        )
         self._retries = retries.Retries(
-            republish=self._republish,
-            dead_letter=self._dead_letter_to,
+            republish=self._settler.republish,
+            dead_letter=self._settler.dead_letter_to,
             ack=functools.partial(self._acks.ack, at_once=True),
         )
         self._restore_every = 0.0
@@ -457,7 +463,7 @@ class Loop:
             self._conn = conn
             if self._heartbeat:
                 self._next_beat = time.monotonic() + self._heartbeat / 4
-            self._producer = Producer(conn.default_channel, serializer="json")
+            self._settler.publisher = Producer(conn.default_channel, serializer="json")
             self._connected_at = time.monotonic()
             try:
                 self._bind_wake()
@@ -489,7 +495,7 @@ class Loop:
         conn, self._conn = self._conn, None
         metrics.set_connected(False)
         metrics.set_consuming(False)
-        self._producer = None
+        self._settler.publisher = None
         self._acks.forget()
         self._retries.drop()
         self._inbox.clear()
@@ -627,7 +633,7 @@ class Loop:
                     identity,
                     died,
                 )
-                self._dead_letter(
+                self._settler.dead_letter(
                     spec, message, queue, f"worker died while handling this message, {died} times"
                 )
                 self._deaths.forget(identity)
@@ -657,11 +663,10 @@ class Loop:
             reason = (
                 str(exc) if isinstance(exc, decoding.Undecodable) else (policy.describe_error(exc))
             )
-            self._dead_letter(spec, message, queue, f"undecodable: {reason}")
+            self._settler.dead_letter(spec, message, queue, f"undecodable: {reason}")
             return
         if body is None and spec.prepare is not None:
-            self._acks.ack(message)  # filtered out
-            meter.acked()
+            self._settler.skipped(spec, message)
             return
         delivery = Delivery(message, queue)
         if binding.batch is not None:
@@ -679,9 +684,9 @@ class Loop:
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt and the like from a handler are its failures:
             # the runtime never stops a worker by raising into the handler's thread.
-            self._failed(spec, message, delivery, exc)
+            self._settler.failed(spec, delivery, exc)
             return
-        self._handled_one(spec, message, delivery, result)
+        self._settler.handled(spec, (delivery,), result)
 
     def _run_inline(self, handler: typing.Callable[..., object], *args: object) -> object:
         """Run a handler on this thread, letting go of the connection meanwhile: the pulse
@@ -693,17 +698,6 @@ class Loop:
         finally:
             self._wire.acquire()
             self._inline_since = 0.0
-
-    def _handled_one(
-        self, spec: ConsumerSpec, message: Message, delivery: Delivery, result: object
-    ) -> None:
-        """The handler returned: ack (or requeue, if it asked), count for recycling."""
-        if result is policy.REQUEUE:
-            self._requeue(spec, [delivery])
-            return
-        self._acks.ack(message)
-        metrics.for_consumer(spec.name).acked()
-        self._count_for_recycling()
 
     # -- handlers on other threads ------------------------------------------------------
 
@@ -744,9 +738,9 @@ class Loop:
                 ):
                     continue  # its channel was closed: the broker has the message back
                 if job.error is not None:
-                    self._failed(binding.spec, job.message, job.delivery, job.error)
+                    self._settler.failed(binding.spec, job.delivery, job.error)
                 else:
-                    self._handled_one(binding.spec, job.message, job.delivery, job.result)
+                    self._settler.handled(binding.spec, (job.delivery,), job.result)
 
     def _quiesced(self, name: str | None = None) -> bool:
         """Pause the pools (all, or ``name``'s) and say whether their handlers are done:
@@ -849,106 +843,6 @@ class Loop:
         self.recycle = True
         self._stopping = True
 
-    def _failed(
-        self, spec: ConsumerSpec, message: Message, delivery: Delivery, exc: BaseException
-    ) -> None:
-        error = policy.describe_error(exc)
-        delay = spec.retry.delay_after(delivery.attempt)
-        if delay is None:
-            LOG.error(
-                "%s: attempt %d failed (%s): dead-lettering",
-                delivery.queue,
-                delivery.attempt,
-                error,
-            )
-            self._dead_letter(spec, message, delivery.queue, error)
-            return
-        # %g, not %.1f: that showed a 0.04 s retry as "retry in 0.0s". The delay is the
-        # least wait: the copy then goes to the back of its queue, behind any backlog.
-        LOG.warning(
-            "%s: attempt %d failed (%s): retry in %gs",
-            delivery.queue,
-            delivery.attempt,
-            error,
-            delay,
-        )
-        headers = policy.retry_headers(
-            message.headers, delivery.attempt + 1, time.time() + delay, delivery.queue
-        )
-        self._republish(message, routing.retry_queue(spec.name), headers)
-        self._acks.ack(message, at_once=True)  # only now: the copy is safely published
-        metrics.for_consumer(spec.name).retried()
-
-    def _requeue(self, spec: ConsumerSpec, deliveries: list[Delivery]) -> None:
-        """The handler asked for its messages to go back to their queue now (oslo's
-        ``NotificationResult.REQUEUE``): reject with requeue, no attempt counted."""
-        LOG.debug(
-            "%s: requeueing %d message(s) at the handler's request", spec.name, len(deliveries)
-        )
-        for delivery in deliveries:
-            self._acks.before_reject(delivery.raw)
-            delivery.raw.requeue()
-
-    def _dead_letter(self, spec: ConsumerSpec, message: Message, queue: str, error: str) -> None:
-        self._dead_letter_to(routing.dead_letter_queue(spec.name), message, queue, error)
-        metrics.for_consumer(spec.name).dead_lettered()
-
-    def _dead_letter_to(self, dead_letters: str, message: Message, queue: str, error: str) -> None:
-        """Copy ``message`` to ``dead_letters`` with ``error``, then ack it. Headers the
-        broker cannot take back (or an odd type) are dropped rather than stop the queue."""
-        headers = message.headers if isinstance(message.headers, dict) else None
-        try:
-            self._republish(
-                message, dead_letters, policy.dead_letter_headers(headers, error, queue)
-            )
-        except self._recoverable:
-            raise
-        except Exception as exc:
-            LOG.error(
-                "%s: could not dead-letter a message with its headers (%s): "
-                "dead-lettering it without them",
-                queue,
-                policy.describe_error(exc),
-            )
-            error = f"{error}; its headers were dropped ({policy.describe_error(exc)})"
-            self._republish(
-                message, dead_letters, policy.dead_letter_headers(None, error, queue), plain=True
-            )
-        self._acks.ack(message, at_once=True)
-
-    def _republish(
-        self, message: Message, queue: str, headers: policy.Headers, plain: bool = False
-    ) -> None:
-        """Publish the message's raw bytes (never re-serialised) to ``queue``. ``plain``:
-        the body as bytes whatever the content type said (a last resort)."""
-        assert self._producer is not None
-        if "compression" in headers and not message.errors:
-            # kombu decompressed the body: it goes out plain.
-            headers = {k: v for k, v in headers.items() if k != "compression"}
-        body = message.body
-        content_type = message.content_type
-        content_encoding = message.content_encoding
-        if plain or not isinstance(content_type, str) or not isinstance(content_encoding, str):
-            content_type, content_encoding = "application/data", "binary"
-        if not isinstance(body, bytes | str):
-            body = b"" if body is None else bytes(body)
-        # The message id is kept: a retry or a dead letter is the same message to whoever
-        # traces it.
-        properties = {}
-        message_id = message.properties.get("message_id")
-        if message_id is not None:
-            properties["message_id"] = message_id
-        self._producer.publish(
-            body,
-            exchange="",
-            routing_key=queue,
-            headers=headers,
-            content_type=content_type or "application/data",
-            content_encoding=content_encoding or "binary",
-            delivery_mode=2,
-            **properties,
-        )
-
     # -- batches ----------------------------------------------------------------------
 
     def _add_to_batch(self, binding: _Binding, body: typing.Any, delivery: Delivery) -> None:
@@ -971,9 +865,8 @@ class Loop:
                 self._next_flush = min(self._next_flush, batch.deadline)
 
     def _flush_batch(self, binding: _Binding, batch: batching.Batch) -> None:
-        """One handler call for the whole batch. Then every message of it is acked or,
-        if the handler raised, every one takes the retry path (a copy to ``<name>.retry``,
-        dead-lettered after the last attempt): a batch never half succeeds."""
+        """One handler call for the whole batch; the settler then settles all of it
+        alike: a batch never half succeeds."""
         spec = binding.spec
         meter = metrics.for_consumer(spec.name)
         items, deliveries = batch.take()
@@ -982,22 +875,9 @@ class Loop:
                 # spec.batch: the handler takes lists
                 result = self._run_inline(spec.handler, items, deliveries)
         except BaseException as exc:
-            LOG.warning(
-                "%s: a batch of %d failed (%s): retrying all of it",
-                spec.name,
-                len(items),
-                policy.describe_error(exc),
-            )
-            for delivery in deliveries:
-                self._failed(spec, delivery.raw, delivery, exc)
+            self._settler.batch_failed(spec, deliveries, exc)
             return
-        if result is policy.REQUEUE:
-            self._requeue(spec, deliveries)
-            return
-        for delivery in deliveries:
-            self._acks.ack(delivery.raw)
-            meter.acked()
-            self._count_for_recycling()
+        self._settler.handled(spec, deliveries, result)
 
     # -- partitions -------------------------------------------------------------------
 
