@@ -151,15 +151,21 @@ def test_the_retry_delay_grows_with_the_attempt():
 
 
 @pytest.mark.parametrize("last", [False, True])
-def test_a_copy_the_publisher_refuses_leaves_the_message_unacked(last):
-    def down(kwargs):
-        raise ConnectionError("broker gone")
+def test_a_copy_lost_with_the_connection_leaves_the_message_unacked(last):
+    lost = []
 
-    w = World(refuse=down)
+    def down_once(kwargs):
+        if not lost:
+            lost.append(kwargs["routing_key"])
+            raise ConnectionError("broker gone")
+
+    w = World(refuse=down_once)
     headers = {policy.ATTEMPT: RETRY.max_retries + 1} if last else {}
     with pytest.raises(ConnectionError):
         w.settler.failed(w.spec, w.delivery(headers=headers), ValueError("nope"))
-    assert w.journal == [] and w.counts == {}  # a lost connection is never dead-lettered around
+    assert lost == ["q.dlq" if last else "q.retry"]
+    # not sent again without its headers: the message comes back with the connection
+    assert w.journal == [] and w.counts == {}
 
 
 def test_after_the_last_attempt_it_is_dead_lettered_then_acked():
