@@ -27,7 +27,8 @@ from kombu.utils.json import dumps, loads
 import consumerd
 from consumerd import config
 from consumerd.consumer import policy
-from consumerd.consumer.loop import Loop, _Binding
+from consumerd.consumer.loop import Loop
+from consumerd.consumer.session import Binding
 from consumerd.consumer.transport import envelope
 
 SETTINGS = settings(
@@ -99,7 +100,7 @@ def loop(tmp_path, monkeypatch):
     loop = Loop(app, 0, config.Config({"app": "x", "broker": "redis://127.0.0.1:1/0"}, {}))
     loop._settler.publisher = Producer()
     loop.state = state
-    loop.binding = _Binding(app.consumers["q"], 10)
+    loop.binding = Binding(app.consumers["q"], 10)
     return loop
 
 

@@ -15,8 +15,9 @@ from consumerd import config
 from consumerd.consumer import broker, deaths, loading, policy, routing
 from consumerd.consumer.app import ConsumerSpec, Delivery
 from consumerd.consumer.deaths import DeathCounter
-from consumerd.consumer.loop import Loop, _Binding
+from consumerd.consumer.loop import Loop
 from consumerd.consumer.ownership import Leases, Membership
+from consumerd.consumer.session import Binding
 
 # -- routing ------------------------------------------------------------------------------
 
@@ -343,7 +344,7 @@ def loop(tmp_path, monkeypatch):
     loop = Loop(app, 0, config.Config({"app": "x", "broker": "redis://127.0.0.1:1/0"}, {}))
     loop._settler.publisher = FakeProducer()
     loop.calls = calls
-    loop.binding = _Binding(app.consumers["q"], 10)
+    loop.binding = Binding(app.consumers["q"], 10)
     return loop
 
 
