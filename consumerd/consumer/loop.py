@@ -332,6 +332,8 @@ class Loop:
     # -- connecting -------------------------------------------------------------------
 
     def _connect(self) -> None:
+        """Connect through the session (which exits the worker past the broker-down
+        limit), then take up the chores a new connection starts."""
         self._interrupt.clear()
         self._session.connect(self._app, self._prefetch_of, self.settings.broker_down_limit)
         if self._session.conn is None:
