@@ -13,6 +13,10 @@ Layers, each in its own module (dramatiq-like, one job each):
 * :mod:`~consumerd.consumer.partitions` - which partitions a worker consumes, and when
   it looks again;
 * :mod:`~consumerd.consumer.retries` - retry copies held until due, then sent back;
+* :mod:`~consumerd.consumer.settling` - settling a delivery after its handler: ack,
+  requeue, retry copy or dead letter;
+* :mod:`~consumerd.consumer.session` - a worker's broker connection and the channels it
+  consumes on;
 * :mod:`~consumerd.consumer.loop` - the consume loop run in each worker process;
 * :mod:`~consumerd.consumer.service` - the :class:`consumerd.Service` glue;
 * :mod:`~consumerd.consumer.loading` - importing an app from ``module[:attribute]``.

@@ -17,18 +17,15 @@ that does not fill is flushed at its deadline, which bounds ``drain_events``'s t
 like every other chore. A partial batch is never handled at a stop: it is unacked, so it
 goes back with its channel like any prefetched message.
 
-Channels: one per consumer (so each has its own prefetch and can be re-bound alone), one
-for the retry queues, one for the wake queue. Closing a channel is how prefetched but
-unstarted messages go back to their queue at once: RabbitMQ requeues a closed channel's
-unacked messages, and kombu's virtual transports (Redis, SQLite) restore them on a clean
-``Channel.close()``. Every stop, rebind and partition hand-over goes through it.
+The connection and its channels are the broker session (:mod:`~consumerd.consumer.session`);
+settling a delivery is :mod:`~consumerd.consumer.settling`'s. The loop drives them, with
+the retry copies, the partitions and the batches, each waking it at its own deadline.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -40,10 +37,7 @@ import time
 import typing
 
 import kombu.exceptions
-import tenacity
-from kombu.connection import Connection
-from kombu.entity import Queue
-from kombu.messaging import Consumer, Producer
+from kombu.messaging import Producer
 
 from consumerd.config import Config, Settings
 from consumerd.consumer import (
@@ -57,24 +51,20 @@ from consumerd.consumer import (
     partitions,
     policy,
     retries,
-    routing,
+    session,
+    settling,
 )
-from consumerd.consumer.app import App, ConsumerSpec, Delivery, declare_queue
+from consumerd.consumer.app import App, ConsumerSpec, Delivery
 from consumerd.consumer.ownership import Leases, Membership, lease_root
+from consumerd.consumer.session import Binding
 from consumerd.ops import logs, metrics
 
 LOG = logging.getLogger("consumerd.consumer")
 amqp_headers.install()  # a header py-amqp cannot decode must not stop the queue
 
-EX_TEMPFAIL = 75
-"""Exit code of a worker whose broker stayed unreachable past the limit (sysexits.h)."""
-RETRY_PREFETCH = 1000
-"""Retry copies a worker may hold until due (they are not handled, only held)."""
 HANDLER_POLL = 0.005
 """While handlers run on other threads the loop looks for their outcomes this often (it
 cannot be woken from another thread for free: it waits in the broker client's read)."""
-RESTORE_RANGE = (0.5, 60.0)
-"""Bounds of the period of the sweep that restores a dead worker's unacked messages."""
 STABLE_AFTER = 10.0
 """A connection lost sooner than this after it was made counts as a flap: the next
 reconnect waits (FLAP_BACKOFF), growing while flaps continue, instead of reconnecting at
@@ -85,7 +75,6 @@ STOP_CHECK = 1.0
 """Longest idle wait of the loop before it looks for a stop or reload again: the wake
 message that cuts the wait short can be refused (a broker that filled up, a wake queue
 a full broker would not create)."""
-_FULL_MARKERS = ("maxmemory", "OOM command not allowed", "disk is full", "No space left")
 PULSE = 1.0
 """How often the pulse thread (AMQP) looks at a loop busy in an inline handler, and at
 the age of the oldest unacked delivery."""
@@ -98,72 +87,6 @@ calls itself idle and sends them (a read returns one message at a time: without 
 look every message was "the last", and every ack went alone)."""
 
 Message = typing.Any  # kombu.message.Message: kombu ships no type information
-
-
-@dataclasses.dataclass
-class _Binding:
-    """One consumer on its own channel: the partitions it owns and what it consumes."""
-
-    spec: ConsumerSpec
-    prefetch: int
-    owned: set[int] = dataclasses.field(default_factory=set)
-    channel: typing.Any = None
-    consumer: Consumer | None = None
-    batch: batching.Batch | None = None
-    settling: acks.Acks | None = None
-    names: frozenset[str] = frozenset()
-    """The queues consumed now: a delivery naming another (a foreign envelope on Redis)
-    counts as one of the first."""
-    first: str = ""
-
-    def queue_names(self) -> list[str]:
-        if not self.spec.partitions:
-            return self.spec.queue_names
-        return [routing.partition_queue(self.spec.name, p) for p in sorted(self.owned)]
-
-    def open(
-        self,
-        connection: Connection,
-        on_message: typing.Callable[..., None],
-        settling: acks.Acks,
-    ) -> None:
-        names = self.queue_names()
-        if not names:
-            return
-        self.names, self.first = frozenset(names), names[0]
-        self.channel = connection.channel()
-        self.settling = settling
-        settling.track(self.channel, self.prefetch, self.spec.name)
-        # Our Redis and SQLite transports move what is not a message at all there.
-        dead_letters = routing.dead_letter_queue(self.spec.name)
-        self.channel.dead_letter_queues = dict.fromkeys(names, dead_letters)
-        # RabbitMQ's per-consumer prefetch would multiply by the number of partition
-        # queues; a channel-wide limit keeps "prefetch" meaning messages per consumer.
-        self.channel.basic_qos(0, self.prefetch, len(names) > 1)
-        queues = [self.spec.queue(n) for n in names]
-        self.batch = batching.Batch(self.spec.batch) if self.spec.batch else None
-        self.consumer = Consumer(
-            self.channel,
-            queues=queues,
-            accept=["json"],
-            on_message=functools.partial(on_message, self),
-            # kombu re-raises a decode error (an unknown compression, say) out of
-            # drain_events without this: the worker would crash on it for ever.
-            on_decode_error=functools.partial(_undecodable, functools.partial(on_message, self)),
-            auto_declare=False,
-        )
-        self.consumer.consume()
-
-    def close(self) -> None:
-        """Stop consuming and hand prefetched, unacked messages back to the broker."""
-        consumer, channel = self.consumer, self.channel
-        self.consumer = self.channel = self.batch = None  # the batch goes back with them
-        if channel is not None and self.settling is not None:
-            self.settling.close(channel)  # what was handled is acked before the rest goes back
-        if consumer is not None:
-            consumer.cancel()
-        if channel is not None:
-            channel.close()
 
 
 class Loop:
@@ -189,7 +112,6 @@ class Loop:
             *_full_errors(),
         )
         self._flaps = 0
-        self._connected_at = 0.0
         self._amqp = broker.is_amqp(self._probe)
         self._acks = acks.Acks(batched=self._amqp)
         self._heartbeat, self._consumer_timeout = broker.consuming_options(self._url)
@@ -202,24 +124,37 @@ class Loop:
         )
         self._partitions = partitions.Partitions(Leases(root), self._membership.workers, worker_id)
         self._deaths = deaths.DeathCounter(root, deaths.scope_of(app.name, settings.member[0]))
-        self._wake_queue = f"consumerd.wake.{socket.gethostname()}.{os.getpid()}"
-        self._conn: Connection | None = None
-        self._producer: Producer | None = None
-        self._bindings: dict[str, _Binding] = {}
-        self._retry_channel: typing.Any = None
-        self._wake_channel: typing.Any = None
-        self._inbox: collections.deque[tuple[_Binding | None, Message]] = collections.deque()
+        self._inbox: collections.deque[tuple[Binding | None, Message]] = collections.deque()
         self._pools: dict[str, dispatch.Pool] = {}  # consumers running handlers in parallel
         self._inline: set[str] = set()  # consumers known to run inline (until a reload)
         self._free_slots = list(range(deaths.SLOTS - 1, 0, -1))  # in-flight record slots
+        self._settler = settling.Settler(
+            acker=self._acks,
+            publisher=None,  # the connection's, from each connect
+            recoverable=self._recoverable,
+            on_handled=self._count_for_recycling,
+        )
         self._retries = retries.Retries(
-            republish=self._republish,
-            dead_letter=self._dead_letter_to,
+            republish=self._settler.republish,
+            dead_letter=self._settler.dead_letter_to,
             ack=functools.partial(self._acks.ack, at_once=True),
         )
-        self._restore_every = 0.0
-        self._next_restore = math.inf  # chores: math.inf = never
-        # The earliest deadline of an open batch; the next heartbeat check (AMQP).
+        self._interrupt = threading.Event()
+        self._stop_requested = threading.Event()
+        self._session = session.Session(
+            self._url,
+            amqp=self._amqp,
+            heartbeat=self._heartbeat,
+            recoverable=self._recoverable,
+            acker=self._acks,
+            retries=self._retries,
+            receive=self._receive,
+            opened=self._opened,
+            sleep=self._sleep,
+            stop=self._stop_requested,
+        )
+        # Chores (math.inf = never): the earliest deadline of an open batch; the next
+        # heartbeat check (AMQP).
         self._next_flush = self._next_beat = math.inf
         self._stopping = False
         # Jitter, so that workers started together do not all recycle together. The
@@ -231,8 +166,6 @@ class Loop:
         self.recycle = False
         """True once the worker stopped to be replaced (a recycling limit was reached)."""
         self._pending_app: App | None = None
-        self._interrupt = threading.Event()
-        self._stop_requested = threading.Event()
         self._done = threading.Event()
         self.on_consuming: typing.Callable[[], None] = _nothing
         """Called in the loop's thread after every successful connect, once the queues
@@ -260,7 +193,7 @@ class Loop:
                 timeout or 0.0,
             )
             self._deaths.settled()  # the runtime stops it: not a death of the message
-            self._hand_back_from_outside()
+            self._session.hand_back()
 
     def reload(self, app: App) -> None:
         """Have the loop re-bind to ``app``'s queues (and the live settings in force) at
@@ -270,31 +203,20 @@ class Loop:
 
     def _poke(self) -> None:
         self._interrupt.set()
-        if self._conn is None:
+        if self._session.conn is None:
             return
         try:
             with broker.connect(self._url, connect_timeout=2) as conn:
                 Producer(conn).publish(
                     b"",
                     exchange="",
-                    routing_key=self._wake_queue,
+                    routing_key=self._session.wake_queue,
                     delivery_mode=1,
                     content_type="application/octet-stream",
                     content_encoding="binary",
                 )
         except Exception as exc:  # the loop still notices at its next event
             LOG.debug("could not wake the consume loop: %s", exc)
-
-    def _hand_back_from_outside(self) -> None:
-        """Worker about to exit under a stuck handler: on virtual transports ask the
-        broker to restore this worker's unacked messages now instead of after the
-        visibility timeout. RabbitMQ requeues them itself when the socket closes."""
-        if self._amqp:
-            return
-        for channel in [b.channel for b in self._bindings.values()] + [self._retry_channel]:
-            if channel is not None:
-                with contextlib.suppress(Exception):
-                    channel.qos.restore_unacked_once()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -305,7 +227,7 @@ class Loop:
             threading.Thread(target=self._pulse, name="consumerd-pulse", daemon=True).start()
         try:
             while not self._stopping:
-                if self._conn is None:
+                if self._session.conn is None:
                     self._connect()
                     continue
                 try:
@@ -328,8 +250,9 @@ class Loop:
             self._done.set()
 
     def _serve(self) -> None:
-        assert self._conn is not None
-        drain = self._conn.drain_events
+        conn = self._session.conn
+        assert conn is not None
+        drain = conn.drain_events
         while not self._stopping:
             if self._pools:
                 self._settle_completed()
@@ -338,8 +261,7 @@ class Loop:
             now = time.monotonic()
             if now >= self._partitions.deadline:
                 self._rebalance()
-            if now >= self._next_restore:
-                self._restore_visible()
+            self._session.restore_due(now)
             if now >= self._next_flush:
                 self._flush_due_batches(now)
             self._retries.release_due()
@@ -356,7 +278,7 @@ class Loop:
                     # Only right after a read: py-amqp counts a heartbeat missed when no
                     # byte arrived since its last check, and none is read in a handler.
                     self._next_beat = time.monotonic() + self._heartbeat / 4
-                    self._conn.heartbeat_check()
+                    conn.heartbeat_check()
             while inbox and not self._stopping:
                 binding, message = inbox.popleft()
                 if binding is None:
@@ -367,7 +289,8 @@ class Loop:
     def _after_loss(self, exc: BaseException) -> None:
         """Reconnect at once after a stable connection; after a flap (lost soon after it
         was made) wait first, longer at each flap in a row."""
-        if time.monotonic() - self._connected_at >= STABLE_AFTER:
+        connected_at = self._session.connected_at
+        if time.monotonic() - connected_at >= STABLE_AFTER:
             self._flaps = 0
         self._flaps += 1
         if self._flaps == 1:
@@ -379,7 +302,7 @@ class Loop:
         LOG.warning(
             "lost the broker again %.1fs after connecting (%s: %s; flap #%d); "
             "reconnecting in %.1fs",
-            time.monotonic() - self._connected_at,
+            time.monotonic() - connected_at,
             type(exc).__name__,
             exc,
             self._flaps - 1,
@@ -392,7 +315,7 @@ class Loop:
         """Until the next chore, or the next look for a stop (:data:`STOP_CHECK`)."""
         deadline = min(
             self._partitions.deadline,
-            self._next_restore,
+            self._session.deadline(),
             self._next_flush,
             self._next_beat,
             self._retries.deadline(),
@@ -404,211 +327,61 @@ class Loop:
         return max(0.001, deadline - now)
 
     def _rebalance_soon(self) -> None:
-        self._partitions.look_soon(any(b.spec.partitions for b in self._bindings.values()))
+        self._partitions.look_soon(any(b.spec.partitions for b in self._session.bindings.values()))
 
     # -- connecting -------------------------------------------------------------------
 
     def _connect(self) -> None:
-        """Connect and bind, retrying with jittered exponential back-off; past the limit
-        exit with EX_TEMPFAIL so the master's respawn back-off takes over."""
+        """Connect through the session (which exits the worker past the broker-down
+        limit), then take up the chores a new connection starts."""
         self._interrupt.clear()
-        started = time.monotonic()
-
-        def log_retry(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            LOG.warning(
-                "broker %s unreachable (%s: %s); retry %d in %.1fs",
-                broker.redact(self._url),
-                type(exc).__name__,
-                exc,
-                state.attempt_number,
-                state.upcoming_sleep,
-            )
-
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(self._recoverable),
-            stop=tenacity.stop_after_delay(self.settings.broker_down_limit)
-            | tenacity.stop_when_event_set(self._stop_requested),
-            wait=tenacity.wait_random_exponential(multiplier=0.2, max=5.0),
-            sleep=self._sleep,
-            before_sleep=log_retry,
-            reraise=True,
-        )
-        try:
-            retrying(self._connect_once)
-        except self._recoverable:
-            if self._stopping:
-                return
-            LOG.error(
-                "broker %s unreachable for %.0fs: exiting with status %d",
-                broker.redact(self._url),
-                time.monotonic() - started,
-                EX_TEMPFAIL,
-            )
-            raise SystemExit(EX_TEMPFAIL) from None
+        self._session.connect(self._app, self._prefetch_of, self.settings.broker_down_limit)
+        if self._session.conn is None:
+            return  # stopped while waiting for the broker
+        self._settler.publisher = self._session.producer
+        if self._heartbeat:
+            self._next_beat = time.monotonic() + self._heartbeat / 4
+        metrics.set_connected(True)
+        metrics.set_consuming(True)
+        self._rebalance_soon()
+        self.on_consuming()
 
     def _sleep(self, seconds: float) -> None:
         self._interrupt.wait(seconds)  # a stop or reload cuts the back-off short
 
-    def _connect_once(self) -> None:
-        conn = broker.connect(self._url, connect_timeout=5, heartbeat=self._heartbeat)
-        try:
-            conn.connect()
-            self._conn = conn
-            if self._heartbeat:
-                self._next_beat = time.monotonic() + self._heartbeat / 4
-            self._producer = Producer(conn.default_channel, serializer="json")
-            self._connected_at = time.monotonic()
-            try:
-                self._bind_wake()
-            except Exception as exc:
-                if not _is_full(exc):
-                    raise
-                # The broker is full: consume without a wake queue (acks and fetches
-                # free space); a stop or reload is noticed within STOP_CHECK instead.
-                LOG.warning("broker full (%s); consuming without a wake queue", exc)
-                self._wake_channel = None
-            self._schedule_restore()
-            self._bind_retry()
-            LOG.info(
-                "consuming %s from %s", ", ".join(self._app.consumers), broker.redact(self._url)
-            )
-            for spec in self._app.consumers.values():
-                self._bind(spec, self._bindings.get(spec.name))
-            metrics.set_connected(True)
-            metrics.set_consuming(True)
-        except BaseException:
-            self._abandon_connection()
-            raise
-        self._rebalance_soon()
-        self.on_consuming()
-
     def _abandon_connection(self) -> None:
-        """Drop a broken connection without waiting on it; unacked messages come back
-        from the broker (RabbitMQ at once, Redis after its visibility timeout)."""
-        conn, self._conn = self._conn, None
+        """Drop a broken connection and what came on it; running handlers finish, and
+        their messages come back from the broker anyway."""
         metrics.set_connected(False)
         metrics.set_consuming(False)
-        self._producer = None
-        self._acks.forget()
-        self._retries.drop()
+        self._settler.publisher = None
         self._inbox.clear()
         for pool in self._pools.values():
-            pool.drop_waiting()  # running ones finish; their messages come back anyway
-        self._retry_channel = self._wake_channel = None
-        for binding in self._bindings.values():
-            binding.consumer = binding.channel = binding.batch = None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.collect()
+            pool.drop_waiting()
+        self._session.abandon()
 
-    def _declare(self, channel: typing.Any, spec: ConsumerSpec) -> None:
-        try:
-            for name in spec.queue_names:
-                spec.queue(name)(channel).declare()
-            for name in (routing.retry_queue(spec.name), routing.dead_letter_queue(spec.name)):
-                declare_queue(name)(channel).declare()
-        except Exception as exc:
-            if not _is_full(exc):
-                raise
-            # A full broker refuses declarations; consuming what is there frees space.
-            LOG.warning("broker full (%s); consuming %s without declaring it", exc, spec.name)
-
-    def _bind(self, spec: ConsumerSpec, previous: _Binding | None) -> None:
-        """Consume a (declared) consumer's queues; partitions keep the leases
-        held before a reconnect and gain more at the next rebalance."""
-        assert self._conn is not None
+    def _prefetch_of(self, spec: ConsumerSpec) -> int:
         settings = self.settings
-        binding = _Binding(
-            spec, self._app.prefetch_of(spec, settings.prefetch, settings.concurrency)
-        )
-        if previous is not None and spec.partitions:
-            binding.owned = {p for p in previous.owned if p < spec.partitions}
-        self._bindings[spec.name] = binding
-        self._open(binding)
+        return self._app.prefetch_of(spec, settings.prefetch, settings.concurrency)
 
-    def _open(self, binding: _Binding) -> None:
-        """Consume a binding's queues on a new channel; jobs its consumer's pool still
-        held came from the closed one, which handed their messages back."""
-        assert self._conn is not None
-        binding.open(self._conn, self._receive, self._acks)
+    def _opened(self, binding: Binding) -> None:
+        """A consumer's channel was opened: jobs its pool still held came from the closed
+        one, which handed their messages back."""
         pool = self._pools.get(binding.spec.name)
         if pool is not None:
             pool.drop_waiting()
             pool.resume()
 
-    def _bind_retry(self) -> None:
-        """Declare every consumer's queues, then consume the retry queues."""
-        assert self._conn is not None
-        for spec in self._app.consumers.values():
-            self._declare(self._conn.default_channel, spec)
-        names = [routing.retry_queue(name) for name in self._app.consumers]
-        self._retry_channel = self._conn.channel()
-        self._retries.watch(self._retry_channel, self._app.consumers)
-        self._acks.track(self._retry_channel, RETRY_PREFETCH, "the retry queues")
-        self._retry_channel.dead_letter_queues = {
-            routing.retry_queue(name): routing.dead_letter_queue(name)
-            for name in self._app.consumers
-        }
-        self._retry_channel.basic_qos(0, RETRY_PREFETCH, len(names) > 1)
-        on_copy = functools.partial(self._receive, None)
-        Consumer(
-            self._retry_channel,
-            queues=[declare_queue(n) for n in names],
-            on_message=on_copy,
-            on_decode_error=functools.partial(_undecodable, on_copy),
-            auto_declare=False,
-        ).consume()
-
-    def _bind_wake(self) -> None:
-        assert self._conn is not None
-        self._wake_channel = self._conn.channel()
-        queue = Queue(
-            self._wake_queue,
-            routing_key=self._wake_queue,
-            durable=False,
-            exclusive=self._amqp,
-            auto_delete=True,
-        )
-        Consumer(
-            self._wake_channel,
-            queues=[queue],
-            no_ack=True,
-            on_message=self._on_wake,
-            on_decode_error=lambda message, exc: None,
-        ).consume()
-
-    def _restore_visible(self) -> None:
-        """Give back messages a dead worker took: on Redis they sit in the ``unacked``
-        hash until someone sweeps it, and kombu only sweeps from a blocking
-        ``drain_events`` when a poll comes back empty, which a loop that never times out
-        never sees. Every worker sweeps every visibility_timeout / 4; only messages
-        older than the visibility timeout are restored."""
-        self._next_restore = time.monotonic() + self._restore_every
-        self._wake_channel.qos.restore_visible(start=0, num=1000, interval=1)
-
-    def _schedule_restore(self) -> None:
-        channel = self._wake_channel
-        timeout = getattr(channel, "visibility_timeout", None)
-        if self._amqp or timeout is None or not hasattr(channel.qos, "restore_visible"):
-            return
-        low, high = RESTORE_RANGE
-        self._restore_every = min(high, max(low, float(timeout) / 4))
-        self._next_restore = time.monotonic() + self._restore_every
-
-    def _on_wake(self, message: Message) -> None:
-        """Nothing to do: returning from ``drain_events`` is the point."""
-
     # -- handling messages (the hot path) ---------------------------------------------
 
-    def _receive(self, binding: _Binding | None, message: Message) -> None:
+    def _receive(self, binding: Binding | None, message: Message) -> None:
         """kombu's callback only queues: py-amqp runs callbacks while it waits for a
         publisher confirm, and a handler publishing a retry from in there would wait for
         a confirm the outer wait may already have eaten. Handling happens in the loop."""
         self._acks.delivered(message)
         self._inbox.append((binding, message))
 
-    def _on_message(self, binding: _Binding, message: Message) -> None:
+    def _on_message(self, binding: Binding, message: Message) -> None:
         """Settle one delivery: handled and acked, retried, or dead-lettered — whatever
         its headers, body or encoding, and whatever the handler raises."""
         spec = binding.spec
@@ -627,7 +400,7 @@ class Loop:
                     identity,
                     died,
                 )
-                self._dead_letter(
+                self._settler.dead_letter(
                     spec, message, queue, f"worker died while handling this message, {died} times"
                 )
                 self._deaths.forget(identity)
@@ -640,7 +413,7 @@ class Loop:
 
     def _handle(
         self,
-        binding: _Binding,
+        binding: Binding,
         spec: ConsumerSpec,
         meter: typing.Any,
         message: Message,
@@ -657,11 +430,10 @@ class Loop:
             reason = (
                 str(exc) if isinstance(exc, decoding.Undecodable) else (policy.describe_error(exc))
             )
-            self._dead_letter(spec, message, queue, f"undecodable: {reason}")
+            self._settler.dead_letter(spec, message, queue, f"undecodable: {reason}")
             return
         if body is None and spec.prepare is not None:
-            self._acks.ack(message)  # filtered out
-            meter.acked()
+            self._settler.skipped(spec, message)
             return
         delivery = Delivery(message, queue)
         if binding.batch is not None:
@@ -679,9 +451,9 @@ class Loop:
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt and the like from a handler are its failures:
             # the runtime never stops a worker by raising into the handler's thread.
-            self._failed(spec, message, delivery, exc)
+            self._settler.failed(spec, delivery, exc)
             return
-        self._handled_one(spec, message, delivery, result)
+        self._settler.handled(spec, (delivery,), result)
 
     def _run_inline(self, handler: typing.Callable[..., object], *args: object) -> object:
         """Run a handler on this thread, letting go of the connection meanwhile: the pulse
@@ -693,17 +465,6 @@ class Loop:
         finally:
             self._wire.acquire()
             self._inline_since = 0.0
-
-    def _handled_one(
-        self, spec: ConsumerSpec, message: Message, delivery: Delivery, result: object
-    ) -> None:
-        """The handler returned: ack (or requeue, if it asked), count for recycling."""
-        if result is policy.REQUEUE:
-            self._requeue(spec, [delivery])
-            return
-        self._acks.ack(message)
-        metrics.for_consumer(spec.name).acked()
-        self._count_for_recycling()
 
     # -- handlers on other threads ------------------------------------------------------
 
@@ -736,7 +497,7 @@ class Loop:
             for job in pool.completed():
                 with _METER_LOCK:
                     meter.finished(job.seconds)
-                binding = self._bindings.get(name)
+                binding = self._session.bindings.get(name)
                 if binding is None:
                     continue  # a reload dropped the consumer and closed its channel
                 if job.message.channel is not binding.channel and not getattr(
@@ -744,9 +505,9 @@ class Loop:
                 ):
                     continue  # its channel was closed: the broker has the message back
                 if job.error is not None:
-                    self._failed(binding.spec, job.message, job.delivery, job.error)
+                    self._settler.failed(binding.spec, job.delivery, job.error)
                 else:
-                    self._handled_one(binding.spec, job.message, job.delivery, job.result)
+                    self._settler.handled(binding.spec, (job.delivery,), job.result)
 
     def _quiesced(self, name: str | None = None) -> bool:
         """Pause the pools (all, or ``name``'s) and say whether their handlers are done:
@@ -762,7 +523,7 @@ class Loop:
         finish (within the graceful timeout, which :meth:`stop` enforces) and are settled."""
         for pool in self._pools.values():
             pool.drop_waiting()
-        while self._conn is not None and any(p.outstanding for p in self._pools.values()):
+        while self._session.conn is not None and any(p.outstanding for p in self._pools.values()):
             time.sleep(HANDLER_POLL)  # the stop is already requested: nothing to wait on
             self._settle_completed()
             self._acks.flush()
@@ -795,7 +556,7 @@ class Loop:
     def _keep_alive(self) -> None:
         """Send a heartbeat if one is due; the loop is not reading, so unlike
         ``heartbeat_check`` this does not judge the broker by what arrived meanwhile."""
-        conn = self._conn
+        conn = self._session.conn
         amqp_conn = conn.connection if conn is not None and self._heartbeat else None
         if amqp_conn is not None and (
             time.monotonic() - amqp_conn.last_heartbeat_sent >= self._heartbeat / 4
@@ -849,109 +610,9 @@ class Loop:
         self.recycle = True
         self._stopping = True
 
-    def _failed(
-        self, spec: ConsumerSpec, message: Message, delivery: Delivery, exc: BaseException
-    ) -> None:
-        error = policy.describe_error(exc)
-        delay = spec.retry.delay_after(delivery.attempt)
-        if delay is None:
-            LOG.error(
-                "%s: attempt %d failed (%s): dead-lettering",
-                delivery.queue,
-                delivery.attempt,
-                error,
-            )
-            self._dead_letter(spec, message, delivery.queue, error)
-            return
-        # %g, not %.1f: that showed a 0.04 s retry as "retry in 0.0s". The delay is the
-        # least wait: the copy then goes to the back of its queue, behind any backlog.
-        LOG.warning(
-            "%s: attempt %d failed (%s): retry in %gs",
-            delivery.queue,
-            delivery.attempt,
-            error,
-            delay,
-        )
-        headers = policy.retry_headers(
-            message.headers, delivery.attempt + 1, time.time() + delay, delivery.queue
-        )
-        self._republish(message, routing.retry_queue(spec.name), headers)
-        self._acks.ack(message, at_once=True)  # only now: the copy is safely published
-        metrics.for_consumer(spec.name).retried()
-
-    def _requeue(self, spec: ConsumerSpec, deliveries: list[Delivery]) -> None:
-        """The handler asked for its messages to go back to their queue now (oslo's
-        ``NotificationResult.REQUEUE``): reject with requeue, no attempt counted."""
-        LOG.debug(
-            "%s: requeueing %d message(s) at the handler's request", spec.name, len(deliveries)
-        )
-        for delivery in deliveries:
-            self._acks.before_reject(delivery.raw)
-            delivery.raw.requeue()
-
-    def _dead_letter(self, spec: ConsumerSpec, message: Message, queue: str, error: str) -> None:
-        self._dead_letter_to(routing.dead_letter_queue(spec.name), message, queue, error)
-        metrics.for_consumer(spec.name).dead_lettered()
-
-    def _dead_letter_to(self, dead_letters: str, message: Message, queue: str, error: str) -> None:
-        """Copy ``message`` to ``dead_letters`` with ``error``, then ack it. Headers the
-        broker cannot take back (or an odd type) are dropped rather than stop the queue."""
-        headers = message.headers if isinstance(message.headers, dict) else None
-        try:
-            self._republish(
-                message, dead_letters, policy.dead_letter_headers(headers, error, queue)
-            )
-        except self._recoverable:
-            raise
-        except Exception as exc:
-            LOG.error(
-                "%s: could not dead-letter a message with its headers (%s): "
-                "dead-lettering it without them",
-                queue,
-                policy.describe_error(exc),
-            )
-            error = f"{error}; its headers were dropped ({policy.describe_error(exc)})"
-            self._republish(
-                message, dead_letters, policy.dead_letter_headers(None, error, queue), plain=True
-            )
-        self._acks.ack(message, at_once=True)
-
-    def _republish(
-        self, message: Message, queue: str, headers: policy.Headers, plain: bool = False
-    ) -> None:
-        """Publish the message's raw bytes (never re-serialised) to ``queue``. ``plain``:
-        the body as bytes whatever the content type said (a last resort)."""
-        assert self._producer is not None
-        if "compression" in headers and not message.errors:
-            # kombu decompressed the body: it goes out plain.
-            headers = {k: v for k, v in headers.items() if k != "compression"}
-        body = message.body
-        content_type = message.content_type
-        content_encoding = message.content_encoding
-        if plain or not isinstance(content_type, str) or not isinstance(content_encoding, str):
-            content_type, content_encoding = "application/data", "binary"
-        if not isinstance(body, bytes | str):
-            body = b"" if body is None else bytes(body)
-        # The message id is kept: a retry or a dead letter is the same message to whoever
-        # traces it.
-        properties = {}
-        message_id = message.properties.get("message_id")
-        if message_id is not None:
-            properties["message_id"] = message_id
-        self._producer.publish(
-            body,
-            exchange="",
-            routing_key=queue,
-            headers=headers,
-            content_type=content_type or "application/data",
-            content_encoding=content_encoding or "binary",
-            delivery_mode=2,
-            **properties,
-        )
-
     # -- batches ----------------------------------------------------------------------
 
-    def _add_to_batch(self, binding: _Binding, body: typing.Any, delivery: Delivery) -> None:
+    def _add_to_batch(self, binding: Binding, body: typing.Any, delivery: Delivery) -> None:
         batch = binding.batch
         assert batch is not None
         if batch.add(body, delivery, time.monotonic()):
@@ -961,7 +622,7 @@ class Loop:
 
     def _flush_due_batches(self, now: float) -> None:
         self._next_flush = math.inf
-        for binding in list(self._bindings.values()):
+        for binding in list(self._session.bindings.values()):
             batch = binding.batch
             if batch is None or not batch:
                 continue
@@ -970,10 +631,9 @@ class Loop:
             else:
                 self._next_flush = min(self._next_flush, batch.deadline)
 
-    def _flush_batch(self, binding: _Binding, batch: batching.Batch) -> None:
-        """One handler call for the whole batch. Then every message of it is acked or,
-        if the handler raised, every one takes the retry path (a copy to ``<name>.retry``,
-        dead-lettered after the last attempt): a batch never half succeeds."""
+    def _flush_batch(self, binding: Binding, batch: batching.Batch) -> None:
+        """One handler call for the whole batch; the settler then settles all of it
+        alike: a batch never half succeeds."""
         spec = binding.spec
         meter = metrics.for_consumer(spec.name)
         items, deliveries = batch.take()
@@ -982,22 +642,9 @@ class Loop:
                 # spec.batch: the handler takes lists
                 result = self._run_inline(spec.handler, items, deliveries)
         except BaseException as exc:
-            LOG.warning(
-                "%s: a batch of %d failed (%s): retrying all of it",
-                spec.name,
-                len(items),
-                policy.describe_error(exc),
-            )
-            for delivery in deliveries:
-                self._failed(spec, delivery.raw, delivery, exc)
+            self._settler.batch_failed(spec, deliveries, exc)
             return
-        if result is policy.REQUEUE:
-            self._requeue(spec, deliveries)
-            return
-        for delivery in deliveries:
-            self._acks.ack(delivery.raw)
-            meter.acked()
-            self._count_for_recycling()
+        self._settler.handled(spec, deliveries, result)
 
     # -- partitions -------------------------------------------------------------------
 
@@ -1007,22 +654,20 @@ class Loop:
         Lost partitions are closed (prefetched messages handed back) *before* their
         leases are released; gained ones are consumed only once their lease is ours.
         """
-        assert self._conn is not None
+        bindings = self._session.bindings
         shares = {
-            name: (b.spec.partitions, b.owned)
-            for name, b in self._bindings.items()
-            if b.spec.partitions
+            name: (b.spec.partitions, b.owned) for name, b in bindings.items() if b.spec.partitions
         }
         for move in self._partitions.rebalance(shares, self.settings.member):
             if move.consumer in self._pools and not self._quiesced(move.consumer):
                 # Its channel closes below: let the running handlers finish and ack first.
                 self._partitions.look_again_in(HANDLER_POLL)
                 continue
-            binding = self._bindings[move.consumer]
+            binding = bindings[move.consumer]
             binding.close()
             self._partitions.release(move.consumer, move.lost)
             binding.owned = set(move.owned)
-            self._open(binding)
+            self._session.open(binding)
             LOG.info(
                 "%s: worker %d of %d consumes partitions %s",
                 move.consumer,
@@ -1034,21 +679,19 @@ class Loop:
     # -- reload -----------------------------------------------------------------------
 
     def _apply_reload(self) -> None:
-        assert self._conn is not None
         app, self._pending_app = self._pending_app, None
         assert app is not None
         app.configure(broker_url=self._url)
         old, self._app = self._app, app
         self._inline.clear()  # a new handler or concurrency may need a pool now
-        for name, binding in list(self._bindings.items()):
+        bindings = self._session.bindings
+        for name, binding in list(bindings.items()):
             spec = app.consumers.get(name)
-            settings = self.settings
             pool = self._pools.get(name)
             if (
                 spec is not None
                 and spec.binding_key() == binding.spec.binding_key()
-                and app.prefetch_of(spec, settings.prefetch, settings.concurrency)
-                == binding.prefetch
+                and self._prefetch_of(spec) == binding.prefetch
                 and (
                     pool is None
                     or dispatch.is_async(pool.handler) == dispatch.is_async(spec.handler)
@@ -1062,24 +705,19 @@ class Loop:
             if pool is not None:  # quiesced: nothing runs; what waits goes back below
                 del self._pools[name]
                 pool.close()
-            binding.close()
-            self._partitions.leave(name, binding.owned)
-            del self._bindings[name]
+            self._partitions.leave(name, self._session.unbind(name).owned)
         if list(app.consumers) != list(old.consumers):
-            self._acks.close(self._retry_channel)
-            self._close_quietly(self._retry_channel)
-            self._retries.drop()
-            self._bind_retry()
+            self._session.rebind_retry(app.consumers)
         for name, spec in app.consumers.items():
-            if name not in self._bindings:
+            if name not in bindings:
                 # New queues (a new consumer, a higher partition count) exist only once
                 # declared: RabbitMQ refuses to consume an undeclared one (NOT_FOUND).
-                self._declare(self._conn.default_channel, spec)
-                self._bind(spec, None)
+                self._session.declare(spec)
+                self._session.bind(spec, self._prefetch_of(spec), None)
         self._rebalance_soon()
         LOG.info(
             "reloaded: consuming %s",
-            ", ".join(f"{b.spec.name}(prefetch={b.prefetch})" for b in self._bindings.values()),
+            ", ".join(f"{b.spec.name}(prefetch={b.prefetch})" for b in bindings.values()),
         )
 
     # -- stopping ---------------------------------------------------------------------
@@ -1089,36 +727,17 @@ class Loop:
         self._finish_handlers()
         for pool in self._pools.values():
             pool.close()
-        conn = self._conn
-        if conn is not None:
+        if self._session.conn is not None:
             try:
                 self._acks.flush()
             except Exception as exc:  # lost: the broker redelivers those messages
                 LOG.warning("could not send the last acks: %s", exc)
-            for binding in self._bindings.values():
-                self._close_quietly(binding)
-            self._close_quietly(self._retry_channel)
-            self._retries.drop()
-            if self._wake_channel is not None and not self._amqp:
-                with contextlib.suppress(Exception):
-                    self._wake_channel.queue_delete(self._wake_queue)
-            self._close_quietly(self._wake_channel)
-            with contextlib.suppress(Exception):
-                conn.release()
-            self._conn = None
+            self._session.close()
         self._partitions.release_all()  # after the channels: their messages are back
         self._membership.leave()
         self._deaths.close()
         metrics.set_connected(False)
         metrics.flush()
-
-    @staticmethod
-    def _close_quietly(thing: typing.Any) -> None:
-        if thing is not None:
-            try:
-                thing.close()
-            except Exception as exc:
-                LOG.debug("closing %r: %s", thing, exc)
 
 
 def _nothing() -> None:
@@ -1139,19 +758,6 @@ def _redelivered(message: Message) -> bool:
         isinstance(headers, dict)
         and bool(headers.get("redelivered") or headers.get("x-delivery-count"))
     )
-
-
-def _undecodable(
-    on_message: typing.Callable[[Message], None], message: Message, exc: BaseException
-) -> None:
-    """kombu's ``on_decode_error``: the message goes on like any other, its error noted in
-    ``message.errors``, so it is dead-lettered (or, a retry copy, sent on raw)."""
-    errors = getattr(message, "errors", None)
-    if errors is None:
-        raise exc  # not a kombu message: nothing here can settle it
-    if not errors:
-        errors.append((type(exc), exc, exc.__traceback__))
-    on_message(message)
 
 
 _METER_LOCK = threading.Lock()
@@ -1196,12 +802,6 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 1_048_576
-
-
-def _is_full(exc: BaseException) -> bool:
-    """The broker refused a write for lack of memory or disk, not for being gone."""
-    text = str(exc)
-    return any(marker in text for marker in _FULL_MARKERS)
 
 
 def _full_errors() -> tuple[type[BaseException], ...]:

@@ -3,7 +3,7 @@
 A retry is a *copy* published to ``<name>.retry`` with the next attempt number and the
 time it becomes due; the original is acked only once the copy is safely published, so a
 worker dying in between causes a duplicate, never a loss. The worker holding retry
-copies republishes each to its queue when due (see :mod:`consumerd.consumer.loop`), so a
+copies republishes each to its queue when due (see :mod:`consumerd.consumer.retries`), so a
 delayed retry never blocks a handler slot. After the last attempt, or at once for a
 message we cannot decode, the message goes to ``<name>.dlq`` with the error in headers.
 """

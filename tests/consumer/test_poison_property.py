@@ -27,7 +27,8 @@ from kombu.utils.json import dumps, loads
 import consumerd
 from consumerd import config
 from consumerd.consumer import policy
-from consumerd.consumer.loop import Loop, _Binding
+from consumerd.consumer.loop import Loop
+from consumerd.consumer.session import Binding
 from consumerd.consumer.transport import envelope
 
 SETTINGS = settings(
@@ -97,9 +98,9 @@ def loop(tmp_path, monkeypatch):
         BEHAVIOURS[state["do"]]()
 
     loop = Loop(app, 0, config.Config({"app": "x", "broker": "redis://127.0.0.1:1/0"}, {}))
-    loop._producer = Producer()
+    loop._settler.publisher = Producer()
     loop.state = state
-    loop.binding = _Binding(app.consumers["q"], 10)
+    loop.binding = Binding(app.consumers["q"], 10)
     return loop
 
 
@@ -205,7 +206,7 @@ bodies = st.one_of(
 
 
 def _check_outcome(loop, message, channel, calls_before):
-    sent = loop._producer.sent
+    sent = loop._settler.publisher.sent
     called = len(loop.state["calls"]) > calls_before
     assert len(channel.acks) <= 1 or loop.state["ack_itself"]
     assert message.acknowledged, "every delivery is settled"
@@ -238,7 +239,7 @@ def test_any_amqp_delivery_is_settled_exactly_once(
     loop, *, body, headers, content_type, content_encoding, do, ack_itself, redelivered
 ):
     loop.state.update(do=do, ack_itself=ack_itself)
-    loop._producer.sent.clear()
+    loop._settler.publisher.sent.clear()
     channel = Channel()
     properties = {"application_headers": headers}
     if content_type is not None:
@@ -287,7 +288,7 @@ def test_any_stored_envelope_is_settled_exactly_once(
     loop, *, body, headers, content_type, content_encoding, do, body_encoding
 ):
     loop.state.update(do=do, ack_itself=False)
-    loop._producer.sent.clear()
+    loop._settler.publisher.sent.clear()
     channel = Channel()
     payload = loads(dumps(_payload(body, headers, content_type, content_encoding, body_encoding)))
     assert envelope.error_of(payload) is None
@@ -377,7 +378,7 @@ def test_any_stored_entry_is_a_message_or_a_raw_dead_letter(entry):
 @SETTINGS
 @given(headers=headers, body=bodies)
 def test_any_retry_copy_is_held_released_or_dead_lettered(loop, headers, body):
-    loop._producer.sent.clear()
+    loop._settler.publisher.sent.clear()
     channel = Channel()
     loop._retries.watch(channel, loop._app.consumers)  # the loop's publisher, a fake producer
     raw = amqp.Message(body, application_headers=headers, content_type="application/json")
@@ -386,10 +387,10 @@ def test_any_retry_copy_is_held_released_or_dead_lettered(loop, headers, body):
     loop._retries.receive(message)
     if loop._retries.deadline() != math.inf:
         assert math.isfinite(loop._retries.deadline()) and not message.acknowledged
-        assert loop._producer.sent == []
+        assert loop._settler.publisher.sent == []
         return
     assert message.acknowledged
-    ((_, kwargs),) = loop._producer.sent
+    ((_, kwargs),) = loop._settler.publisher.sent
     if kwargs["routing_key"] == "q.dlq":
         assert kwargs["headers"][policy.ERROR].startswith("undecodable: ")
     else:
@@ -407,7 +408,7 @@ def test_unpickling_never_happens(loop, monkeypatch):
     raw.delivery_info = {"routing_key": "q", "delivery_tag": 1}
     message = pyamqp.Message(raw, channel=channel)
     loop._on_message(loop.binding, message)
-    ((_, kwargs),) = loop._producer.sent
+    ((_, kwargs),) = loop._settler.publisher.sent
     assert kwargs["routing_key"] == "q.dlq"
     assert "ContentDisallowed" in kwargs["headers"][policy.ERROR]
 
@@ -423,5 +424,5 @@ def test_decimals_and_dates_survive(loop):
     raw.delivery_info = {"routing_key": "q", "delivery_tag": 1}
     message = pyamqp.Message(raw, channel=channel)
     loop._on_message(loop.binding, message)
-    ((_, kwargs),) = loop._producer.sent
+    ((_, kwargs),) = loop._settler.publisher.sent
     assert kwargs["headers"]["d"] == decimal.Decimal("1.5")

@@ -15,8 +15,9 @@ from consumerd import config
 from consumerd.consumer import broker, deaths, loading, policy, routing
 from consumerd.consumer.app import ConsumerSpec, Delivery
 from consumerd.consumer.deaths import DeathCounter
-from consumerd.consumer.loop import Loop, _Binding
+from consumerd.consumer.loop import Loop
 from consumerd.consumer.ownership import Leases, Membership
+from consumerd.consumer.session import Binding
 
 # -- routing ------------------------------------------------------------------------------
 
@@ -341,9 +342,9 @@ def loop(tmp_path, monkeypatch):
             raise ValueError("nope")
 
     loop = Loop(app, 0, config.Config({"app": "x", "broker": "redis://127.0.0.1:1/0"}, {}))
-    loop._producer = FakeProducer()
+    loop._settler.publisher = FakeProducer()
     loop.calls = calls
-    loop.binding = _Binding(app.consumers["q"], 10)
+    loop.binding = Binding(app.consumers["q"], 10)
     return loop
 
 
@@ -352,41 +353,7 @@ def test_success_acks(loop):
     loop._on_message(loop.binding, message)
     assert message.acked
     assert loop.calls == [({"a": 1}, 1, True)]
-    assert loop._producer.sent == []
-
-
-def test_failure_publishes_a_retry_copy_before_acking(loop):
-    message = FakeMessage(b'{"fail": 1}', queue="q")
-    before = time.time()
-    loop._on_message(loop.binding, message)
-    assert message.acked
-    ((body, kwargs),) = loop._producer.sent
-    assert body == b'{"fail": 1}'
-    assert kwargs["routing_key"] == "q.retry"
-    assert kwargs["headers"][policy.ATTEMPT] == 2
-    assert kwargs["headers"][policy.TARGET] == "q"
-    assert before + 1.0 <= kwargs["headers"][policy.RETRY_AT] <= time.time() + 1.0
-    assert kwargs["content_type"] == "application/json"
-
-
-def test_last_attempt_dead_letters(loop):
-    message = FakeMessage(b'{"fail": 1}', headers={policy.ATTEMPT: 3})
-    loop._on_message(loop.binding, message)
-    ((_, kwargs),) = loop._producer.sent
-    assert kwargs["routing_key"] == "q.dlq"
-    assert kwargs["headers"][policy.ERROR] == "ValueError: nope"
-
-
-def test_publish_failure_leaves_the_message_unacked(loop):
-    class Down(FakeProducer):
-        def publish(self, body, **kwargs):
-            raise ConnectionError("broker gone")
-
-    loop._producer = Down()
-    message = FakeMessage(b'{"fail": 1}')
-    with pytest.raises(ConnectionError):
-        loop._on_message(loop.binding, message)
-    assert not message.acked
+    assert loop._settler.publisher.sent == []
 
 
 @pytest.mark.parametrize(
@@ -398,7 +365,7 @@ def test_undecodable_goes_straight_to_dead_letters(loop, body, ctype):
     loop._on_message(loop.binding, message)
     assert message.acked
     assert loop.calls == []
-    ((sent, kwargs),) = loop._producer.sent
+    ((sent, kwargs),) = loop._settler.publisher.sent
     assert sent == body
     assert kwargs["routing_key"] == "q.dlq"
     assert kwargs["headers"][policy.ERROR].startswith("undecodable: ")
