@@ -367,6 +367,7 @@ class Session:
         ).consume()
 
     def _schedule_restore(self) -> None:
+        self._next_restore = math.inf  # the sweep runs on this connection's wake channel
         channel = self._wake_channel
         timeout = getattr(channel, "visibility_timeout", None)
         if self._amqp or timeout is None or not hasattr(channel.qos, "restore_visible"):

@@ -17,6 +17,7 @@ import consumerd
 from consumerd.consumer import acks, retries
 from consumerd.consumer import broker as brokers
 from consumerd.consumer.session import EX_TEMPFAIL, RESTORE_RANGE, Session
+from tests.consumer.conftest import REDIS_URL
 from tests.helpers import wait_for
 
 VISIBILITY = 8.0  # Redis: a sweep every VISIBILITY / 4 seconds
@@ -119,3 +120,30 @@ def test_a_stop_while_the_broker_is_out_of_reach_returns_unconnected(broker, nam
     stop.set()
     session.connect(_app(name), lambda spec: 10, limit=30)  # no SystemExit
     assert session.conn is None and opened == []
+
+
+def test_a_reconnect_without_a_wake_channel_keeps_no_old_sweep(name):
+    """A Redis at maxmemory refuses the wake queue at a reconnect: the session consumes
+    without one, and the sweep deadline of the connection before must not fire on it
+    (it swept through the wake channel: None.qos, a crash on every reconnect)."""
+    received, opened, stop = [], [], threading.Event()
+    session, _ = _session(
+        f"{REDIS_URL}?visibility_timeout={VISIBILITY}", False, received, opened, stop
+    )
+    try:
+        session.connect(_app(name), lambda spec: 10, limit=30)
+        assert session.deadline() < math.inf
+        session.abandon()  # the connection was lost
+
+        def full() -> None:
+            raise kombu.exceptions.OperationalError(
+                "OOM command not allowed when used memory > 'maxmemory'."
+            )
+
+        session._bind_wake = full  # type: ignore[method-assign]
+        session.connect(_app(name), lambda spec: 10, limit=30)
+        assert session.conn is not None and session.deadline() == math.inf
+        session.restore_due(time.monotonic() + 3600)  # nothing due, nothing raised
+    finally:
+        session.close()
+        brokers.connect(REDIS_URL).default_channel.client.delete(name)
