@@ -512,7 +512,11 @@ def _parse() -> argparse.Namespace:
         "--dramatiq-threads", default="2,8", help="threads per process; one row each (2,8)"
     )
     p.add_argument("--brokers", default="rabbitmq,redis", help="rabbitmq,redis")
-    p.add_argument("--runners", default="consumerd,kombu,dramatiq,celery")
+    p.add_argument(
+        "--runners",
+        default="consumerd,kombu,dramatiq,celery",
+        help="families (consumerd: all its rows) or single rows (consumerd-async)",
+    )
     p.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672//")
     p.add_argument(
         "--redis-url", default="redis://127.0.0.1:6379/9",
@@ -557,7 +561,9 @@ def main() -> None:
     chosen_brokers = [all_brokers[b] for b in args.brokers.split(",")]
     wanted = set(args.runners.split(","))
     threads = [int(t) for t in args.dramatiq_threads.split(",")]
-    runners = [r for r in make_runners(s, threads) if r.name.split("-")[0] in wanted]
+    runners = [
+        r for r in make_runners(s, threads) if r.name in wanted or r.name.split("-")[0] in wanted
+    ]
 
     skipped = {r.name: why for r in runners if (why := r.unavailable())}
     for name, why in skipped.items():
