@@ -274,6 +274,7 @@ class Result:
     startup: float  # runner start -> first message handled
     ack_tail: float  # last message handled -> broker seen with everything acked
     split: list[int]  # messages handled per consumer process
+    cpu: float  # CPU seconds per message, all consumer processes (first -> last handled)
 
 
 @contextlib.contextmanager
@@ -405,7 +406,8 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
                 _wait_drained(broker, runner, queue)
             except RunFailed as exc:
                 raise RunFailed(f"{exc}\n      log tail: {_tail(log)}") from None
-            handled = sum(r[0] for r in counter.read_all(count_dir))
+            final = counter.read_all(count_dir)
+            handled = sum(r[0] for r in final)
         if handled != s.count:
             raise RunFailed(f"handled {handled} messages for {s.count} sent (duplicates)")
         broken = counter.disorders(count_dir)
@@ -415,7 +417,9 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
         last = max(r[2] for r in reports)
         end = max(last, acked or last)
         split = sorted((r[0] for r in reports), reverse=True)
-        return Result(s.count / (end - first), end - first, first - started, end - last, split)
+        # Each process's first message is before its CPU clock starts.
+        cpu = sum(r[3] for r in final) / max(1, handled - len(final))
+        return Result(s.count / (end - first), end - first, first - started, end - last, split, cpu)
     finally:
         broker.delete(queue)
         shutil.rmtree(count_dir, ignore_errors=True)
@@ -591,7 +595,7 @@ def main() -> None:
                     print(
                         f"{tag} {res.rate:>8,.0f} msg/s ({s.count} in {res.seconds:.2f}s, "
                         f"start->first {res.startup:.2f}s; ack tail {res.ack_tail * 1000:.0f} ms; "
-                        f"per process {split}; "
+                        f"per process {split}; CPU {res.cpu * 1e6:.0f} us/msg; "
                         "queue drained, all acked)",
                         file=sys.stderr,
                         flush=True,
