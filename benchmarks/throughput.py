@@ -274,6 +274,7 @@ class Result:
     startup: float  # runner start -> first message handled
     ack_tail: float  # last message handled -> broker seen with everything acked
     split: list[int]  # messages handled per consumer process
+    cpu: float  # CPU seconds per message, all consumer processes (first -> last handled)
 
 
 @contextlib.contextmanager
@@ -405,7 +406,8 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
                 _wait_drained(broker, runner, queue)
             except RunFailed as exc:
                 raise RunFailed(f"{exc}\n      log tail: {_tail(log)}") from None
-            handled = sum(r[0] for r in counter.read_all(count_dir))
+            final = counter.read_all(count_dir)
+            handled = sum(r[0] for r in final)
         if handled != s.count:
             raise RunFailed(f"handled {handled} messages for {s.count} sent (duplicates)")
         broken = counter.disorders(count_dir)
@@ -415,7 +417,9 @@ def run_once(runner: Runner, broker: Broker, s: Settings, queue: str, work: Path
         last = max(r[2] for r in reports)
         end = max(last, acked or last)
         split = sorted((r[0] for r in reports), reverse=True)
-        return Result(s.count / (end - first), end - first, first - started, end - last, split)
+        # Each process's first message is before its CPU clock starts.
+        cpu = sum(r[3] for r in final) / max(1, handled - len(final))
+        return Result(s.count / (end - first), end - first, first - started, end - last, split, cpu)
     finally:
         broker.delete(queue)
         shutil.rmtree(count_dir, ignore_errors=True)
@@ -512,7 +516,11 @@ def _parse() -> argparse.Namespace:
         "--dramatiq-threads", default="2,8", help="threads per process; one row each (2,8)"
     )
     p.add_argument("--brokers", default="rabbitmq,redis", help="rabbitmq,redis")
-    p.add_argument("--runners", default="consumerd,kombu,dramatiq,celery")
+    p.add_argument(
+        "--runners",
+        default="consumerd,kombu,dramatiq,celery",
+        help="families (consumerd: all its rows) or single rows (consumerd-async)",
+    )
     p.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672//")
     p.add_argument(
         "--redis-url", default="redis://127.0.0.1:6379/9",
@@ -557,7 +565,9 @@ def main() -> None:
     chosen_brokers = [all_brokers[b] for b in args.brokers.split(",")]
     wanted = set(args.runners.split(","))
     threads = [int(t) for t in args.dramatiq_threads.split(",")]
-    runners = [r for r in make_runners(s, threads) if r.name.split("-")[0] in wanted]
+    runners = [
+        r for r in make_runners(s, threads) if r.name in wanted or r.name.split("-")[0] in wanted
+    ]
 
     skipped = {r.name: why for r in runners if (why := r.unavailable())}
     for name, why in skipped.items():
@@ -585,7 +595,7 @@ def main() -> None:
                     print(
                         f"{tag} {res.rate:>8,.0f} msg/s ({s.count} in {res.seconds:.2f}s, "
                         f"start->first {res.startup:.2f}s; ack tail {res.ack_tail * 1000:.0f} ms; "
-                        f"per process {split}; "
+                        f"per process {split}; CPU {res.cpu * 1e6:.0f} us/msg; "
                         "queue drained, all acked)",
                         file=sys.stderr,
                         flush=True,

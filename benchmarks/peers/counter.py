@@ -1,10 +1,12 @@
 """Per-process message counter shared by every runner's no-op handler.
 
 Each consumer process counts handled messages in memory and remembers the monotonic
-time of its first and last one. A daemon thread writes ``count first last`` to
-``$BENCH_COUNT_DIR/<pid>`` (atomic rename) at most every 50 ms, so the handler itself
-does no I/O; the benchmark sums the files to detect completion and takes the timing
-from the timestamps, not from when it happened to poll. ``time.monotonic`` is
+time of its first and last one, and the process's CPU time (all its threads) at each:
+the CPU a runner spends per message, less swayed by a busy machine than its rate. A
+daemon thread writes ``count first last cpu`` to ``$BENCH_COUNT_DIR/<pid>`` (atomic
+rename) at most every 50 ms, so the handler itself does no I/O; the benchmark sums the
+files to detect completion and takes the timing from the timestamps, not from when it
+happened to poll. ``time.monotonic`` is
 CLOCK_MONOTONIC on Linux, which is comparable across processes.
 
 State is created on first use and forgotten in a forked child, so a module imported in
@@ -27,21 +29,26 @@ class _Counter:
         self.count = 0
         self.first = 0.0
         self.last = 0.0
+        self.cpu_first = 0.0
+        self.cpu_last = 0.0
         threading.Thread(target=self._flush_forever, name="bench-counter", daemon=True).start()
 
     def hit(self) -> None:
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.process_time()
         with self.lock:
             if not self.count:
-                self.first = now
+                self.first, self.cpu_first = now, cpu
             self.count += 1
-            self.last = now
+            self.last, self.cpu_last = now, cpu
 
     def _flush_forever(self) -> None:
         written = -1
         while True:
             with self.lock:
-                line = f"{self.count} {self.first!r} {self.last!r}\n"
+                line = (
+                    f"{self.count} {self.first!r} {self.last!r} "
+                    f"{self.cpu_last - self.cpu_first!r}\n"
+                )
                 count = self.count
             if count != written:
                 tmp = f"{self.path}.tmp"
@@ -92,13 +99,14 @@ def disorders(directory: str) -> list[str]:
     return out
 
 
-def read_all(directory: str) -> list[tuple[int, float, float]]:
-    """``(count, first, last)`` of every process that has reported so far."""
+def read_all(directory: str) -> list[tuple[int, float, float, float]]:
+    """``(count, first, last, cpu)`` of every process that has reported so far; ``cpu``:
+    the process's CPU seconds from its first message handled to its last."""
     out = []
     for name in os.listdir(directory):
         if name.endswith((".tmp", ".disorder")):
             continue
         with open(os.path.join(directory, name)) as f:
-            count, first, last = f.read().split()
-        out.append((int(count), float(first), float(last)))
+            count, first, last, cpu = f.read().split()
+        out.append((int(count), float(first), float(last), float(cpu)))
     return out

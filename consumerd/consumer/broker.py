@@ -43,6 +43,7 @@ ENV_VAR = config.env_name("broker")
 DEFAULT_PATH = os.path.join(".consumerd", "broker.db")
 _REDIS_TRANSPORT = "consumerd.consumer.transport.redis:Transport"
 _SQLITE_TRANSPORT = "consumerd.consumer.transport.sqlite:Transport"
+_AMQP_TRANSPORT = "consumerd.consumer.transport.amqp:Transport"
 _TRANSPORTS = {
     "amqp": "pyamqp",
     "amqps": "pyamqp",
@@ -222,7 +223,9 @@ def connect(url: str, *, confirm_each: bool = True, **kwargs: object) -> Connect
         # with kombu's 300 s default nothing was restored for 5 minutes (chaos soak).
         # A lock that expires early can only make two sweeps overlap: duplicates, no loss.
         options.setdefault("unacked_mutex_expire", 15)
-    if _TRANSPORTS[scheme] == "pyamqp":
+    transport = _TRANSPORTS[scheme]
+    if transport == "pyamqp":
+        transport = _AMQP_TRANSPORT  # py-amqp's, reading the socket in chunks
         for name in _AMQP_ONLY:  # read by consuming_options(), not transport options
             options.pop(name, None)
         # Publisher confirms: a retry copy or dead letter is on the broker before the
@@ -232,7 +235,7 @@ def connect(url: str, *, confirm_each: bool = True, **kwargs: object) -> Connect
             options["confirm_publish"] = False
     # Not urlunsplit(): it turns sqlite:///abs/path into sqlite:/abs/path.
     bare = sqlite_url(sqlite_path(url)) if scheme == "sqlite" else url.split("?", 1)[0]
-    return Connection(bare, transport=_TRANSPORTS[scheme], transport_options=options, **kwargs)
+    return Connection(bare, transport=transport, transport_options=options, **kwargs)
 
 
 def is_amqp(connection: Connection) -> bool:

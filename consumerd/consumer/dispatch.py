@@ -91,6 +91,36 @@ class _EventLoop:
             return cls._loop
 
 
+class _Handoff:
+    """Jobs (and ending runners' stop signals) from the loop's thread to the asyncio
+    runners, in order, with one wakeup of the event loop for each run of jobs handed over
+    before it took the previous ones: ``call_soon_threadsafe`` per job wrote to the event
+    loop's wakeup pipe per job and woke its thread per job."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        """The runners take from it, on the event loop's thread."""
+        self._incoming: collections.deque[Job | None] = collections.deque()
+        self._scheduled = False
+
+    def put(self, job: Job | None) -> None:
+        """From the loop's thread."""
+        self._incoming.append(job)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon_threadsafe(self.take)
+
+    def take(self) -> None:
+        """On the event loop's thread: into the runners' queue with what was handed over.
+        The flag is cleared before the deque is emptied, so a job appended after the last
+        look at it finds the flag cleared and schedules another take."""
+        self._scheduled = False
+        incoming, put = self._incoming, self.queue.put_nowait
+        while incoming:
+            put(incoming.popleft())
+
+
 class Pool:
     """Runs one consumer's handler, ``concurrency`` jobs at a time. Its methods are for
     the loop's thread; the runners only take jobs, call the hooks and leave outcomes."""
@@ -107,7 +137,7 @@ class Pool:
         self._slots = slots  # a free in-flight record slot for a new runner
         self._async = is_async(handler)
         self._todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._async_todo: asyncio.Queue[Job | None] | None = None
+        self._async_todo: _Handoff | None = None
         self._held: collections.deque[Job] = collections.deque()  # while paused
         self._lines: dict[Hashable, collections.deque[Job]] = {}
         """Per key with a job handed over (queued or running): the jobs waiting behind it."""
@@ -196,8 +226,7 @@ class Pool:
 
     def _hand_over(self, job: Job | None) -> None:
         if self._async_todo is not None:
-            loop = _EventLoop.get()
-            loop.call_soon_threadsafe(self._async_todo.put_nowait, job)
+            self._async_todo.put(job)
         else:
             self._todo.put(job)
 
@@ -205,12 +234,14 @@ class Pool:
         """The jobs handed over that no runner has taken (runners may take more meanwhile:
         those run); the stop signals of ending runners stay queued."""
         if self._async_todo is not None:
-            todo = self._async_todo
+            handoff = self._async_todo
 
             async def drain() -> list[Job | None]:
+                handoff.take()  # what is still on its way is taken back too
+                todo = handoff.queue
                 return _drain(todo.get_nowait, asyncio.QueueEmpty, todo.put_nowait)
 
-            items = asyncio.run_coroutine_threadsafe(drain(), _EventLoop.get()).result()
+            items = asyncio.run_coroutine_threadsafe(drain(), handoff.loop).result()
         else:
             items = _drain(self._todo.get_nowait, queue.Empty, self._todo.put)
         taken = [job for job in items if job is not None]
@@ -219,10 +250,10 @@ class Pool:
 
     def _start_runner(self, slot: int | None) -> None:
         if self._async:
-            loop = _EventLoop.get()
             if self._async_todo is None:
-                self._async_todo = asyncio.Queue()
-            asyncio.run_coroutine_threadsafe(self._run_async(self._async_todo, slot), loop)
+                self._async_todo = _Handoff(_EventLoop.get())
+            todo = self._async_todo
+            asyncio.run_coroutine_threadsafe(self._run_async(todo.queue, slot), todo.loop)
         else:
             threading.Thread(
                 target=self._run, args=(slot,), name=f"consumerd-handler-{slot}", daemon=True
