@@ -1,12 +1,13 @@
 """The dependency ranges consumerd is tested with, and a fence around their private parts.
 
 ``transport/redis.py`` subclasses kombu's Redis transport and reaches into kombu and
-redis-py internals; ``ops/metrics.py`` into prometheus_client's multiprocess files. A
-release that renames one of them would otherwise surface as an ``AttributeError`` in the
-middle of consuming. Each of those modules calls :func:`require` at import time with
-what it relies on, so a version that lacks any of it fails at once with one line naming
-the version found and the range tested (:data:`SUPPORTED`, the same ranges as
-``pyproject.toml``, which a test keeps in step).
+redis-py internals; ``transport/amqp.py`` into py-amqp's socket reading;
+``ops/metrics.py`` into prometheus_client's multiprocess files. A release that renames one
+of them would otherwise surface as an ``AttributeError`` in the middle of consuming. Each
+of those modules calls :func:`require` at import time with what it relies on, so a
+version that lacks any of it fails at once with one line naming the version found and the
+range tested (:data:`SUPPORTED`, the same ranges as ``pyproject.toml``, which a test keeps
+in step).
 
 An attribute counts as present when the class (or a base) has it, or when code of the
 class stores or reads it on ``self`` (instance attributes set in ``__init__``): a
@@ -23,6 +24,7 @@ import typing
 #: Distribution → the range tested (both ends: ``tests/test_install.py``).
 SUPPORTED = {
     "kombu": ">=5.6.2,<5.8",
+    "amqp": ">=5.4.2,<6",
     "redis": ">=6.4,<9",
     "prometheus_client": ">=0.20,<0.27",
 }

@@ -28,6 +28,20 @@ import amqp
 import amqp.transport
 from kombu.transport import pyamqp
 
+from consumerd import deps
+
+# A py-amqp release without one of these fails here, in one line, not mid-consuming.
+deps.require(
+    __name__,
+    {
+        amqp.transport.TCPTransport: """_read _quick_recv _read_buffer having_timeout
+            raise_on_initial_eintr read_frame sock""",
+        pyamqp.Connection: "Transport",
+    },
+    "amqp",
+    "kombu",
+)
+
 READ_AHEAD = 65536
 """Bytes asked of the socket at once (it returns what it has, without waiting for more)."""
 _HEADER = struct.Struct(">BHI")  # frame type, channel, payload size
