@@ -129,6 +129,7 @@ class Web:
         self._action: _Action | None = None
         self._count = 0
         self._page = importlib.resources.files(__package__).joinpath("web.html").read_bytes()
+        self._paths = frozenset(self.routes()) | frozenset(self.actions())  # what gate() guards
 
     def routes(self) -> dict[str, Route]:
         return {"/": self.page, "/api/state": self.state}
@@ -142,7 +143,7 @@ class Web:
     def gate(self, path: str, headers: dict[str, str]) -> Response | None:
         """Refuse a request for the page or its API under a host name it does not know
         (see the module's docstring); the probes and /metrics answer whatever the name."""
-        if path not in self.routes() and path not in self.actions():
+        if path not in self._paths:
             return None
         host = _host_name(headers.get("host", ""))
         if not host or _known_host(host, self.site.hosts()):
